@@ -1,0 +1,1 @@
+"""The producer-facing HTTP API (FastAPI). Built in the queue-service issue."""

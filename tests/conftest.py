@@ -1,0 +1,197 @@
+"""Test session: real PostgreSQL, a moto S3 server over HTTP, test checkpoints.
+
+Nothing here downloads weights: the hub is switched off for the whole session
+and every checkpoint is built with timm (``pretrained=False``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+# Set before boto3 or huggingface_hub are imported anywhere: both read them once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+for _name in list(os.environ):
+    # The developer's own configuration must not leak into tests.
+    if _name.startswith("SYNTHGUARD_") and not _name.startswith("SYNTHGUARD_TEST_"):
+        del os.environ[_name]
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))
+PG_ADMIN_URL = os.environ.get(
+    "SYNTHGUARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+ARCH = "tf_mobilenetv3_large_100"
+
+# Fixture files and the error code each bad one must end with.
+BAD_FIXTURES = {
+    "empty.jpg": "empty_object",
+    "truncated.jpg": "corrupt_image",
+    "corrupt_scan.jpg": "corrupt_image",
+    "not_an_image.jpg": "unsupported_format",
+    "image.svg": "unsupported_format",
+    "bomb_40000x40000.png": "too_large",
+}
+GOOD_FOLDERS = ("real", "generated", "formats", "c2pa")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def good_fixture_files() -> list[Path]:
+    """Every fixture that must decode and get a score."""
+    files: list[Path] = []
+    for folder in GOOD_FOLDERS:
+        files += sorted(p for p in (FIXTURES / folder).glob("*") if p.suffix.lower() not in (".md", ""))
+    return [p for p in files if not p.name.startswith("LICENSE")]
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"shared fixtures not found at {FIXTURES} (set SYNTHGUARD_TEST_FIXTURES)")
+    return FIXTURES
+
+
+# --------------------------------------------------------------------- S3 (moto)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server in its own process, spoken to over HTTP like any S3 store."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint: str):  # type: ignore[no-untyped-def]
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture
+def bucket(s3_client) -> str:  # type: ignore[no-untyped-def]
+    """A new, empty bucket for one test."""
+    name = f"test-{secrets.token_hex(6)}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+# ------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A database of its own for this session, schema built by ``alembic upgrade head``."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    from worker.db import upgrade
+
+    name = f"synthguard_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # pragma: no cover - a broken environment, said plainly
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not usable ({exc}); start it, see DEVELOPERS.md")
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'synthguard.db'}"
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def make_test_model(seed: int = 1234):  # type: ignore[no-untyped-def]
+    """A two-class ``tf_mobilenetv3_large_100`` with random weights.
+
+    The classifier is scaled up so that scores spread over (0, 1) instead of
+    all sitting near 0.5: comparisons between images then mean something.
+    """
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    model = timm.create_model(ARCH, num_classes=2, pretrained=False)
+    with torch.no_grad():
+        model.classifier.weight.mul_(60.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def test_model():  # type: ignore[no-untyped-def]
+    return make_test_model()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(test_model, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    """The test model's state dict as ``.safetensors``, the form the hub serves."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in test_model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture
+def settings_factory(checkpoint: Path):  # type: ignore[no-untyped-def]
+    """Build :class:`Settings` explicitly: the test's values on top of safe test defaults."""
+    from worker.settings import Settings
+
+    def build(**overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "database_url": "sqlite://",
+            "model_checkpoint": str(checkpoint),
+            "device": "cpu",
+            "batch_size": 8,
+            "batch_wait_ms": 5.0,
+            "concurrency": 4,
+            "retry_backoff_s": 0.05,
+            "retry_backoff_max_s": 0.2,
+        }
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return build

@@ -1,0 +1,115 @@
+"""Engines, sessions and migrations for PostgreSQL (production) and SQLite (embedded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from .errors import ConfigError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _normalise_url(url: str) -> str:
+    # A bare postgresql:// URL would pick psycopg2, which is not installed.
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """An engine suited to many threads: WAL and a busy timeout on SQLite, a pool on PostgreSQL."""
+    url = _normalise_url(url)
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {"future": True}
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        if parsed.database in (None, "", ":memory:"):
+            # One shared connection, or every thread would see its own empty database.
+            kwargs["poolclass"] = StaticPool
+        else:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL lets readers (``synthguard results``) run beside a scan that is writing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation would choke on '%' in passwords.
+    cfg.set_main_option("sqlalchemy.url", _normalise_url(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema at ``url`` to ``revision`` (``alembic upgrade head``)."""
+    from alembic import command
+
+    if not MIGRATIONS_DIR.is_dir():
+        raise ConfigError(f"migrations not found at {MIGRATIONS_DIR}; install synthguard from its source tree")
+    command.upgrade(alembic_config(url), revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Make sure the schema is current before work starts.
+
+    The embedded SQLite database migrates itself; PostgreSQL is migrated only
+    by the operator (``synthguard db upgrade``), so a stale schema is an error.
+    """
+    if engine.dialect.name == "sqlite":
+        url = engine.url.render_as_string(hide_password=False)
+        if engine.url.database in (None, "", ":memory:"):
+            # Run on the engine's own (single, shared) connection.
+            from alembic import command
+
+            cfg = alembic_config(url)
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+            return
+        upgrade(url)
+        return
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise ConfigError(
+            f"database schema is at revision {current or 'none'}, code expects {head}; "
+            "run `synthguard db upgrade`"
+        )

@@ -1,0 +1,715 @@
+"""The detector: find a checkpoint, load it into a timm model, score image tensors.
+
+A checkpoint is a local file or directory, or ``hf://OWNER/REPO[/FILE]`` on the
+Hugging Face hub. Its form is decided by content, not by file name: safetensors,
+a ``torch.save`` state dict (optionally wrapped, optionally with ``module.`` or
+``_orig_mod.`` prefixes), a TorchScript archive, or (only when explicitly
+allowed) a whole pickled ``nn.Module``. A ``config.json`` beside the weights, in
+timm's hub format or transformers' ``id2label`` style, supplies the label names
+and the preprocessing (``pretrained_cfg``).
+
+Preprocessing always comes from timm's data config for the model, so the tensor
+a worker builds is the one the reference pipeline builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import pickle
+import re
+import socket
+import warnings
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import timm
+import timm.data
+import torch
+from PIL import Image
+from timm.models import PretrainedCfg, get_arch_name
+
+from .errors import CheckpointError, ConfigError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+UNTRAINED_VERSION = "untrained"
+
+HF_SCHEME = "hf://"
+CONFIG_NAME = "config.json"
+# In order of preference, as the hub serves them.
+PREFERRED_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+NUM_CLASSES = 2
+
+# Training scripts nest the state dict under one of these keys.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+# DataParallel / DistributedDataParallel and torch.compile add these.
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+_AI_LABELS = frozenset({"by ai", "ai", "fake", "synthetic", "generated"})
+# pretrained_cfg entries that name where timm would fetch weights from; with
+# pretrained=False they never matter, and dropping them keeps it that way.
+_CFG_SOURCE_KEYS = frozenset(
+    {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "custom_load"}
+)
+_CFG_FIELDS = (
+    frozenset(f.name for f in dataclasses.fields(PretrainedCfg)) - _CFG_SOURCE_KEYS - {"architecture"}
+)
+# model_args from config.json that synthguard decides itself, or that could make timm fetch something.
+_RESERVED_MODEL_ARGS = frozenset(
+    {
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "checkpoint_path",
+        "cache_dir",
+        "num_classes",
+        "device",
+        "dtype",
+    }
+)
+
+_HOW_TO_GET_LOCAL = (
+    "Set SYNTHGUARD_MODEL_CHECKPOINT to a local file or directory instead. To get published weights, "
+    "on a machine with network run `hf download {repo} --local-dir DIR` (older huggingface_hub: "
+    "`huggingface-cli download {repo} --local-dir DIR`), copy DIR here and set SYNTHGUARD_MODEL_CHECKPOINT=DIR."
+)
+
+
+# --------------------------------------------------------------------------- checkpoint location
+
+
+def resolve_checkpoint(spec: str, *, cache_dir: str | Path | None = None) -> Path:
+    """The local path of checkpoint ``spec``: a file, or a directory holding one.
+
+    ``hf://OWNER/REPO[@REVISION][/FILE]`` is fetched into the huggingface_hub cache
+    (``cache_dir`` overrides its location); with FILE, that file and the
+    ``config.json`` beside it if the repository has one; without, ``config.json``
+    if present and ``model.safetensors`` or else ``pytorch_model.bin``, and the
+    snapshot directory is returned.
+    """
+    spec = spec.strip()
+    if spec.startswith(HF_SCHEME):
+        return _fetch_from_hub(spec, cache_dir)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"model checkpoint {path} does not exist. Set SYNTHGUARD_MODEL_CHECKPOINT to an existing "
+            "file or directory, or to hf://OWNER/REPO[/FILE]."
+        )
+    return path
+
+
+def _parse_hub_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``hf://OWNER/REPO[@REV][/FILE]`` -> (repo id, revision, file)."""
+    parts = spec[len(HF_SCHEME) :].strip("/").split("/")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise CheckpointError(
+            f"checkpoint {spec!r} is not of the form hf://OWNER/REPO[/FILE]; fix SYNTHGUARD_MODEL_CHECKPOINT."
+        )
+    name, _, revision = parts[1].partition("@")
+    filename = "/".join(p for p in parts[2:] if p) or None
+    return f"{parts[0]}/{name}", revision or None, filename
+
+
+def _fetch_from_hub(spec: str, cache_dir: str | Path | None) -> Path:
+    # Imported here: only hub checkpoints need it, and it reads HF_* variables once, at import.
+    from huggingface_hub import constants, hf_hub_download
+
+    try:
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:  # huggingface_hub < 0.24 kept them in utils
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo_id, revision, filename = _parse_hub_spec(spec)
+
+    # The hub client retries a dead network for half a minute; a quick probe
+    # first turns "no network" into a cache lookup and a clear error instead.
+    online = not constants.HF_HUB_OFFLINE and _hub_reachable(constants.ENDPOINT)
+
+    def fetch(name: str, *, local_only: bool = False) -> Path:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                name,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_only or not online,
+            )
+        )
+
+    def fetch_config(name: str) -> bool:
+        """Fetch an optional config.json; False when the hub could not be reached."""
+        try:
+            fetch(name)
+        except LocalEntryNotFoundError:
+            return False
+        except EntryNotFoundError:
+            pass  # the repository has none: fine
+        return True
+
+    def failure(reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"could not get checkpoint {spec}: {reason}. " + _HOW_TO_GET_LOCAL.format(repo=repo_id)
+        )
+
+    try:
+        if filename is not None:
+            weights = fetch(filename)
+            folder = filename.rpartition("/")[0]
+            fetch_config(f"{folder}/{CONFIG_NAME}" if folder else CONFIG_NAME)
+            return weights
+        # Unreachable for config.json means unreachable for the weights too: look only in the
+        # cache then, instead of sitting through the client's network retries a second time.
+        reachable = fetch_config(CONFIG_NAME)
+        last: Exception | None = None
+        for name in PREFERRED_WEIGHTS:
+            try:
+                return fetch(name, local_only=not reachable).parent
+            except EntryNotFoundError as exc:
+                last = exc
+        if isinstance(last, LocalEntryNotFoundError):
+            raise last
+        raise CheckpointError(
+            f"hub repository {repo_id} has neither {' nor '.join(PREFERRED_WEIGHTS)}; name the weight file "
+            f"in SYNTHGUARD_MODEL_CHECKPOINT as hf://{repo_id}/FILE, or set it to a local file or directory."
+        )
+    except LocalEntryNotFoundError:
+        where = (
+            "HF_HUB_OFFLINE is set"
+            if constants.HF_HUB_OFFLINE
+            else f"no connection to {constants.ENDPOINT}"
+        )
+        raise failure(
+            f"the Hugging Face hub could not be reached ({where}) and the files are not in the local cache"
+        ) from None
+    except RepositoryNotFoundError:
+        raise failure(
+            f"the hub has no repository {repo_id}, or it is private or gated (a token in HF_TOKEN may give access)"
+        ) from None
+    except EntryNotFoundError:
+        raise failure(f"the repository has no file {filename}") from None
+    except ValueError as exc:  # HFValidationError: a malformed repo id or file name
+        raise failure(f"invalid hub reference ({exc})") from None
+    except OSError as exc:  # HTTP errors of either HTTP client huggingface_hub may use
+        raise failure(f"the Hugging Face hub request failed ({exc})") from None
+
+
+def _hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's host can be opened at all."""
+    parsed = urlsplit(endpoint)
+    if not parsed.hostname:
+        return True  # let the client report what is wrong with the endpoint
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _locate(path: Path) -> tuple[Path, Path | None]:
+    """(weight file, config.json or None) for a checkpoint file or directory."""
+    if path.is_dir():
+        folder = path
+        weights = _pick_weight_file(path)
+    else:
+        folder, weights = path.parent, path
+    config = folder / CONFIG_NAME
+    return weights, (config if config.is_file() else None)
+
+
+def _pick_weight_file(folder: Path) -> Path:
+    for name in PREFERRED_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise CheckpointError(
+            f"checkpoint directory {folder} holds no weight file ({', '.join(PREFERRED_WEIGHTS)} or one "
+            f"*{', *'.join(WEIGHT_SUFFIXES)}); point SYNTHGUARD_MODEL_CHECKPOINT at the file itself."
+        )
+    raise CheckpointError(
+        f"checkpoint directory {folder} holds several weight files ({', '.join(p.name for p in candidates)}); "
+        "point SYNTHGUARD_MODEL_CHECKPOINT at the one to use."
+    )
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint config {path} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint config {path} is not a JSON object")
+    return data
+
+
+def _labels_from_config(config: Mapping[str, Any], where: Path) -> tuple[str, ...] | None:
+    pretrained_cfg = config.get("pretrained_cfg")
+    names = config.get("label_names")
+    if names is None and isinstance(pretrained_cfg, Mapping):
+        names = pretrained_cfg.get("label_names")
+    if names is None:
+        names = config.get("id2label")
+    if names is None:
+        return None
+    if isinstance(names, Mapping):  # {"0": "by AI", "1": "by human"}, possibly with gaps in theory
+        try:
+            items = sorted((int(k), v) for k, v in names.items())
+        except (TypeError, ValueError):
+            raise CheckpointError(f"label ids in {where} are not integers: {list(names)}") from None
+        if [i for i, _ in items] != list(range(len(items))):
+            raise CheckpointError(
+                f"label ids in {where} are not 0..{len(items) - 1}: {[i for i, _ in items]}"
+            )
+        names = [v for _, v in items]
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"label names in {where} are not a list of strings: {names!r}")
+    return tuple(names)
+
+
+def _cfg_overlay(config: Mapping[str, Any], where: Path) -> dict[str, Any]:
+    """config.json's pretrained_cfg, reduced to what timm's PretrainedCfg knows."""
+    pretrained_cfg = config.get("pretrained_cfg")
+    if pretrained_cfg is None:
+        return {}
+    if not isinstance(pretrained_cfg, Mapping):
+        raise CheckpointError(f"pretrained_cfg in {where} is not a JSON object")
+    ignored = sorted(set(pretrained_cfg) - _CFG_FIELDS - _CFG_SOURCE_KEYS - {"architecture"})
+    if ignored:
+        log.debug("ignoring pretrained_cfg entries unknown to timm in %s: %s", where, ignored)
+    # JSON has no tuples; timm's own configs use them (mean, std, input_size).
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items() if k in _CFG_FIELDS}
+
+
+def _model_args(config: Mapping[str, Any], where: Path) -> dict[str, Any]:
+    """config.json's model_args (timm's hub format), minus what synthguard decides itself."""
+    args = config.get("model_args") or {}
+    if not isinstance(args, Mapping):
+        raise CheckpointError(f"model_args in {where} is not a JSON object")
+    return {k: v for k, v in args.items() if k not in _RESERVED_MODEL_ARGS}
+
+
+def _check_config(config: Mapping[str, Any], arch: str, where: Path) -> None:
+    declared = config.get("architecture")
+    if isinstance(declared, str) and get_arch_name(declared) != get_arch_name(arch):
+        raise CheckpointError(
+            f"{where} says the checkpoint is a {declared} model, but SYNTHGUARD_MODEL_ARCH is {arch}. "
+            f"Set SYNTHGUARD_MODEL_ARCH={declared}, or use a {arch} checkpoint."
+        )
+    classes = config.get("num_classes")
+    if isinstance(classes, int) and classes != NUM_CLASSES:
+        raise CheckpointError(
+            f"{where} says the model has {classes} classes; synthguard needs a two-class detector "
+            "(by AI / by human)."
+        )
+
+
+# --------------------------------------------------------------------------- weight files
+
+
+def _file_version(path: Path) -> str:
+    """The version: "sha256:" and 12 hex digits of the weight file, read in chunks."""
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return f"sha256:{digest[:12]}"
+
+
+def _sniff(path: Path) -> str:
+    """The file's form from its bytes: safetensors, torchscript or torch (torch.save, zip or legacy)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint file {path} is empty")
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "torch"  # let torch.load report it
+        # torch.jit.save writes the model's code and constants; torch.save never does.
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+        return "torch"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size:
+        return "safetensors"
+    return "torch"
+
+
+def _pickle_refused(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is a pickled Python object (e.g. a whole model saved with torch.save(model)), "
+        "not plain weights. Loading it runs code stored in the file, so synthguard refuses by default. "
+        "Set SYNTHGUARD_MODEL_ALLOW_PICKLE=true only if you trust the file and where it came from; better, "
+        "re-save it as a state dict: torch.save(model.state_dict(), 'model.pt') or safetensors."
+    )
+
+
+def _read_weights(path: Path, kind: str, *, allow_pickle: bool, device: torch.device) -> Any:
+    """Whatever the file holds: a state dict, a wrapper dict or a module."""
+    if kind == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
+    if kind == "torchscript":
+        try:
+            with warnings.catch_warnings():
+                # TorchScript is deprecated upstream; the operator chose this file, no need to nag per start.
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(str(path), map_location=device)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} looks like TorchScript but cannot be loaded: {exc}"
+            ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # weights_only refused a global: it is an arbitrary pickle, and nothing of it has run.
+        if not allow_pickle:
+            raise _pickle_refused(path) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read as a PyTorch checkpoint: {exc}") from None
+    log.warning("unpickling %s with code execution allowed (SYNTHGUARD_MODEL_ALLOW_PICKLE=true)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - the file's own code runs here and may raise anything
+        raise CheckpointError(f"pickled checkpoint {path} cannot be loaded: {exc}") from None
+
+
+def _unwrap(obj: Any, path: Path) -> torch.nn.Module | dict[str, torch.Tensor]:
+    """The module or the flat state dict inside what a checkpoint file held."""
+    for _ in range(len(_WRAPPER_KEYS) + 1):
+        if isinstance(obj, torch.nn.Module):
+            return obj
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return dict(obj)
+        inner = next(
+            (obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping | torch.nn.Module)), None
+        )
+        if inner is None:
+            break
+        obj = inner
+    what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointError(
+        f"checkpoint {path} holds {what}, not a state dict of tensors (nor one under "
+        f"{', '.join(repr(k) for k in _WRAPPER_KEYS)}) or a model."
+    )
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Only when every key has the prefix: then it is a wrapper's, not a layer's name.
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _KEY_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _names(keys: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], arch: str, path: Path) -> None:
+    """Strict loading, with a summary of what does not fit instead of torch's wall of text."""
+    expected = model.state_dict()
+    # BatchNorm's counter is training bookkeeping; converted checkpoints often lack it.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k} {list(state[k].shape)} here, {list(expected[k].shape)} expected"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or misshaped:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys ({_names(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys ({_names(unexpected)})")
+        if misshaped:
+            problems.append(f"{len(misshaped)} keys with other shapes ({_names(misshaped, 2)})")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit a two-class timm {arch}: {'; '.join(problems)}. "
+            f"Is it a {arch} checkpoint with two classes? Set SYNTHGUARD_MODEL_ARCH to the timm architecture "
+            "it was trained with."
+        )
+    for key, value in expected.items():
+        state.setdefault(key, value)
+    model.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- device and model
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for SYNTHGUARD_DEVICE (auto, cpu, cuda, cuda:N)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"SYNTHGUARD_DEVICE={name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"SYNTHGUARD_DEVICE={name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"SYNTHGUARD_DEVICE={name} but CUDA is not available to this process (no GPU, no driver, or a "
+            "CPU-only torch build); set SYNTHGUARD_DEVICE=cpu or auto."
+        )
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"SYNTHGUARD_DEVICE={name} but only {torch.cuda.device_count()} CUDA device(s) are visible."
+        )
+    return torch.device("cuda", index)
+
+
+def _check_arch(arch: str) -> str:
+    # Prefixed names (hf-hub:, local-dir:) would make timm read or fetch configs itself.
+    if ":" in arch or not timm.is_model(arch):
+        raise ConfigError(
+            f"SYNTHGUARD_MODEL_ARCH={arch!r} is not a timm architecture (see timm.list_models()); "
+            "the published detector is tf_mobilenetv3_large_100."
+        )
+    return arch
+
+
+def _create_timm(arch: str, overlay: Mapping[str, Any], model_args: Mapping[str, Any]) -> torch.nn.Module:
+    try:
+        return timm.create_model(
+            arch,
+            pretrained=False,
+            num_classes=NUM_CLASSES,
+            pretrained_cfg_overlay=dict(overlay) or None,
+            **model_args,
+        )
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        raise CheckpointError(
+            f"cannot build timm {arch} with the checkpoint's config (pretrained_cfg={dict(overlay)}, "
+            f"model_args={dict(model_args)}): {exc}"
+        ) from None
+
+
+def _check_module_arch(module: torch.nn.Module, arch: str, path: Path) -> None:
+    cfg = getattr(module, "pretrained_cfg", None)
+    declared = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    if isinstance(declared, str) and get_arch_name(declared) != get_arch_name(arch):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {declared} model, but SYNTHGUARD_MODEL_ARCH is {arch}; "
+            f"set SYNTHGUARD_MODEL_ARCH={declared}."
+        )
+
+
+def _normalise_label(label: str) -> str:
+    return " ".join(re.split(r"[\s_\-]+", label.strip().lower()))
+
+
+def _pick_ai_index(settings: Settings, labels: tuple[str, ...] | None) -> int:
+    if settings.model_ai_index is not None:
+        index = settings.model_ai_index
+    elif labels:
+        matches = [i for i, label in enumerate(labels) if _normalise_label(label) in _AI_LABELS]
+        if len(matches) == 1:
+            index = matches[0]
+        else:
+            index = 0
+            log.warning(
+                "cannot tell the 'by AI' output from labels %s; using 0 (set SYNTHGUARD_MODEL_AI_INDEX)",
+                list(labels),
+            )
+    else:
+        index = 0
+    if index >= NUM_CLASSES:
+        raise CheckpointError(
+            f"SYNTHGUARD_MODEL_AI_INDEX={index} is out of range: the model has {NUM_CLASSES} outputs (0, 1)."
+        )
+    return index
+
+
+# --------------------------------------------------------------------------- the detector
+
+
+class Detector:
+    """A loaded model and its preprocessing; ``predict`` gives p(synthetic) per image."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        version: str,
+        model: torch.nn.Module,
+        data_config: dict[str, Any],
+        device: torch.device,
+        ai_index: int = 0,
+        labels: tuple[str, ...] | None = None,
+        untrained: bool = False,
+        source: str | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.untrained = untrained
+        self.device = device
+        self.ai_index = ai_index
+        self.labels = labels
+        self.data_config = data_config
+        self.source = source
+        self.transform = timm.data.create_transform(**data_config, is_training=False)
+        self._cuda = device.type == "cuda"
+        self._amp_dtype: torch.dtype | None = None
+        model = model.eval().to(device)
+        if self._cuda:
+            self._amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            try:
+                model = model.to(memory_format=torch.channels_last)
+            except (RuntimeError, AttributeError, TypeError) as exc:  # some TorchScript modules refuse
+                log.info("model stays in contiguous memory format: %s", exc)
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"Detector({self.name} {self.version} on {self.device}, ai_index={self.ai_index})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Detector:
+        """Load the configured checkpoint; raises CheckpointError (or ConfigError) saying what to fix."""
+        device = resolve_device(settings.device)
+        arch = _check_arch(settings.model_arch)
+        spec = settings.checkpoint
+        weights, config_path = _locate(resolve_checkpoint(spec))
+        config = _read_config(config_path) if config_path else {}
+        where = config_path or weights
+        _check_config(config, arch, where)
+        labels = _labels_from_config(config, where)
+        timm_model = _create_timm(arch, _cfg_overlay(config, where), _model_args(config, where))
+        data_config = timm.data.resolve_data_config(model=timm_model)
+
+        kind = _sniff(weights)
+        loaded = _unwrap(
+            _read_weights(weights, kind, allow_pickle=settings.model_allow_pickle, device=device), weights
+        )
+        if isinstance(loaded, torch.nn.Module):
+            if kind != "torchscript":
+                _check_module_arch(loaded, arch, weights)
+            model = loaded  # timm_model served only to resolve the data config
+        else:
+            _load_state_dict(timm_model, _strip_prefixes(loaded), arch, weights)
+            model = timm_model
+        del loaded
+        if labels is not None and len(labels) != NUM_CLASSES:
+            raise CheckpointError(
+                f"{where} names {len(labels)} labels; a detector has {NUM_CLASSES}: {labels}"
+            )
+
+        detector = cls(
+            name=arch,
+            version=_file_version(weights),
+            model=model,
+            data_config=data_config,
+            device=device,
+            ai_index=_pick_ai_index(settings, labels),
+            labels=labels,
+            source=spec,
+        )
+        detector._probe(weights)
+        log.info(
+            "loaded %s %s from %s (%s) on %s; 'by AI' is output %d%s",
+            arch,
+            detector.version,
+            spec,
+            kind,
+            device,
+            detector.ai_index,
+            f" ({labels[detector.ai_index]})" if labels else "",
+        )
+        return detector
+
+    @classmethod
+    def untrained_model(cls, settings: Settings, *, seed: int = 0) -> Detector:
+        """Random weights, for the demo when no checkpoint can be had; its scores mean nothing."""
+        device = resolve_device(settings.device)
+        arch = _check_arch(settings.model_arch)
+        # A private RNG stream: the caller's global seed state stays as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _create_timm(arch, {}, {})
+        log.warning("using an UNTRAINED %s: random weights, scores mean nothing", arch)
+        return cls(
+            name=arch,
+            version=UNTRAINED_VERSION,
+            model=model,
+            data_config=timm.data.resolve_data_config(model=model),
+            device=device,
+            ai_index=_pick_ai_index(settings, None),
+            untrained=True,
+        )
+
+    def _probe(self, path: Path) -> None:
+        """One forward pass on a blank image: a model that cannot score fails at start-up, not per image."""
+        blank = torch.zeros(self.data_config["input_size"])
+        try:
+            with torch.inference_mode():
+                logits = self._forward(blank.unsqueeze(0))
+        except Exception as exc:  # noqa: BLE001 - a foreign module's forward may raise anything
+            raise CheckpointError(f"model from {path} fails on a {list(blank.shape)} input: {exc}") from None
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape != (1, NUM_CLASSES):
+            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise CheckpointError(
+                f"model from {path} returns {shape}; a detector must return [batch, {NUM_CLASSES}] logits."
+            )
+
+    def _forward(self, x: torch.Tensor) -> Any:
+        x = x.to(self.device, non_blocking=True)
+        if not self._cuda:
+            return self.model(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=self._amp_dtype):
+            return self.model(x)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The model's input for ``image``: timm's eval transform, a CPU float tensor CxHxW."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return self.transform(image)
+
+    def predict(self, batch: Sequence[torch.Tensor]) -> list[float]:
+        """p(synthetic) for each preprocessed image, in one forward pass."""
+        if len(batch) == 0:
+            return []
+        shapes = {tuple(t.shape) for t in batch}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+            raise ValueError(f"predict needs same-shaped CxHxW tensors, got shapes {sorted(shapes)}")
+        with torch.inference_mode():
+            logits = self._forward(torch.stack(list(batch)).float())
+            probs = logits.float().softmax(dim=-1)[:, self.ai_index]
+        return probs.cpu().tolist()

@@ -1,0 +1,80 @@
+"""One error hierarchy; its classes decide retry policy.
+
+* :class:`PermanentError`: retrying cannot help (bad image, missing object).
+  The image is marked ``failed`` with the error's ``code`` at once.
+* :class:`TransientError`: the next attempt may succeed (throttling, timeouts,
+  5xx, a database restart). Retried with exponential backoff and full jitter,
+  a bounded number of times; after the last attempt the image is ``failed``
+  with the error's ``code``.
+* :class:`ConfigError`: the service itself is misconfigured (no checkpoint,
+  bad settings). Raised at start-up, never per image.
+"""
+
+from __future__ import annotations
+
+import random
+
+# Error codes stored in ``images.error_code``. Documented in the README; a
+# client may branch on them, so they never change meaning.
+EMPTY_OBJECT = "empty_object"
+OBJECT_TOO_LARGE = "object_too_large"
+OBJECT_NOT_FOUND = "object_not_found"
+ACCESS_DENIED = "access_denied"
+UNSUPPORTED_FORMAT = "unsupported_format"
+TOO_LARGE = "too_large"
+CORRUPT_IMAGE = "corrupt_image"
+DECODE_TIMEOUT = "decode_timeout"
+STORAGE_UNAVAILABLE = "storage_unavailable"
+INFERENCE_FAILED = "inference_failed"
+INTERNAL_ERROR = "internal_error"
+
+
+class SynthguardError(Exception):
+    """Base of every error synthguard raises on purpose."""
+
+    code: str = INTERNAL_ERROR
+    transient: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class PermanentError(SynthguardError):
+    """Retrying cannot help; the image fails now with ``code``."""
+
+
+class TransientError(SynthguardError):
+    """The next attempt may succeed; retry with backoff and jitter."""
+
+    transient = True
+
+
+class ConfigError(SynthguardError):
+    """The service is misconfigured; raised at start-up, not per image."""
+
+    code = "config_error"
+
+
+class CheckpointError(ConfigError):
+    """The model checkpoint cannot be found, fetched or loaded."""
+
+    code = "checkpoint_error"
+
+
+def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based).
+
+    Exponential backoff with "full jitter": a uniform draw in
+    ``[0, min(cap, base * 2**(attempt-1))]``, so that many workers retrying the
+    same outage spread out instead of stampeding together.
+    """
+    if attempt < 1:
+        raise ValueError("attempt is 1-based")
+    ceiling = min(cap_s, base_s * (2 ** (attempt - 1)))
+    return (rng or random).uniform(0.0, ceiling)

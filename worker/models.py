@@ -1,0 +1,182 @@
+"""Database models: ``api_clients``, ``scans``, ``images``, ``webhook_deliveries``.
+
+The schema changes only through Alembic migrations in ``migrations/``; a test
+fails when these models and the migrations disagree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Image states. ``done`` and ``failed`` are terminal.
+QUEUED = "queued"
+PROCESSING = "processing"
+DONE = "done"
+FAILED = "failed"
+TERMINAL_STATES = (DONE, FAILED)
+
+PRIORITIES = ("realtime", "bulk")
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    # Named constraints keep migrations reproducible on PostgreSQL and SQLite alike.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSONType,
+        uuid.UUID: Uuid(),
+    }
+
+
+class ApiClient(Base):
+    """A producer allowed to submit scans; its API key is stored only as a hash."""
+
+    __tablename__ = "api_clients"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200))
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_prefix: Mapped[str] = mapped_column(String(16))
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_secret: Mapped[str | None] = mapped_column(String(200))
+    default_threshold: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None]
+
+
+class Scan(Base):
+    """One request to score a set of images (an API call, an S3 event, a CLI run)."""
+
+    __tablename__ = "scans"
+    __table_args__ = (
+        CheckConstraint("priority IN ('realtime', 'bulk')", name="priority"),
+        UniqueConstraint("client_id", "idempotency_key", name="uq_scans_client_id_idempotency_key"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_clients.id"), index=True)
+    origin: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str | None] = mapped_column(Text)
+    priority: Mapped[str] = mapped_column(String(16), default="realtime")
+    threshold: Mapped[float | None] = mapped_column(Float)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    # "metadata" is reserved on declarative classes; the column keeps the contract name.
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    image_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Images not yet terminal. Decremented in the transaction that makes one
+    # terminal, so exactly one writer sees it reach zero and completes the scan.
+    pending_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None]
+
+    images: Mapped[list[Image]] = relationship(back_populates="scan", order_by="Image.created_at")
+
+
+class Image(Base):
+    """One object to score, and its result: the unit of work and of audit."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        CheckConstraint("state IN ('queued', 'processing', 'done', 'failed')", name="state"),
+        Index("ix_images_state_updated_at", "state", "updated_at"),
+        Index("ix_images_bucket_key", "bucket", "key"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    scan_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("scans.id"), index=True)
+    client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_clients.id"), index=True)
+    # A NULL bucket is a local file from a CLI scan; ``key`` is then its path.
+    bucket: Mapped[str | None] = mapped_column(String(255))
+    key: Mapped[str] = mapped_column(Text)
+    version_id: Mapped[str | None] = mapped_column(String(1024))
+    etag: Mapped[str | None] = mapped_column(String(200))
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    format: Mapped[str | None] = mapped_column(String(16))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=QUEUED)
+    score: Mapped[float | None] = mapped_column(Float)
+    flagged: Mapped[bool | None]
+    threshold: Mapped[float] = mapped_column(Float)
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    model_version: Mapped[str | None] = mapped_column(String(100))
+    provenance: Mapped[dict[str, Any] | None]
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the state last changed: the sweeper's measure of "left too long".
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None]
+
+    scan: Mapped[Scan] = relationship(back_populates="images")
+
+    @property
+    def uri(self) -> str:
+        if self.bucket is None:
+            return self.key
+        suffix = f"?versionId={self.version_id}" if self.version_id else ""
+        return f"s3://{self.bucket}/{self.key}{suffix}"
+
+
+class WebhookDelivery(Base):
+    """Transactional outbox: one event for one client endpoint, and its attempts."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # One logical event per image and type: a redelivered task cannot add a second.
+        UniqueConstraint("image_id", "event_type", name="uq_webhook_deliveries_image_id_event_type"),
+        Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_clients.id"), index=True)
+    scan_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("scans.id"), index=True)
+    image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("images.id"))
+    event_type: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]

@@ -1,0 +1,266 @@
+"""The engine: score one image by id, the plain function every entry point calls.
+
+``synthguard scan`` calls :meth:`Scorer.process_image` from a thread pool; the
+Celery task does the same for one message. The database row is the unit of
+work: claiming it, storing its result and failing it are each one short
+transaction, guarded so that a redelivered or duplicated run can never store a
+second result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Self
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import errors
+from .batching import BatcherClosed, MicroBatcher
+from .db import make_engine, make_sessionmaker
+from .detector import Detector
+from .errors import PermanentError, SynthguardError, TransientError
+from .imaging import decode_image
+from .models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan, utcnow
+from .settings import Settings
+from .storage import ObjectRef, Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What scoring one object found; no database involved."""
+
+    etag: str | None
+    version_id: str | None
+    sha256: str
+    size_bytes: int
+    format: str
+    width: int
+    height: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The state an image is in after :meth:`Scorer.process_image`."""
+
+    image_id: uuid.UUID
+    state: str
+    score: float | None = None
+    flagged: bool | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    # False when this call found the image already terminal (a redelivery).
+    changed: bool = True
+
+
+class Scorer:
+    """One model, one micro-batcher, one S3 client and one session factory."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        detector: Detector,
+        *,
+        sessions: sessionmaker[Session] | None = None,
+        storage: Storage | None = None,
+    ) -> None:
+        self.settings = settings
+        self.detector = detector
+        self.storage = storage or Storage(settings)
+        self.sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
+        self.batcher: MicroBatcher[Any, float] = MicroBatcher(
+            detector.predict,
+            max_batch=settings.batch_size,
+            max_wait_s=settings.batch_wait_ms / 1000.0,
+            name="synthguard-batcher",
+        )
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        """Finish the batch in flight and stop accepting images."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self.batcher.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ no database
+
+    def score(self, ref: ObjectRef) -> ScoreResult:
+        """Fetch, sniff, decode, preprocess, and wait for the batched forward pass."""
+        fetched = self.storage.fetch(ref)
+        decoded = decode_image(
+            fetched.data, max_pixels=self.settings.max_pixels, timeout_s=self.settings.decode_timeout_s
+        )
+        tensor = self.detector.preprocess(decoded.image)
+        try:
+            score = self.batcher(tensor)
+        except SynthguardError:
+            raise
+        except BatcherClosed as exc:
+            raise TransientError("the scorer is shutting down", code=errors.INFERENCE_FAILED) from exc
+        except Exception as exc:
+            # A failed forward pass (out of memory, a driver reset) is not the image's fault.
+            raise TransientError(f"forward pass failed: {exc}", code=errors.INFERENCE_FAILED) from exc
+        return ScoreResult(
+            etag=fetched.etag,
+            version_id=fetched.version_id,
+            sha256=fetched.sha256,
+            size_bytes=fetched.size,
+            format=decoded.format,
+            width=decoded.width,
+            height=decoded.height,
+            score=float(score),
+        )
+
+    # --------------------------------------------------------------- database
+
+    def process_image(self, image_id: uuid.UUID) -> Outcome:
+        """Take one image from ``queued``/``processing`` to ``done`` or ``failed``.
+
+        Raises :class:`TransientError` when the caller should retry later (the
+        image is back in ``queued``); after ``max_attempts`` the error is final
+        and the image ``failed``. An image already terminal is left untouched.
+        """
+        claimed = self._claim(image_id)
+        if claimed is None:
+            return self._current(image_id)
+        ref, attempts = claimed
+        try:
+            result = self.score(ref)
+        except PermanentError as exc:
+            return self._fail(image_id, exc.code, exc.message)
+        except Exception as exc:
+            transient = exc if isinstance(exc, TransientError) else None
+            code = transient.code if transient else errors.INTERNAL_ERROR
+            message = transient.message if transient else f"{type(exc).__name__}: {exc}"
+            if transient is None:
+                log.exception("unexpected error scoring image %s", image_id)
+            if attempts >= self.settings.max_attempts:
+                return self._fail(image_id, code, f"{message} (gave up after {attempts} attempts)")
+            self._requeue(image_id, code, message)
+            if transient is not None:
+                raise
+            raise TransientError(message, code=code) from exc
+        return self._store(image_id, result)
+
+    def _claim(self, image_id: uuid.UUID) -> tuple[ObjectRef, int] | None:
+        with self.sessions.begin() as session:
+            row = session.execute(
+                update(Image)
+                .where(Image.id == image_id, Image.state.in_((QUEUED, PROCESSING)))
+                .values(state=PROCESSING, attempts=Image.attempts + 1, updated_at=utcnow())
+                .returning(Image.bucket, Image.key, Image.version_id, Image.attempts)
+            ).one_or_none()
+        if row is None:
+            return None
+        return ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id), int(row.attempts)
+
+    def _store(self, image_id: uuid.UUID, result: ScoreResult) -> Outcome:
+        detector = self.detector
+        with self.sessions.begin() as session:
+            threshold = session.scalar(select(Image.threshold).where(Image.id == image_id))
+            # An untrained model's output is no verdict: stored, never flagged.
+            flagged = None if detector.untrained else bool(result.score >= float(threshold))
+            changed = self._finish(
+                session,
+                image_id,
+                state=DONE,
+                etag=result.etag,
+                version_id=result.version_id,
+                sha256=result.sha256,
+                size_bytes=result.size_bytes,
+                format=result.format,
+                width=result.width,
+                height=result.height,
+                score=result.score,
+                flagged=flagged,
+                model_name=detector.name,
+                model_version=detector.version,
+                error_code=None,
+                error_message=None,
+            )
+        if not changed:
+            return self._current(image_id)
+        return Outcome(image_id, DONE, score=result.score, flagged=flagged)
+
+    def _fail(self, image_id: uuid.UUID, code: str, message: str) -> Outcome:
+        with self.sessions.begin() as session:
+            changed = self._finish(session, image_id, state=FAILED, error_code=code, error_message=message)
+        if not changed:
+            return self._current(image_id)
+        return Outcome(image_id, FAILED, error_code=code, error_message=message)
+
+    def _requeue(self, image_id: uuid.UUID, code: str, message: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Image)
+                .where(Image.id == image_id, Image.state == PROCESSING)
+                .values(state=QUEUED, updated_at=utcnow(), error_message=f"retrying after {code}: {message}")
+            )
+
+    @staticmethod
+    def _finish(session: Session, image_id: uuid.UUID, **values: Any) -> bool:
+        """Make the image terminal once; True only for the call that did it."""
+        now = utcnow()
+        changed = session.execute(
+            update(Image)
+            .where(Image.id == image_id, Image.state.in_((QUEUED, PROCESSING)))
+            .values(updated_at=now, completed_at=now, **values)
+            .returning(Image.scan_id)
+        ).one_or_none()
+        if changed is None:
+            return False
+        pending = session.execute(
+            update(Scan)
+            .where(Scan.id == changed.scan_id)
+            .values(pending_count=Scan.pending_count - 1)
+            .returning(Scan.pending_count)
+        ).scalar_one()
+        if pending == 0:
+            session.execute(update(Scan).where(Scan.id == changed.scan_id).values(completed_at=now))
+        return True
+
+    def _current(self, image_id: uuid.UUID) -> Outcome:
+        with self.sessions() as session:
+            image = session.get(Image, image_id)
+            if image is None:
+                raise LookupError(f"image {image_id} does not exist")
+            return Outcome(
+                image_id,
+                image.state,
+                score=image.score,
+                flagged=image.flagged,
+                error_code=image.error_code,
+                error_message=image.error_message,
+                changed=False,
+            )
+
+
+def process_with_retries(scorer: Scorer, image_id: uuid.UUID) -> Outcome:
+    """Run :meth:`Scorer.process_image` in-process, backing off between transient failures.
+
+    Bounded: ``process_image`` fails the image for good after ``max_attempts``.
+    The Celery task does not use this: it hands the retry to the broker instead.
+    """
+    settings = scorer.settings
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return scorer.process_image(image_id)
+        except TransientError:
+            time.sleep(
+                errors.backoff_delay(attempt, base_s=settings.retry_backoff_s, cap_s=settings.retry_backoff_max_s)
+            )

@@ -1,0 +1,129 @@
+"""The one settings object, read from ``SYNTHGUARD_*`` environment variables.
+
+Production code calls :func:`get_settings`; tests build :class:`Settings`
+explicitly with the values they need.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The published "For Fake's Sake" weights (Sumsub, CC-BY-SA-3.0).
+PUBLISHED_CHECKPOINT = "hf://Sumsub/Sumsub-ffs-synthetic-1.0_mj_5"
+DEFAULT_ARCH = "tf_mobilenetv3_large_100"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Settings(BaseSettings):
+    """Every knob of synthguard. All optional; defaults suit one machine."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SYNTHGUARD_", extra="ignore", protected_namespaces=()
+    )
+
+    database_url: str = Field(
+        "sqlite:///synthguard.db",
+        description="SQLAlchemy URL. Embedded default: a SQLite file in the working directory; "
+        "production: postgresql+psycopg://...",
+    )
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker URL.")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint; unset means AWS (credentials and region from AWS_*)."
+    )
+
+    model_arch: str = Field(DEFAULT_ARCH, description="timm architecture name.")
+    model_checkpoint: str | None = Field(
+        None,
+        description="Local file or directory, or hf://OWNER/REPO[/FILE]. "
+        f"Unset: the published weights, {PUBLISHED_CHECKPOINT}.",
+    )
+    model_allow_pickle: bool = Field(
+        False,
+        description="Allow checkpoints that are whole pickled Python objects. Unpickling runs code "
+        "from the file: enable only for files you trust.",
+    )
+    model_ai_index: int | None = Field(
+        None,
+        ge=0,
+        description="Output index of the 'by AI' class. Unset: from the checkpoint's label names "
+        "when it has them, else 0 (the reference pipeline's order).",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+
+    batch_size: int = Field(32, ge=1, description="Most images in one forward pass.")
+    batch_wait_ms: float = Field(
+        10.0, ge=0, description="Longest wait for a batch to fill after its first image arrives."
+    )
+    concurrency: int = Field(
+        8, ge=1, description="Threads fetching and decoding images for one model (scan and worker)."
+    )
+    threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="Default flag threshold on p(synthetic)."
+    )
+
+    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest object fetched.")
+    max_pixels: int = Field(
+        100_000_000, ge=1, description="Largest width*height decoded, checked from the header."
+    )
+    decode_timeout_s: float = Field(
+        15.0, gt=0, description="Time budget for decoding one image."
+    )
+
+    max_attempts: int = Field(
+        5, ge=1, description="Attempts per image before a transient error becomes final."
+    )
+    retry_backoff_s: float = Field(1.0, gt=0, description="Base of the exponential retry backoff.")
+    retry_backoff_max_s: float = Field(300.0, gt=0, description="Cap of one retry backoff.")
+
+    s3_connect_timeout_s: float = Field(5.0, gt=0)
+    s3_read_timeout_s: float = Field(30.0, gt=0)
+
+    stale_after_s: float = Field(
+        600.0, gt=0, description="When the sweeper re-publishes a queued or processing image."
+    )
+    sweep_interval_s: float = Field(60.0, gt=0, description="How often the sweeper runs.")
+
+    webhook_allow_http: bool = Field(False, description="Allow plain-http callback URLs.")
+    webhook_allowed_networks: Annotated[list[IPNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated CIDRs exempt from the SSRF block.",
+    )
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @property
+    def checkpoint_is_default(self) -> bool:
+        """True when no checkpoint was configured and the published one is used."""
+        return self.model_checkpoint is None
+
+    @property
+    def checkpoint(self) -> str:
+        return self.model_checkpoint or PUBLISHED_CHECKPOINT
+
+
+Lane = Literal["realtime", "bulk"]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()
