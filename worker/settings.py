@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -81,8 +81,8 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(1.0, gt=0, description="Base of the exponential retry backoff.")
     retry_backoff_max_s: float = Field(300.0, gt=0, description="Cap of one retry backoff.")
 
-    s3_connect_timeout_s: float = Field(5.0, gt=0)
-    s3_read_timeout_s: float = Field(30.0, gt=0)
+    s3_connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to open a connection to S3.")
+    s3_read_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait on a read from S3.")
 
     stale_after_s: float = Field(
         600.0, gt=0, description="When the sweeper re-publishes a queued or processing image."
@@ -118,9 +118,6 @@ class Settings(BaseSettings):
     @property
     def checkpoint(self) -> str:
         return self.model_checkpoint or PUBLISHED_CHECKPOINT
-
-
-Lane = Literal["realtime", "bulk"]
 
 
 @lru_cache(maxsize=1)
