@@ -195,3 +195,145 @@ def settings_factory(checkpoint: Path):  # type: ignore[no-untyped-def]
         return Settings(**values)  # type: ignore[arg-type]
 
     return build
+
+
+# ------------------------------------------------------- Redis and real workers
+
+REDIS_URL = os.environ.get("SYNTHGUARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The broker, empty at the start and the end of each test."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:  # pragma: no cover
+        pytest.fail(f"Redis at {REDIS_URL} is not usable ({exc}); start it, see DEVELOPERS.md")
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def service_env(pg_url: str, redis_url: str, s3_endpoint: str, checkpoint: Path) -> dict[str, str]:
+    """SYNTHGUARD_* for processes of the service under test (workers, beat, CLI)."""
+    return {
+        "SYNTHGUARD_DATABASE_URL": pg_url,
+        "SYNTHGUARD_BROKER_URL": redis_url,
+        "SYNTHGUARD_S3_ENDPOINT_URL": s3_endpoint,
+        "SYNTHGUARD_MODEL_CHECKPOINT": str(checkpoint),
+        "SYNTHGUARD_DEVICE": "cpu",
+        "SYNTHGUARD_BATCH_SIZE": "8",
+        "SYNTHGUARD_BATCH_WAIT_MS": "20",
+        "SYNTHGUARD_CONCURRENCY": "8",
+        "SYNTHGUARD_RETRY_BACKOFF_S": "0.2",
+        "SYNTHGUARD_RETRY_BACKOFF_MAX_S": "1",
+    }
+
+
+@pytest.fixture
+def service_settings(service_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    """The same configuration as a Settings object, for code under test in this process."""
+    from worker.settings import Settings
+
+    return Settings(**{k.removeprefix("SYNTHGUARD_").lower(): v for k, v in service_env.items()})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def celery_app(service_settings):  # type: ignore[no-untyped-def]
+    """A Celery app bound to the test broker, for publishing from the test process."""
+    from worker.celery_app import create_app
+
+    app = create_app(service_settings)
+    yield app
+    app.close()
+
+
+def synthguard_command() -> list[str]:
+    exe = Path(sys.executable).with_name("synthguard")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "worker.cli"]
+
+
+class ServiceProcess:
+    """A real ``synthguard worker`` or ``beat`` process, its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, ready_marker: str) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [*synthguard_command(), *args],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_for(ready_marker)
+
+    def _wait_for(self, marker: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in self.log_path.read_text(errors="replace"):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"process exited early:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"process not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        import signal as signals
+
+        if self.proc.poll() is None:
+            self.signal(signals.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.signal(signals.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def start_service(service_env: dict[str, str], tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Start ``synthguard worker`` (default) or ``beat`` with the service env plus overrides."""
+    started: list[ServiceProcess] = []
+
+    def start(kind: str = "worker", env: dict[str, str] | None = None, **overrides: object) -> ServiceProcess:
+        env = {
+            **service_env,
+            **(env or {}),
+            **{f"SYNTHGUARD_{k.upper()}": str(v) for k, v in overrides.items()},
+        }
+        log_path = tmp_path / f"{kind}-{len(started)}.log"
+        marker = " ready." if kind == "worker" else "beat: Starting..."
+        proc = ServiceProcess([kind, "--loglevel=INFO"], env, log_path, marker)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def wait_until(predicate, timeout: float = 120.0, interval: float = 0.1, message: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)

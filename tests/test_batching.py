@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker.batching import BatchStats, BatcherClosed, MicroBatcher
+from worker.batching import BatcherClosed, BatchStats, MicroBatcher
 
 
 class GatedDouble:
@@ -73,9 +73,11 @@ def test_a_failing_batch_fails_only_its_own_callers() -> None:
 
 
 def test_a_wrong_number_of_results_is_an_error_not_a_mismatch() -> None:
-    with MicroBatcher(lambda items: items[:-1], max_batch=4, max_wait_s=0.0) as batcher:
-        with pytest.raises(RuntimeError, match="returned 0 results for 1 items"):
-            batcher.submit("x").result(5)
+    with (
+        MicroBatcher(lambda items: items[:-1], max_batch=4, max_wait_s=0.0) as batcher,
+        pytest.raises(RuntimeError, match="returned 0 results for 1 items"),
+    ):
+        batcher.submit("x").result(5)
 
 
 def test_close_finishes_what_was_submitted_then_refuses_new_work() -> None:

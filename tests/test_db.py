@@ -29,7 +29,7 @@ def _diff(url: str) -> list[object]:
 
 def test_postgres_schema_from_migrations_matches_the_models(pg_url: str) -> None:
     assert _diff(pg_url) == []
-    assert TABLES <= set(inspect(make_engine(pg_url)).get_table_names())
+    assert set(inspect(make_engine(pg_url)).get_table_names()) >= TABLES
 
 
 def test_sqlite_schema_from_migrations_matches_the_models(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_migrations_go_down_and_up_again_on_sqlite(tmp_path: Path) -> None:
 def test_embedded_sqlite_migrates_itself(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'nested' / 'c.db'}")
     ensure_schema(engine)
-    assert TABLES <= set(inspect(engine).get_table_names())
+    assert set(inspect(engine).get_table_names()) >= TABLES
 
 
 def test_postgres_behind_the_code_is_refused_with_the_fix() -> None:

@@ -19,7 +19,8 @@ from conftest import good_fixture_files
 from worker.db import ensure_schema, make_engine, make_sessionmaker
 from worker.detector import Detector
 from worker.intake import create_scan
-from worker.models import DONE, FAILED, Image as ImageRow, Scan
+from worker.models import DONE, FAILED, Scan
+from worker.models import Image as ImageRow
 from worker.scoring import Scorer, process_with_retries
 from worker.storage import ObjectRef
 
@@ -36,7 +37,7 @@ def test_batched_scores_equal_the_one_at_a_time_reference(fixtures_dir, settings
     files = good_fixture_files()
     assert len(files) >= 20
     settings = settings_factory(batch_size=8, batch_wait_ms=20.0)
-    with Scorer(settings, Detector.from_settings(settings)) as scorer, ThreadPoolExecutor(8) as pool:
+    with Scorer(settings, Detector.from_settings(settings), allow_local=True) as scorer, ThreadPoolExecutor(8) as pool:
         batched = list(pool.map(lambda p: scorer.score(ObjectRef(None, str(p))).score, files))
     reference = [reference_score(test_model, path) for path in files]
     for path, got, want in zip(files, batched, reference, strict=True):
@@ -70,7 +71,7 @@ def test_scoring_the_same_image_twice_leaves_one_result(fixtures_dir, settings_f
     path = fixtures_dir / "real" / "IMG_0003.jpg"
     scan_id, (image_id,) = _queue(sessions, [ObjectRef(None, str(path))])
     detector = Detector.from_settings(settings)
-    with Scorer(settings, detector, sessions=sessions) as scorer:
+    with Scorer(settings, detector, sessions=sessions, allow_local=True) as scorer:
         first = scorer.process_image(image_id)
         again = scorer.process_image(image_id)
     assert first.state == DONE and first.changed
@@ -93,7 +94,7 @@ def test_duplicate_deliveries_racing_store_exactly_one_result(fixtures_dir, sett
     refs = [ObjectRef(None, str(p)) for p in sorted((fixtures_dir / "real").iterdir())]
     scan_id, ids = _queue(sessions, refs)
     start = threading.Barrier(4 * len(ids))
-    with Scorer(settings, Detector.from_settings(settings), sessions=sessions) as scorer:
+    with Scorer(settings, Detector.from_settings(settings), sessions=sessions, allow_local=True) as scorer:
 
         def run(image_id: uuid.UUID):  # type: ignore[no-untyped-def]
             start.wait()
@@ -140,3 +141,21 @@ def test_unreachable_storage_is_retried_then_fails_after_max_attempts(settings_f
     with sessions() as session:
         row = session.get(ImageRow, image_id)
         assert row.attempts == 3 and "gave up after 3 attempts" in row.error_message
+
+
+def test_an_unreachable_database_is_a_transient_error(settings_factory) -> None:
+    import socket
+
+    from worker.errors import TransientError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/nothing"
+    settings = settings_factory(database_url=url)
+    with (
+        Scorer(settings, Detector.from_settings(settings)) as scorer,
+        pytest.raises(TransientError) as info,
+    ):
+        scorer.process_image(uuid.uuid4())
+    assert info.value.code == "database_unavailable"

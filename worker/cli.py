@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import __version__
 from .errors import ConfigError, SynthguardError
+from .models import PRIORITIES
 from .settings import Settings
 
 UNTRAINED_NOTE = "UNTRAINED MODEL: not a detection"
@@ -157,7 +170,7 @@ def _run_scan(
         console=console,
         disable=not console.is_terminal,
     )
-    with Scorer(settings, detector, sessions=sessions) as scorer, progress:
+    with Scorer(settings, detector, sessions=sessions, allow_local=True) as scorer, progress:
         task = progress.add_task("scan", total=len(image_ids))
         with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="synthguard-scan") as pool:
             futures = [pool.submit(process_with_retries, scorer, image_id) for image_id in image_ids]
@@ -353,6 +366,81 @@ def demo(directory: Path, as_json: bool) -> None:
     sys.exit(1 if unexpected else 0)
 
 
+# ------------------------------------------------------------------- service
+
+
+def _checked_sessions(settings: Settings) -> sessionmaker[Session]:
+    """Sessions for the configured database, after checking its schema is current."""
+    from .db import ensure_schema, get_sessionmaker
+
+    sessions = get_sessionmaker(settings.database_url)
+    try:
+        ensure_schema(sessions.kw["bind"])
+    except ConfigError as exc:
+        raise _fail(exc.message) from exc
+    return sessions
+
+
+@main.command()
+@click.option("--concurrency", type=click.IntRange(1), help="Threads feeding the model [SYNTHGUARD_CONCURRENCY].")
+@click.option(
+    "--queues",
+    default=None,
+    help="Comma-separated queues, polled in this order (default: realtime, webhooks, bulk).",
+)
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--hostname", help="Celery node name (default: synthguard@HOST).")
+def worker(concurrency: int | None, queues: str | None, loglevel: str, hostname: str | None) -> None:
+    """Run a queue worker: one process, one model, many threads feeding its micro-batcher.
+
+    Run one per GPU (pin it with SYNTHGUARD_DEVICE=cuda:N). The model is loaded
+    before any message is taken, so a bad checkpoint stops the worker at once.
+    """
+    from .celery_app import QUEUES, app
+    from .scoring import Scorer
+    from .tasks import install_scorer
+
+    settings = _settings(concurrency=concurrency)
+    sessions = _checked_sessions(settings)
+    detector = _load_detector(settings, allow_untrained=False)
+    install_scorer(Scorer(settings, detector, sessions=sessions))
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.concurrency}",
+        f"--queues={queues or ','.join(QUEUES)}",
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+def beat(loglevel: str) -> None:
+    """Run the scheduler: every SYNTHGUARD_SWEEP_INTERVAL_S it queues the sweeper, which
+    re-publishes images left queued or processing longer than SYNTHGUARD_STALE_AFTER_S."""
+    from .celery_app import app
+
+    # In-memory schedule: an interval job needs no state file on disk.
+    app.start(["beat", f"--loglevel={loglevel}", "--scheduler=celery.beat:Scheduler"])
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Server processes.")
+def api(host: str, port: int, workers: int) -> None:
+    """Serve the HTTP API (OpenAPI at /openapi.json, docs at /docs)."""
+    import uvicorn
+
+    _checked_sessions(_settings())
+    uvicorn.run("api_stub.app:create_app", factory=True, host=host, port=port, workers=workers, proxy_headers=True)
+
+
 def _unexpected_outcomes(session: Session, scan_id: uuid.UUID, samples: dict[str, str | None]) -> Iterator[str]:
     from .models import DONE, Image
 
@@ -361,6 +449,343 @@ def _unexpected_outcomes(session: Session, scan_id: uuid.UUID, samples: dict[str
         got = image.error_code if image.state != DONE else None
         if got != expected:
             yield f"{image.key}: expected {expected or 'a score'}, got {got or 'a score'}"
+
+
+# ----------------------------------------------------------------- producers
+
+
+@contextmanager
+def _producer_app(settings: Settings) -> Iterator[Any]:
+    """The Celery app to publish with, bound to this command's SYNTHGUARD_BROKER_URL."""
+    from .celery_app import app, create_app
+
+    # The shared app took its broker URL from the environment when first imported;
+    # a process running several commands (tests, scripts) may have changed it since.
+    if app.conf.broker_url == settings.broker_url:
+        yield app
+        return
+    own = create_app(settings)
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+@main.group()
+def clients() -> None:
+    """API clients: the producers allowed to call the HTTP API."""
+
+
+def _check_webhook_url(url: str, settings: Settings) -> str:
+    schemes = ("https", "http") if settings.webhook_allow_http else ("https",)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if host and parts.scheme.lower() in schemes:
+        return url
+    hint = "" if settings.webhook_allow_http else " (http:// only with SYNTHGUARD_WEBHOOK_ALLOW_HTTP=true)"
+    raise click.BadParameter(f"{url!r} is not an https:// URL with a host{hint}", param_hint="'--webhook-url'")
+
+
+@clients.command("create")
+@click.argument("name")
+@click.option(
+    "--webhook-url",
+    help="Where this client's signed webhooks go: https://..., or http://... only with "
+    "SYNTHGUARD_WEBHOOK_ALLOW_HTTP=true.",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    help="The client's default flag threshold on p(synthetic) [default: SYNTHGUARD_THRESHOLD].",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"id", "api_key", "webhook_secret"} as JSON.')
+def clients_create(name: str, webhook_url: str | None, threshold: float | None, as_json: bool) -> None:
+    """Create an API client named NAME; print its id, API key and webhook secret.
+
+    Both are shown only this once: the API key is stored only as a hash and
+    cannot be recovered, and the webhook secret (whsec_...) is what the client
+    needs to verify the signatures of the webhooks it receives.
+    """
+    from .clients import create_client
+
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise click.BadParameter("must be 1 to 200 characters", param_hint="'NAME'")
+    settings = _settings()
+    if webhook_url is not None:
+        _check_webhook_url(webhook_url, settings)
+    with _checked_sessions(settings).begin() as session:
+        new = create_client(session, name, webhook_url=webhook_url, default_threshold=threshold)
+        client_id = new.client.id
+    if as_json:
+        click.echo(json.dumps({"id": str(client_id), "api_key": new.api_key, "webhook_secret": new.webhook_secret}))
+        return
+    click.echo(f"created client {name!r}")
+    click.echo(f"  id              {client_id}")
+    click.echo(f"  api key         {new.api_key}")
+    click.echo(f"  webhook secret  {new.webhook_secret}")
+    click.echo(
+        "\nSave the API key and the webhook secret now: they are shown only this once.\n"
+        "The API key is stored only as a hash and cannot be shown again; send it as "
+        "'Authorization: Bearer <api key>'.\n"
+        "The webhook secret is needed to verify the webhook-signature header of this client's webhooks."
+    )
+
+
+@clients.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the clients as JSON.")
+def clients_list(as_json: bool) -> None:
+    """List API clients: id, name, key prefix, webhook URL, default threshold, created, disabled.
+
+    Keys and webhook secrets are never shown; only the first characters of
+    each key, to tell keys apart.
+    """
+    from .models import ApiClient
+
+    with _checked_sessions(_settings())() as session:
+        rows = list(session.scalars(select(ApiClient).order_by(ApiClient.created_at, ApiClient.name)))
+    docs = [
+        {
+            "id": str(c.id),
+            "name": c.name,
+            "key_prefix": c.api_key_prefix,
+            "webhook_url": c.webhook_url,
+            "default_threshold": c.default_threshold,
+            "created_at": c.created_at.isoformat(),
+            "disabled": c.disabled_at is not None,
+            "disabled_at": c.disabled_at.isoformat() if c.disabled_at else None,
+        }
+        for c in rows
+    ]
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+        return
+    if not docs:
+        click.echo("no API clients yet; create one with `synthguard clients create NAME`")
+        return
+    # Two lines per client rather than a table: ids must be copied whole on any terminal width.
+    for doc in docs:
+        threshold = "default" if doc["default_threshold"] is None else f"{doc['default_threshold']:g}"
+        click.echo(f"{doc['id']}  {doc['name']}" + ("  [disabled]" if doc["disabled"] else ""))
+        click.echo(
+            f"    key {doc['key_prefix']}...  threshold {threshold}  created {_utc_minute(doc['created_at'])}"
+            f"  webhook {doc['webhook_url'] or '-'}"
+            + (f"  disabled {_utc_minute(doc['disabled_at'])}" if doc["disabled_at"] else "")
+        )
+
+
+def _utc_minute(iso: str) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _s3_objects(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[Any]:
+    from .intake import unique_refs
+    from .queueing import as_ref
+
+    refs = []
+    for value in values:
+        try:
+            refs.append(as_ref(value))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+    # Each object once: image ids are reported per object, in the order given.
+    return unique_refs(refs)
+
+
+@main.command("enqueue")
+@click.argument("objects", nargs=-1, required=True, callback=_s3_objects, metavar="S3_URI...")
+@click.option(
+    "--priority",
+    type=click.Choice(PRIORITIES),
+    default="realtime",
+    show_default=True,
+    help="Lane: realtime (uploads, KYC) or bulk (taken only when no realtime work is waiting).",
+)
+@click.option(
+    "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the scan and image ids as JSON.")
+def enqueue_command(objects: list[Any], priority: str, threshold: float | None, as_json: bool) -> None:
+    """Queue exactly these objects for the workers: one scan, one queued image each.
+
+    Each S3_URI is s3://bucket/key, one object; nothing is listed (for every
+    object under a prefix, use `synthguard backfill`). The rows are written
+    first, then one message per image goes to the lane's queue. If the broker
+    cannot be reached the images stay queued and the sweeper publishes them
+    after SYNTHGUARD_STALE_AFTER_S.
+    Prints the scan id and one image id per object.
+    """
+    from .queueing import enqueue
+
+    settings = _settings(threshold=threshold)
+    sessions = _checked_sessions(settings)
+    with _producer_app(settings) as app:
+        done = enqueue(
+            objects,
+            priority=priority,
+            threshold=threshold,
+            origin="cli-enqueue",
+            settings=settings,
+            sessions=sessions,
+            app=app,
+        )
+    images = [{"id": str(i), "uri": ref.uri} for i, ref in zip(done.image_ids, objects, strict=True)]
+    if as_json:
+        click.echo(json.dumps({"scan_id": str(done.scan_id), "priority": done.priority, "images": images}, indent=2))
+        return
+    click.echo(f"scan {done.scan_id} ({done.priority}): {len(images)} image(s) queued")
+    for image in images:
+        click.echo(f"  {image['id']}  {image['uri']}")
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request to stop between pages; a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def __enter__(self) -> Self:
+        # Signal handlers can only be set from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # Only a flag: the handler may run in the middle of a write or a transaction.
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+
+def _print_backfill(result: Any, where: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.summary(), indent=2))
+    else:
+        click.echo(
+            f"backfill of {where}: scan {result.scan_id}\n"
+            f"listed {result.listed}, enqueued {result.enqueued}, skipped {result.skipped} "
+            f"(current model {result.model_version})"
+        )
+    unpublished = result.enqueued - result.published
+    if result.interrupted:
+        click.echo(f"interrupted after {result.pages} page(s); run the same command again to resume", err=True)
+    if unpublished:
+        click.echo(
+            f"{unpublished} queued image(s) were not published; the sweeper publishes them "
+            "after SYNTHGUARD_STALE_AFTER_S",
+            err=True,
+        )
+
+
+@main.command()
+@click.argument("uri", metavar="S3_PREFIX")
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    help="Publish at most this many images per second (token bucket).  [default: no limit]",
+)
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, 10_000),
+    default=1000,
+    show_default=True,
+    help="Objects listed, checked and committed together.",
+)
+@click.option(
+    "--priority",
+    type=click.Choice(["bulk"]),
+    default="bulk",
+    show_default=True,
+    help="Lane. Backfills always use bulk, so that they never delay realtime work.",
+)
+@click.option(
+    "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def backfill(uri: str, rate: float | None, page_size: int, priority: str, threshold: float | None, as_json: bool) -> None:
+    """Queue every object under S3_PREFIX (s3://bucket/prefix) on the bulk lane, resumably.
+
+    Lists the prefix page by page. Objects whose key already has an image
+    that is queued, processing, or done by the current model (the version of
+    SYNTHGUARD_MODEL_CHECKPOINT, which is read but not loaded) are skipped;
+    the rest become queued images of one scan for this run, committed one page
+    at a time, then published. Running it again after an interruption resumes
+    without queueing anything twice; after a model change it re-queues what an
+    older model scored. Failed images are queued again. Directory markers
+    (keys ending in /) are ignored. Prints a summary: scan id, listed,
+    enqueued, skipped, model version.
+
+    Ctrl-C stops listing after the page being committed, prints the summary so
+    far and exits with code 130; images committed but not yet published are
+    re-published by the sweeper (synthguard beat) after SYNTHGUARD_STALE_AFTER_S.
+    """
+    from .backfill import BackfillFailed, run_backfill
+    from .storage import parse_s3_uri
+
+    try:
+        bucket, prefix = parse_s3_uri(uri)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'S3_PREFIX'") from exc
+    settings = _settings(threshold=threshold)
+    sessions = _checked_sessions(settings)
+    where = f"s3://{bucket}/{prefix}"
+
+    console = Console(stderr=True)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn(f"backfill {where}"),
+        TextColumn(
+            "listed {task.fields[listed]:,}  enqueued {task.fields[enqueued]:,}  skipped {task.fields[skipped]:,}"
+        ),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    task = progress.add_task("backfill", total=None, listed=0, enqueued=0, skipped=0)
+
+    def show(now: Any) -> None:
+        progress.update(task, listed=now.listed, enqueued=now.enqueued, skipped=now.skipped)
+
+    with _producer_app(settings) as app, _StopRequest() as stop, progress:
+        try:
+            result = run_backfill(
+                settings,
+                sessions,
+                app,
+                bucket,
+                prefix,
+                rate=rate,
+                page_size=page_size,
+                threshold=threshold,
+                on_progress=show,
+                should_stop=stop,
+            )
+        except BackfillFailed as exc:
+            failed = exc
+        except ConfigError as exc:  # the checkpoint, needed for its version
+            raise _fail(exc.message) from exc
+        else:
+            failed = None
+    if failed is not None:
+        _print_backfill(failed.result, where, as_json)
+        raise _fail(failed.message)
+    _print_backfill(result, where, as_json)
+    if result.interrupted:
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

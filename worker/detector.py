@@ -324,6 +324,22 @@ def _check_config(config: Mapping[str, Any], arch: str, where: Path) -> None:
 # --------------------------------------------------------------------------- weight files
 
 
+def _checkpoint_files(settings: Settings) -> tuple[Path, Path | None]:
+    """(weight file, config.json or None) of the configured checkpoint, fetched if need be."""
+    return _locate(resolve_checkpoint(settings.checkpoint))
+
+
+def checkpoint_version(settings: Settings) -> str:
+    """The ``model_version`` the configured checkpoint gets, without building the model.
+
+    Producers use it to tell results of the current model from older ones; it
+    goes through the same resolution and hashing as :meth:`Detector.from_settings`,
+    so the two cannot disagree. Raises CheckpointError when the checkpoint cannot be had.
+    """
+    weights, _ = _checkpoint_files(settings)
+    return _file_version(weights)
+
+
 def _file_version(path: Path) -> str:
     """The version: "sha256:" and 12 hex digits of the weight file, read in chunks."""
     with path.open("rb") as handle:
@@ -606,7 +622,7 @@ class Detector:
         device = resolve_device(settings.device)
         arch = _check_arch(settings.model_arch)
         spec = settings.checkpoint
-        weights, config_path = _locate(resolve_checkpoint(spec))
+        weights, config_path = _checkpoint_files(settings)
         config = _read_config(config_path) if config_path else {}
         where = config_path or weights
         _check_config(config, arch, where)

@@ -26,6 +26,7 @@ CORRUPT_IMAGE = "corrupt_image"
 DECODE_TIMEOUT = "decode_timeout"
 STORAGE_UNAVAILABLE = "storage_unavailable"
 INFERENCE_FAILED = "inference_failed"
+DATABASE_UNAVAILABLE = "database_unavailable"
 INTERNAL_ERROR = "internal_error"
 
 

@@ -7,10 +7,11 @@ so the database always knows about every image a producer was promised.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import Insert, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .models import QUEUED, Image, Scan, utcnow
@@ -43,12 +44,37 @@ def create_scan(
     meta: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    dedupe_keys: Sequence[str] | None = None,
 ) -> tuple[Scan, list[uuid.UUID]]:
     """Add a scan and its images to ``session`` (the caller commits).
 
     ``threshold`` is the effective flag threshold each image keeps, so that a
     later change of defaults never rewrites the meaning of a stored result.
+
+    ``dedupe_keys`` (one per ref, needs ``client_id``) makes intake
+    idempotent per object: a ref whose key this client already has, or that
+    repeats a key earlier in ``refs``, adds no image. The ids returned are then
+    one per ref, in order: the new image's, or the one stored before under its
+    key; the scan's ``image_count`` and ``pending_count`` count only new images.
     """
+    if dedupe_keys is not None:
+        return _create_deduplicated(
+            session,
+            list(refs),
+            list(dedupe_keys),
+            client_id=client_id,
+            scan_fields={
+                "origin": origin,
+                "source": source,
+                "priority": priority,
+                "threshold": scan_threshold,
+                "callback_url": callback_url,
+                "meta": meta,
+                "idempotency_key": idempotency_key,
+                "request_hash": request_hash,
+            },
+            threshold=threshold,
+        )
     objects = unique_refs(refs)
     now = utcnow()
     scan = Scan(
@@ -74,20 +100,81 @@ def create_scan(
         session.execute(
             insert(Image),
             [
-                {
-                    "id": image_id,
-                    "scan_id": scan.id,
-                    "client_id": client_id,
-                    "bucket": ref.bucket,
-                    "key": ref.key,
-                    "version_id": ref.version_id,
-                    "state": QUEUED,
-                    "threshold": threshold,
-                    "attempts": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                }
+                _image_row(image_id, scan.id, client_id, ref, threshold, now)
                 for image_id, ref in zip(ids, objects, strict=True)
             ],
         )
+    return scan, ids
+
+
+def _image_row(
+    image_id: uuid.UUID, scan_id: uuid.UUID, client_id: uuid.UUID | None, ref: ObjectRef, threshold: float, now: Any
+) -> dict[str, Any]:
+    return {
+        "id": image_id,
+        "scan_id": scan_id,
+        "client_id": client_id,
+        "bucket": ref.bucket,
+        "key": ref.key,
+        "version_id": ref.version_id,
+        "state": QUEUED,
+        "threshold": threshold,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _insert_skipping_conflicts(session: Session) -> Insert:
+    """``INSERT ... ON CONFLICT (client_id, dedupe_key) DO NOTHING`` in the session's dialect."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt: Any = postgresql.insert(Image)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(Image)
+    else:  # pragma: no cover - the two databases synthguard supports
+        raise NotImplementedError(f"deduplicated intake is not supported on {dialect}")
+    return stmt.on_conflict_do_nothing(index_elements=["client_id", "dedupe_key"])
+
+
+def _create_deduplicated(
+    session: Session,
+    refs: list[ObjectRef],
+    dedupe_keys: list[str],
+    *,
+    client_id: uuid.UUID | None,
+    scan_fields: dict[str, Any],
+    threshold: float,
+) -> tuple[Scan, list[uuid.UUID]]:
+    if len(refs) != len(dedupe_keys):
+        raise ValueError("dedupe_keys needs exactly one key per ref")
+    if client_id is None:
+        # NULLs never conflict in a unique constraint: without a client nothing would be deduplicated.
+        raise ValueError("dedupe_keys needs a client_id")
+    objects: dict[str, ObjectRef] = {}
+    for ref, key in zip(refs, dedupe_keys, strict=True):
+        objects.setdefault(key, ref)
+    now = utcnow()
+    scan = Scan(id=uuid.uuid4(), client_id=client_id, created_at=now, **scan_fields)
+    session.add(scan)
+    session.flush()
+    proposed = {key: uuid.uuid4() for key in objects}
+    if objects:
+        session.execute(
+            _insert_skipping_conflicts(session),
+            [
+                {**_image_row(proposed[key], scan.id, client_id, ref, threshold, now), "dedupe_key": key}
+                for key, ref in objects.items()
+            ],
+        )
+    # Whoever holds each key now, this insert or an earlier one: that image is the answer.
+    rows = session.execute(
+        select(Image.dedupe_key, Image.id).where(Image.client_id == client_id, Image.dedupe_key.in_(list(objects)))
+    )
+    stored = {key: image_id for key, image_id in rows}
+    ids = [stored[key] for key in dedupe_keys]
+    inserted = sum(1 for key in objects if stored[key] == proposed[key])
+    scan.image_count = scan.pending_count = inserted
+    scan.completed_at = now if inserted == 0 else None
+    session.flush()
     return scan, ids

@@ -116,6 +116,8 @@ class Image(Base):
         CheckConstraint("state IN ('queued', 'processing', 'done', 'failed')", name="state"),
         Index("ix_images_state_updated_at", "state", "updated_at"),
         Index("ix_images_bucket_key", "bucket", "key"),
+        # The same S3 event delivered twice must not create a second image.
+        UniqueConstraint("client_id", "dedupe_key", name="uq_images_client_id_dedupe_key"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -126,6 +128,7 @@ class Image(Base):
     key: Mapped[str] = mapped_column(Text)
     version_id: Mapped[str | None] = mapped_column(String(1024))
     etag: Mapped[str | None] = mapped_column(String(200))
+    dedupe_key: Mapped[str | None] = mapped_column(String(128))
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     format: Mapped[str | None] = mapped_column(String(16))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import errors
@@ -70,8 +71,12 @@ class Scorer:
         *,
         sessions: sessionmaker[Session] | None = None,
         storage: Storage | None = None,
+        allow_local: bool = False,
     ) -> None:
         self.settings = settings
+        # Only an operator's in-process scan may read files of this host; a
+        # queue worker scores objects in storage and nothing else.
+        self.allow_local = allow_local
         self.detector = detector
         self.storage = storage or Storage(settings)
         self.sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
@@ -133,10 +138,23 @@ class Scorer:
         image is back in ``queued``); after ``max_attempts`` the error is final
         and the image ``failed``. An image already terminal is left untouched.
         """
+        try:
+            return self._process(image_id)
+        except DBAPIError as exc:
+            if not isinstance(exc, OperationalError | InterfaceError) and not exc.connection_invalidated:
+                raise
+            # The database restarting or unreachable: the image keeps its state; try again later.
+            raise TransientError(f"database unavailable: {exc.orig}", code=errors.DATABASE_UNAVAILABLE) from exc
+
+    def _process(self, image_id: uuid.UUID) -> Outcome:
         claimed = self._claim(image_id)
         if claimed is None:
             return self._current(image_id)
         ref, attempts = claimed
+        if ref.is_local and not self.allow_local:
+            return self._fail(
+                image_id, errors.ACCESS_DENIED, "local files are scored only by `synthguard scan`, not by workers"
+            )
         try:
             result = self.score(ref)
         except PermanentError as exc:

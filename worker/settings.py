@@ -119,6 +119,18 @@ class Settings(BaseSettings):
     def checkpoint(self) -> str:
         return self.model_checkpoint or PUBLISHED_CHECKPOINT
 
+    api_rate_limit_per_minute: int = Field(
+        600,
+        ge=0,
+        description="HTTP API: requests one client may make per minute (fixed window, counted in "
+        "the broker's Redis); 0 turns rate limiting off.",
+    )
+    api_max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="HTTP API: largest request body accepted; larger ones get 413.",
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -1,0 +1,250 @@
+"""``POST /v1/scans``, ``GET /v1/scans/{id}`` and ``GET /v1/images/{id}``."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import case, func, select
+
+from worker.intake import unique_refs
+from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan
+from worker.queueing import IdempotencyConflict, enqueue
+from worker.storage import ObjectRef
+
+from .auth import AuthenticatedClient
+from .metrics import IMAGES_ENQUEUED, SCANS_CREATED
+from .problems import ProblemError, problem_responses
+from .schemas import (
+    EXAMPLE_IMAGE_ID,
+    EXAMPLE_SCAN_ID,
+    ImageDetail,
+    ImageOut,
+    ImageRef,
+    ScanAccepted,
+    ScanCounts,
+    ScanOut,
+    ScanRequest,
+)
+from .state import get_state
+
+router = APIRouter(prefix="/v1")
+
+MAX_PAGE = 1000
+
+
+def parse_id(raw: str, what: str) -> uuid.UUID:
+    """A malformed id is answered like an unknown one: 404, never 422."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise not_found(what) from None
+
+
+def not_found(what: str) -> ProblemError:
+    # The same answer for "no such id" and "another client's id", so ids cannot be probed.
+    return ProblemError(404, f"There is no {what} with this id for this API key.", slug="not-found")
+
+
+def _check_callback_scheme(request_body: ScanRequest, allow_http: bool) -> None:
+    url = request_body.callback_url
+    if url and urlsplit(url).scheme.lower() == "http" and not allow_http:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "url_scheme",
+                    "loc": ("body", "callback_url"),
+                    "msg": "callback_url must be an https URL (plain http is not allowed on this server)",
+                }
+            ]
+        )
+
+
+def _idempotency_key(body_key: str | None, header_key: str | None) -> str | None:
+    if body_key and header_key and body_key != header_key:
+        raise ProblemError(
+            422,
+            "The Idempotency-Key header and the idempotency_key field differ; send one of them.",
+            slug="idempotency-key-mismatch",
+        )
+    return body_key or header_key
+
+
+@router.post(
+    "/scans",
+    status_code=202,
+    response_model=ScanAccepted,
+    tags=["scans"],
+    summary="Queue S3 objects for scoring",
+    description="Writes one scan and one `queued` image per object, then queues them on the chosen lane. "
+    "Answers as soon as the rows are stored: a broker outage does not fail the request (the sweeper "
+    "queues the images once it is back). Follow `status_url` (also the `Location` header) for results, "
+    "or receive webhooks at `callback_url`.\n\n"
+    "**Idempotency**: with `idempotency_key` (or the `Idempotency-Key` header), repeating the same "
+    "request answers with the first scan and the same ids (header `Idempotent-Replayed: true`) and "
+    "queues nothing new; reusing the key for a different request is refused with 422.",
+    responses={
+        202: {"description": "The scan was accepted (or, for a replay, accepted earlier)."},
+        **problem_responses(401, 403, 413, 422, 429, 503),
+    },
+)
+def create_scan(
+    body: ScanRequest,
+    request: Request,
+    response: Response,
+    client: AuthenticatedClient,
+    idempotency_key_header: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="Alternative to the `idempotency_key` field (IETF Idempotency-Key header).",
+        ),
+    ] = None,
+) -> ScanAccepted:
+    state = get_state(request)
+    _check_callback_scheme(body, state.settings.webhook_allow_http)
+    key = _idempotency_key(body.idempotency_key, idempotency_key_header)
+    refs = [ObjectRef(o.bucket, o.key, o.version_id) for o in body.objects]
+    try:
+        enqueued = enqueue(
+            refs,
+            priority=body.priority,
+            threshold=body.threshold,
+            client_id=client.id,
+            callback_url=body.callback_url,
+            metadata=body.metadata,
+            idempotency_key=key,
+            origin="api",
+            settings=state.settings,
+            sessions=state.sessions,
+            app=state.celery,
+        )
+    except IdempotencyConflict:
+        # Wording and status from the IETF Idempotency-Key header draft.
+        raise ProblemError(
+            422,
+            f"The idempotency key {key!r} was already used for a different request. "
+            "Reuse a key only to retry the same request; use a new key for a new one.",
+            slug="idempotency-key-reused",
+            title="Idempotency-Key is already used",
+            idempotency_key=key,
+        ) from None
+    if enqueued.created:
+        SCANS_CREATED.labels(enqueued.priority).inc()
+        IMAGES_ENQUEUED.labels(enqueued.priority).inc(len(enqueued.image_ids))
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    # Repeated objects were queued once; each request entry still gets its image's id.
+    ids = dict(zip(unique_refs(enqueued.refs), enqueued.image_ids, strict=True))
+    status_url = str(request.url_for("get_scan", scan_id=str(enqueued.scan_id)))
+    response.headers["Location"] = status_url
+    return ScanAccepted(
+        id=enqueued.scan_id,
+        status_url=status_url,
+        priority=enqueued.priority,  # type: ignore[arg-type]
+        images=[
+            ImageRef(id=ids[ref], bucket=ref.bucket or "", key=ref.key, version_id=ref.version_id)
+            for ref in refs
+        ],
+    )
+
+
+def _scan_state(counts: dict[str, int]) -> str:
+    # Derived from the images, the source of truth, rather than from the scan's bookkeeping.
+    total = sum(counts.get(s, 0) for s in (QUEUED, PROCESSING, DONE, FAILED))
+    if counts.get(QUEUED, 0) + counts.get(PROCESSING, 0) == 0:
+        return "completed"
+    if counts.get(QUEUED, 0) == total:
+        return "queued"
+    return "processing"
+
+
+@router.get(
+    "/scans/{scan_id}",
+    name="get_scan",
+    response_model=ScanOut,
+    tags=["scans"],
+    summary="Read a scan: its progress and results",
+    description="The scan's state, counts of its images per state, and its images with their scores "
+    "or errors. `images` holds up to `limit` images from `offset` (ordered by bucket, key and "
+    "version); `counts` and `image_count` always cover the whole scan. Scans of other API clients "
+    "answer 404, as unknown ids do.",
+    responses={200: {"description": "The scan."}, **problem_responses(401, 403, 404, 422, 429, 503)},
+)
+def get_scan(
+    scan_id: Annotated[
+        str, Path(description="The scan's id, as `POST /v1/scans` returned it.", examples=[EXAMPLE_SCAN_ID])
+    ],
+    request: Request,
+    client: AuthenticatedClient,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Most images to list.")] = MAX_PAGE,
+    offset: Annotated[int, Query(ge=0, description="Images to skip before listing.")] = 0,
+) -> ScanOut:
+    sid = parse_id(scan_id, "scan")
+    with get_state(request).sessions() as session:
+        scan = session.scalar(select(Scan).where(Scan.id == sid, Scan.client_id == client.id))
+        if scan is None:
+            raise not_found("scan")
+        rows = session.execute(
+            select(
+                Image.state,
+                func.count(),
+                func.coalesce(func.sum(case((Image.flagged.is_(True), 1), else_=0)), 0),
+            )
+            .where(Image.scan_id == sid)
+            .group_by(Image.state)
+        ).all()
+        by_state = {row[0]: int(row[1]) for row in rows}
+        images = session.scalars(
+            select(Image)
+            .where(Image.scan_id == sid)
+            .order_by(Image.bucket, Image.key, Image.version_id, Image.id)
+            .limit(limit)
+            .offset(offset)
+        ).all()
+        return ScanOut(
+            id=scan.id,
+            state=_scan_state(by_state),  # type: ignore[arg-type]
+            priority=scan.priority,  # type: ignore[arg-type]
+            threshold=scan.threshold,
+            callback_url=scan.callback_url,
+            metadata=scan.meta,
+            created_at=scan.created_at,
+            completed_at=scan.completed_at,
+            image_count=sum(by_state.values()),
+            counts=ScanCounts(
+                queued=by_state.get(QUEUED, 0),
+                processing=by_state.get(PROCESSING, 0),
+                done=by_state.get(DONE, 0),
+                failed=by_state.get(FAILED, 0),
+                flagged=sum(int(row[2]) for row in rows),
+            ),
+            images=[ImageOut.model_validate(image) for image in images],
+        )
+
+
+@router.get(
+    "/images/{image_id}",
+    response_model=ImageDetail,
+    tags=["images"],
+    summary="Read one image's state and result",
+    description="The image's state, score (p(synthetic)), flag, the model that scored it, provenance "
+    "signals, or the error that stopped it. Images of other API clients answer 404, as unknown ids do.",
+    responses={200: {"description": "The image."}, **problem_responses(401, 403, 404, 429, 503)},
+)
+def get_image(
+    image_id: Annotated[str, Path(description="The image's id.", examples=[EXAMPLE_IMAGE_ID])],
+    request: Request,
+    client: AuthenticatedClient,
+) -> ImageDetail:
+    iid = parse_id(image_id, "image")
+    with get_state(request).sessions() as session:
+        image = session.scalar(select(Image).where(Image.id == iid, Image.client_id == client.id))
+        if image is None:
+            raise not_found("image")
+        return ImageDetail.model_validate(image)

@@ -1,0 +1,500 @@
+"""Request and response bodies of the HTTP API, with the documentation OpenAPI shows."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_OBJECTS = 1000
+MAX_EVENT_RECORDS = 1000
+MAX_METADATA_BYTES = 4096
+MAX_URL_LENGTH = 2048
+MAX_KEY_BYTES = 1024  # S3's own limit on an object key
+
+EXAMPLE_SCAN_ID = "8a4f3c0e-4b7e-4f0f-9a63-1f7d0c2b9e11"
+EXAMPLE_IMAGE_ID = "0d9c7a2e-5a61-4f3b-8e0e-3c2b1a9f8d77"
+EXAMPLE_CLIENT_ID = "5b1d2e3f-0a9c-4c1e-b7d8-6e5f4a3b2c1d"
+
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.IGNORECASE)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every time synthguard stores is UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+# ------------------------------------------------------------------ problems
+
+
+class FieldError(BaseModel):
+    """One field that failed validation."""
+
+    loc: list[str | int] = Field(
+        description="Where the error is: `body`, `query` or `path`, then field names and list indexes.",
+        examples=[["body", "objects", 0, "key"]],
+    )
+    msg: str = Field(
+        description="What is wrong, in words.", examples=["String should have at least 1 character"]
+    )
+    type: str = Field(
+        description="Pydantic's error type, stable enough to branch on.", examples=["string_too_short"]
+    )
+
+
+class Problem(BaseModel):
+    """An error, as RFC 9457 problem details (`application/problem+json`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(
+        description="Identifies the kind of problem: `urn:synthguard:problem:<name>`, or `about:blank` "
+        "when the status code says it all.",
+        examples=["urn:synthguard:problem:rate-limited"],
+    )
+    title: str = Field(description="A short summary of the kind of problem.", examples=["Too Many Requests"])
+    status: int = Field(description="The HTTP status code.", examples=[429])
+    detail: str = Field(
+        description="What went wrong with this request, in words.",
+        examples=["This API key made more than 600 requests this minute; retry in 17 s."],
+    )
+    instance: str | None = Field(
+        None, description="The request path the problem occurred on.", examples=["/v1/scans"]
+    )
+
+
+class ValidationProblem(Problem):
+    """A 422 problem: which fields were invalid."""
+
+    errors: list[FieldError] = Field(default_factory=list, description="Each invalid field and why.")
+
+
+# --------------------------------------------------------------------- scans
+
+
+class ObjectIn(BaseModel):
+    """One S3 object to score."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^\s/]+$",
+        description="Bucket name (no slashes or whitespace).",
+        examples=["uploads"],
+    )
+    key: str = Field(
+        min_length=1,
+        description=f"Object key, not URL-encoded; at most {MAX_KEY_BYTES} bytes as UTF-8, and not a "
+        "'folder' (ending in '/').",
+        examples=["2026/05/avatar-123.jpg"],
+    )
+    version_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="A specific version of a versioned object; omitted: the latest version when fetched.",
+        examples=["3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY"],
+    )
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, key: str) -> str:
+        if len(key.encode()) > MAX_KEY_BYTES:
+            raise ValueError(f"key is longer than {MAX_KEY_BYTES} bytes as UTF-8")
+        if key.endswith("/"):
+            raise ValueError("key ends with '/': that names a folder, not an object")
+        return key
+
+
+def check_callback_url(url: str) -> str:
+    """Syntax only: http(s), a well-formed host, no credentials. Where it points is checked at send time."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("https", "http"):
+        raise ValueError("callback_url must be an https URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("callback_url must not contain credentials; webhooks are signed instead")
+    host = parts.hostname
+    if not host or not _valid_host(host):
+        raise ValueError("callback_url has no valid host name")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("callback_url has an invalid port") from None
+    if any(ch.isspace() for ch in url):
+        raise ValueError("callback_url must not contain whitespace")
+    return url
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_host.removesuffix(".").split(".")
+    return len(ascii_host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+class ScanRequest(BaseModel):
+    """A request to score S3 objects."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "objects": [
+                        {"bucket": "uploads", "key": "2026/05/avatar-123.jpg"},
+                        {
+                            "bucket": "uploads",
+                            "key": "2026/05/id-front.png",
+                            "version_id": "3HL4kqtJlcpXroDTD",
+                        },
+                    ],
+                    "priority": "realtime",
+                    "threshold": 0.8,
+                    "callback_url": "https://hooks.example.com/synthguard",
+                    "metadata": {"user_id": "u_42", "flow": "kyc"},
+                    "idempotency_key": "upload-7f3a9",
+                }
+            ]
+        },
+    )
+
+    objects: list[ObjectIn] = Field(
+        min_length=1,
+        max_length=MAX_OBJECTS,
+        description=f"The objects to score, 1 to {MAX_OBJECTS} (more: 413). The same object listed twice "
+        "is scored once; both entries of the answer carry its id.",
+    )
+    priority: Literal["realtime", "bulk"] = Field(
+        "realtime",
+        description="`realtime` (uploads, KYC: served first) or `bulk` (backfills: served when realtime "
+        "work is idle).",
+    )
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Flag an image when p(synthetic) >= threshold. Omitted: the client's default, else the "
+        "server's (SYNTHGUARD_THRESHOLD).",
+        examples=[0.8],
+    )
+    callback_url: str | None = Field(
+        None,
+        max_length=MAX_URL_LENGTH,
+        description="Where to POST signed webhooks (`image.flagged`, `scan.completed`) for this scan. "
+        "Must be https (plain http only where the operator allows it).",
+        examples=["https://hooks.example.com/synthguard"],
+    )
+    metadata: dict[str, Any] | None = Field(
+        None,
+        description=f"Your own JSON object, stored with the scan and sent back in webhooks; at most "
+        f"{MAX_METADATA_BYTES} bytes as compact JSON.",
+        examples=[{"user_id": "u_42", "flow": "kyc"}],
+    )
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Makes retries safe: the same key with the same request answers with the first scan "
+        "(no new images); the same key with a different request is refused (422). May also be sent as "
+        "the `Idempotency-Key` header.",
+        examples=["upload-7f3a9"],
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _check_callback_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_callback_url(url)
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+        if metadata is not None:
+            try:
+                text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            except ValueError:
+                raise ValueError("metadata must be plain JSON: NaN and Infinity are not allowed") from None
+            size = len(text.encode())
+            if size > MAX_METADATA_BYTES:
+                raise ValueError(
+                    f"metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES} are allowed"
+                )
+        return metadata
+
+
+class ImageRef(BaseModel):
+    """An image queued for scoring."""
+
+    id: uuid.UUID = Field(description="The image's id: `GET /v1/images/{id}`.", examples=[EXAMPLE_IMAGE_ID])
+    bucket: str = Field(description="Bucket name.", examples=["uploads"])
+    key: str = Field(description="Object key.", examples=["2026/05/avatar-123.jpg"])
+    version_id: str | None = Field(None, description="Object version, when one was given.", examples=[None])
+
+
+class ScanAccepted(BaseModel):
+    """A scan was accepted: its images are queued."""
+
+    id: uuid.UUID = Field(description="The scan's id.", examples=[EXAMPLE_SCAN_ID])
+    status_url: str = Field(
+        description="Where to read the scan's progress and results.",
+        examples=[f"https://synthguard.example.com/v1/scans/{EXAMPLE_SCAN_ID}"],
+    )
+    priority: Literal["realtime", "bulk"] = Field(description="The lane the images were queued on.")
+    images: list[ImageRef] = Field(description="One entry per requested object, in request order.")
+
+
+class ScanCounts(BaseModel):
+    """How many of a scan's images are in each state."""
+
+    queued: int = Field(description="Waiting for a worker.", examples=[3])
+    processing: int = Field(description="Being fetched, decoded or scored.", examples=[1])
+    done: int = Field(description="Scored.", examples=[6])
+    failed: int = Field(description="Could not be scored; see each image's `error_code`.", examples=[0])
+    flagged: int = Field(description="Scored and at or over their threshold.", examples=[2])
+
+
+class ImageOut(BaseModel):
+    """One image: where it is, its state and, once done, its score."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID = Field(description="The image's id.", examples=[EXAMPLE_IMAGE_ID])
+    bucket: str | None = Field(description="Bucket name.", examples=["uploads"])
+    key: str = Field(description="Object key.", examples=["2026/05/avatar-123.jpg"])
+    version_id: str | None = Field(
+        description="Object version: as requested, or as fetched.", examples=[None]
+    )
+    etag: str | None = Field(
+        description="ETag of the bytes scored (set when fetched).",
+        examples=["9b2cf535f27731c974343645a3985328"],
+    )
+    state: Literal["queued", "processing", "done", "failed"] = Field(
+        description="`queued`, `processing`, `done` (scored) or `failed` (see `error_code`)."
+    )
+    score: float | None = Field(
+        description="p(synthetic) from 0 to 1: how likely the image was AI-generated. Null unless done.",
+        examples=[0.93],
+    )
+    flagged: bool | None = Field(description="`score >= threshold`; null unless done.", examples=[True])
+    threshold: float = Field(description="The flag threshold this image was judged by.", examples=[0.8])
+    model_name: str | None = Field(
+        description="Model architecture that scored it.", examples=["tf_mobilenetv3_large_100"]
+    )
+    model_version: str | None = Field(
+        description="`sha256:` and the first 12 hex digits of the weights' hash.",
+        examples=["sha256:1a2b3c4d5e6f"],
+    )
+    provenance: dict[str, Any] | None = Field(
+        description="Provenance signals read from the file (C2PA, EXIF, generator tags).", examples=[None]
+    )
+    error_code: str | None = Field(
+        description="Why the image could not be scored (`object_not_found`, `corrupt_image`, ...); null "
+        "unless failed or retrying.",
+        examples=[None],
+    )
+    error_message: str | None = Field(description="The error in words.", examples=[None])
+    attempts: int = Field(description="How many times scoring was attempted.", examples=[1])
+    created_at: UtcDatetime = Field(description="When the image was queued (UTC).")
+    completed_at: UtcDatetime | None = Field(description="When it reached `done` or `failed` (UTC).")
+
+
+class ImageDetail(ImageOut):
+    """One image, with the scan it belongs to."""
+
+    scan_id: uuid.UUID = Field(description="The scan this image belongs to.", examples=[EXAMPLE_SCAN_ID])
+
+
+class ScanOut(BaseModel):
+    """A scan: its progress, and each image's state and result."""
+
+    id: uuid.UUID = Field(description="The scan's id.", examples=[EXAMPLE_SCAN_ID])
+    state: Literal["queued", "processing", "completed"] = Field(
+        description="`queued` (no image started), `processing` (some started, some not yet final) or "
+        "`completed` (every image done or failed)."
+    )
+    priority: Literal["realtime", "bulk"] = Field(description="The lane its images were queued on.")
+    threshold: float | None = Field(
+        description="The threshold the request asked for, if any.", examples=[0.8]
+    )
+    callback_url: str | None = Field(description="Where webhooks for this scan go, if set.", examples=[None])
+    metadata: dict[str, Any] | None = Field(
+        description="The metadata sent with the request.", examples=[{"flow": "kyc"}]
+    )
+    created_at: UtcDatetime = Field(description="When the scan was accepted (UTC).")
+    completed_at: UtcDatetime | None = Field(description="When its last image became final (UTC).")
+    image_count: int = Field(
+        description="How many images the scan has (`images` may be one page of them).", examples=[10]
+    )
+    counts: ScanCounts = Field(description="Images per state, over the whole scan.")
+    images: list[ImageOut] = Field(
+        description="The scan's images, ordered by bucket, key and version; paged by `limit` and `offset`."
+    )
+
+
+# ---------------------------------------------------------------- S3 events
+
+
+class S3Bucket(BaseModel):
+    """The bucket of an S3 event record."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str | None = Field(None, description="Bucket name.", examples=["uploads"])
+
+
+class S3Object(BaseModel):
+    """The object of an S3 event record."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    key: str | None = Field(
+        None,
+        description="Object key, URL-encoded as stores send it ('+' for space).",
+        examples=["photos/my+summer%C3%A9.jpg"],
+    )
+    size: int | None = Field(None, description="Object size in bytes.", examples=[48213])
+    eTag: str | None = Field(
+        None, description="The object's ETag.", examples=["9b2cf535f27731c974343645a3985328"]
+    )
+    versionId: str | None = Field(None, description="Version id, on versioned buckets.", examples=[None])
+    sequencer: str | None = Field(
+        None,
+        description="Orders events for one key; tells two writes of it apart.",
+        examples=["0055AED6DCD90281E5"],
+    )
+
+
+class S3Entity(BaseModel):
+    """The `s3` part of an event record: which bucket and object."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    bucket: S3Bucket | None = Field(None, description="The bucket.")
+    object: S3Object | None = Field(None, description="The object.")
+
+
+def is_object_created(event_name: str | None) -> bool:
+    """``ObjectCreated:*``, with or without the ``s3:`` prefix some stores (MinIO) add."""
+    return event_name is not None and event_name.removeprefix("s3:").startswith("ObjectCreated:")
+
+
+class S3EventRecord(BaseModel):
+    """One record of an S3 event notification. Only `ObjectCreated:*` records are acted on."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    eventName: str | None = Field(
+        None,
+        description="e.g. `ObjectCreated:Put` (AWS) or `s3:ObjectCreated:Put` (MinIO).",
+        examples=["ObjectCreated:Put"],
+    )
+    s3: S3Entity | None = Field(None, description="The bucket and object the event is about.")
+
+    @model_validator(mode="after")
+    def _created_names_an_object(self) -> S3EventRecord:
+        if is_object_created(self.eventName):
+            s3 = self.s3
+            if s3 is None or s3.bucket is None or not s3.bucket.name:
+                raise ValueError("an ObjectCreated record needs s3.bucket.name")
+            if s3.object is None or not s3.object.key:
+                raise ValueError("an ObjectCreated record needs s3.object.key")
+        return self
+
+
+class S3Notification(BaseModel):
+    """An S3 event notification as AWS or an S3-compatible store (MinIO) sends it."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "Records": [
+                        {
+                            "eventVersion": "2.1",
+                            "eventSource": "aws:s3",
+                            "eventName": "ObjectCreated:Put",
+                            "s3": {
+                                "bucket": {"name": "uploads"},
+                                "object": {
+                                    "key": "photos/my+summer%C3%A9.jpg",
+                                    "size": 48213,
+                                    "eTag": "9b2cf535f27731c974343645a3985328",
+                                    "sequencer": "0055AED6DCD90281E5",
+                                },
+                            },
+                        }
+                    ]
+                },
+                {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "uploads"},
+            ]
+        },
+    )
+
+    Records: list[S3EventRecord] = Field(
+        default_factory=list,
+        max_length=MAX_EVENT_RECORDS,
+        description=f"The event records, at most {MAX_EVENT_RECORDS} (more: 413). Absent in AWS's "
+        "`s3:TestEvent`, which is accepted and queues nothing.",
+    )
+    Event: str | None = Field(None, description="`s3:TestEvent` in AWS's test message.", examples=[None])
+
+
+class EventImage(ImageRef):
+    """The image an `ObjectCreated` record maps to."""
+
+    duplicate: bool = Field(
+        description="True when this event was received before (or earlier in this body): nothing new "
+        "was queued, and `id` is the image queued the first time.",
+        examples=[False],
+    )
+
+
+class EventsAccepted(BaseModel):
+    """What an S3 event notification queued."""
+
+    scan_id: uuid.UUID | None = Field(
+        description="The scan holding the newly queued images; null when nothing new was queued.",
+        examples=[EXAMPLE_SCAN_ID],
+    )
+    images: list[EventImage] = Field(description="One entry per `ObjectCreated` record, in order.")
+    ignored: int = Field(
+        description="Records that were not `ObjectCreated` events (or named a folder), and so were skipped.",
+        examples=[0],
+    )
+
+
+# -------------------------------------------------------------- operations
+
+
+class Health(BaseModel):
+    """The process is alive."""
+
+    status: Literal["ok"] = Field(description="Always `ok`.")
+
+
+class Readiness(BaseModel):
+    """The services the API needs answer."""
+
+    status: Literal["ready"] = Field(description="Always `ready` (otherwise the answer is a 503 problem).")
+    checks: dict[str, str] = Field(
+        description="Each dependency and its state.", examples=[{"database": "ok", "broker": "ok"}]
+    )

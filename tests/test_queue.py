@@ -1,0 +1,307 @@
+"""The queue service's guarantees, against real processes: ``synthguard worker`` and
+``synthguard beat`` subprocesses, Redis, PostgreSQL and the moto S3 server.
+
+Each test synchronises on what a user can observe (rows in PostgreSQL, messages
+in Redis, lines a worker logs), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from conftest import BAD_FIXTURES, good_fixture_files, wait_until
+from worker.db import get_sessionmaker
+from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan
+from worker.queueing import enqueue, publish
+
+SMALL_IMAGE = "real/earth_apollo17.jpg"
+
+
+@pytest.fixture
+def sessions(pg_url: str):  # type: ignore[no-untyped-def]
+    return get_sessionmaker(pg_url)
+
+
+def _states(sessions, ids: list[uuid.UUID]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        rows = session.execute(
+            select(Image.state, func.count()).where(Image.id.in_(ids)).group_by(Image.state)
+        ).all()
+    return {state: n for state, n in rows}
+
+
+def _all_terminal(sessions, ids: list[uuid.UUID]) -> bool:  # type: ignore[no-untyped-def]
+    states = _states(sessions, ids)
+    return states.get(DONE, 0) + states.get(FAILED, 0) == len(ids)
+
+
+def _rows(sessions, ids: list[uuid.UUID]) -> dict[uuid.UUID, Image]:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        return {row.id: row for row in session.scalars(select(Image).where(Image.id.in_(ids)))}
+
+
+def _upload_copies(s3_client, bucket: str, fixtures_dir: Path, n: int, prefix: str = "img") -> list[str]:  # type: ignore[no-untyped-def]
+    body = (fixtures_dir / SMALL_IMAGE).read_bytes()
+    keys = [f"{prefix}/{i:05d}.jpg" for i in range(n)]
+    for key in keys:
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    return keys
+
+
+def _enqueue(service_settings, celery_app, bucket: str, keys: list[str], priority: str = "realtime"):  # type: ignore[no-untyped-def]
+    return enqueue(
+        [(bucket, key) for key in keys], priority=priority, settings=service_settings, app=celery_app
+    )
+
+
+# ------------------------------------------------------------------- end to end
+
+
+def test_every_fixture_folder_through_a_real_worker(
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+) -> None:
+    keys: dict[str, str] = {}
+    for path in [*good_fixture_files(), *(fixtures_dir / "bad" / name for name in BAD_FIXTURES)]:
+        key = f"{path.parent.name}/{path.name}"
+        s3_client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        keys[key] = BAD_FIXTURES.get(path.name, "")
+    start_service("worker")
+    queued = _enqueue(service_settings, celery_app, bucket, list(keys))
+    wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="every image terminal")
+    rows = _rows(sessions, queued.image_ids)
+    for row in rows.values():
+        expected_error = keys[row.key]
+        if expected_error:
+            assert (row.state, row.error_code) == (FAILED, expected_error), row.key
+        else:
+            assert row.state == DONE, (row.key, row.error_message)
+            assert 0.0 <= row.score <= 1.0 and row.model_version.startswith("sha256:")
+            assert row.etag and row.sha256
+    with sessions() as session:
+        assert session.get(Scan, queued.scan_id).completed_at is not None
+
+
+# ------------------------------------------------------------------ guarantees
+
+
+def test_a_worker_killed_mid_batch_loses_nothing(
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+) -> None:
+    keys = _upload_copies(s3_client, bucket, fixtures_dir, 6)
+    # A long batch wait holds every claimed image inside the batcher: the kill lands mid-batch.
+    doomed = start_service("worker", batch_size=64, batch_wait_ms=60_000, concurrency=6)
+    queued = _enqueue(service_settings, celery_app, bucket, keys)
+    wait_until(lambda: _states(sessions, queued.image_ids).get(PROCESSING) == 6, message="all claimed")
+    doomed.signal(signal.SIGKILL)
+    doomed.wait()
+    assert _states(sessions, queued.image_ids) == {PROCESSING: 6}
+
+    start_service("worker", stale_after_s=1)
+    start_service("beat", stale_after_s=1, sweep_interval_s=0.5)
+    wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="recovery after SIGKILL")
+    rows = _rows(sessions, queued.image_ids).values()
+    assert {row.state for row in rows} == {DONE}
+    assert all(row.attempts >= 2 for row in rows)  # the lost attempt is on record
+
+
+def test_flushing_redis_loses_no_image(
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url
+) -> None:
+    keys = _upload_copies(s3_client, bucket, fixtures_dir, 5)
+    queued = _enqueue(service_settings, celery_app, bucket, keys, priority="bulk")
+    broker = redis.Redis.from_url(redis_url)
+    assert broker.llen("synthguard.bulk") == 5
+    broker.flushdb()  # Redis restarted without persistence: every message is gone
+    assert _states(sessions, queued.image_ids) == {QUEUED: 5}
+
+    start_service("worker")
+    start_service("beat", stale_after_s=1, sweep_interval_s=0.5)
+    wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="recovery after FLUSHDB")
+    assert _states(sessions, queued.image_ids) == {DONE: 5}
+
+
+def test_redelivered_messages_leave_one_result(
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+) -> None:
+    keys = _upload_copies(s3_client, bucket, fixtures_dir, 3)
+    worker = start_service("worker")
+    queued = _enqueue(service_settings, celery_app, bucket, keys)
+    wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="first results")
+    before = {i: (r.score, r.completed_at, r.attempts, r.state) for i, r in _rows(sessions, queued.image_ids).items()}
+
+    publish(celery_app, queued.image_ids * 2, "realtime")  # every message delivered twice more
+    wait_until(lambda: worker.log().count("succeeded in") >= 9, message="nine task runs")
+    after = {i: (r.score, r.completed_at, r.attempts, r.state) for i, r in _rows(sessions, queued.image_ids).items()}
+    assert after == before
+    with sessions() as session:
+        assert session.scalar(select(func.count()).where(Image.scan_id == queued.scan_id)) == 3
+
+
+class FlakyS3:
+    """An HTTP proxy in front of the S3 server that answers 503 SlowDown to chosen objects."""
+
+    def __init__(self, upstream: str, failures: dict[str, int]) -> None:
+        self.failures = dict(failures)  # key substring -> GETs to refuse (-1: always)
+        target = urlsplit(upstream)
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _refuse(self) -> bool:
+                with lock:
+                    for marker, left in outer.failures.items():
+                        if marker in self.path and self.command == "GET" and left != 0:
+                            outer.failures[marker] = left - 1
+                            return True
+                return False
+
+            def _handle(self) -> None:
+                if self._refuse():
+                    body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn.request(self.command, self.path, self.rfile.read(length) if length else None, dict(self.headers))
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for name, value in reply.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_HEAD = do_PUT = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky_s3(s3_endpoint: str) -> Iterator[FlakyS3]:
+    proxy = FlakyS3(s3_endpoint, {"flaky": 2, "always": -1})
+    yield proxy
+    proxy.close()
+
+
+def test_transient_errors_retry_and_permanent_ones_fail_at_once(
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, flaky_s3
+) -> None:
+    body = (fixtures_dir / SMALL_IMAGE).read_bytes()
+    for key in ("flaky.jpg", "always.jpg", "steady.jpg"):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    # No retries inside botocore: each 503 is one attempt of ours.
+    start_service("worker", env={"AWS_MAX_ATTEMPTS": "1"}, s3_endpoint_url=flaky_s3.url, max_attempts=4)
+    queued = _enqueue(service_settings, celery_app, bucket, ["flaky.jpg", "always.jpg", "steady.jpg", "missing.jpg"])
+    wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="all terminal")
+    rows = {r.key: r for r in _rows(sessions, queued.image_ids).values()}
+    assert rows["steady.jpg"].state == DONE and rows["steady.jpg"].attempts == 1
+    assert rows["flaky.jpg"].state == DONE and rows["flaky.jpg"].attempts == 3
+    assert (rows["always.jpg"].state, rows["always.jpg"].error_code) == (FAILED, "storage_unavailable")
+    assert rows["always.jpg"].attempts == 4
+    assert (rows["missing.jpg"].state, rows["missing.jpg"].error_code) == (FAILED, "object_not_found")
+    assert rows["missing.jpg"].attempts == 1
+
+
+def test_sigterm_finishes_the_batch_in_flight_and_keeps_the_rest(
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url
+) -> None:
+    keys = _upload_copies(s3_client, bucket, fixtures_dir, 9)
+    worker = start_service("worker", batch_size=64, batch_wait_ms=3000, concurrency=3)
+    queued = _enqueue(service_settings, celery_app, bucket, keys)
+    wait_until(lambda: _states(sessions, queued.image_ids).get(PROCESSING) == 3, message="a batch in flight")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(60) == 0
+    states = _states(sessions, queued.image_ids)
+    assert states == {DONE: 3, QUEUED: 6}  # the batch in flight was stored, nothing half-done
+    assert redis.Redis.from_url(redis_url).llen("synthguard.realtime") == 6  # prefetched ones went back
+
+    start_service("worker")  # no sweeper: the messages themselves were kept
+    wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="the rest after restart")
+    assert _states(sessions, queued.image_ids) == {DONE: 9}
+
+
+def test_a_bulk_backlog_does_not_delay_realtime_images(
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+) -> None:
+    keys = _upload_copies(s3_client, bucket, fixtures_dir, 120, prefix="backfill")
+    bulk = _enqueue(service_settings, celery_app, bucket, keys, priority="bulk")
+    realtime = _enqueue(service_settings, celery_app, bucket, keys[:1], priority="realtime")
+    start_service("worker", batch_size=8, concurrency=8)
+    wait_until(lambda: _all_terminal(sessions, realtime.image_ids), message="the realtime image")
+    (rt,) = _rows(sessions, realtime.image_ids).values()
+    with sessions() as session:
+        ahead = session.scalar(
+            select(func.count()).where(Image.scan_id == bulk.scan_id, Image.completed_at < rt.completed_at)
+        )
+    # At most the bulk work already in flight when it arrived: a batch or two, not the backlog.
+    assert ahead <= 2 * 8, ahead
+
+
+def test_the_sweeper_republishes_only_stale_queue_work_to_its_lane(
+    service_settings, celery_app, sessions, redis_url
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from worker.intake import create_scan
+    from worker.models import utcnow
+    from worker.queueing import sweep_stale
+    from worker.storage import ObjectRef
+
+    with sessions.begin() as session:
+        _, bulk_ids = create_scan(session, [ObjectRef("b1", "a.jpg")], origin="api", threshold=0.5, priority="bulk")
+        _, rt_ids = create_scan(session, [ObjectRef("b1", "b.jpg")], origin="api", threshold=0.5)
+        create_scan(session, [ObjectRef("b1", "c.jpg")], origin="api", threshold=0.5)
+        _, cli_ids = create_scan(session, [ObjectRef(None, "/tmp/x.jpg")], origin="cli", threshold=0.5)
+        old = utcnow() - timedelta(hours=1)
+        session.execute(update(Image).where(Image.id.in_(bulk_ids + rt_ids + cli_ids)).values(updated_at=old))
+    assert sweep_stale(sessions, celery_app, stale_after_s=60) == 2
+    broker = redis.Redis.from_url(redis_url)
+    assert (broker.llen("synthguard.bulk"), broker.llen("synthguard.realtime")) == (1, 1)
+    # Touched: the next sweep leaves them alone until they are stale again.
+    assert sweep_stale(sessions, celery_app, stale_after_s=60) == 0
+
+
+def test_a_queue_worker_never_reads_local_files(fixtures_dir, settings_factory, pg_url, sessions) -> None:
+    from worker.detector import Detector
+    from worker.intake import create_scan
+    from worker.scoring import Scorer
+    from worker.storage import ObjectRef
+
+    settings = settings_factory(database_url=pg_url)
+    with sessions.begin() as session:
+        _, (image_id,) = create_scan(
+            session, [ObjectRef(None, str(fixtures_dir / SMALL_IMAGE))], origin="api", threshold=0.5
+        )
+    with Scorer(settings, Detector.from_settings(settings), sessions=sessions) as scorer:
+        outcome = scorer.process_image(image_id)
+    assert (outcome.state, outcome.error_code) == (FAILED, "access_denied")

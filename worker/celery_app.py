@@ -1,0 +1,72 @@
+"""Builds the Celery app; nothing else lives here.
+
+Choices, and why:
+
+* Thread pool, one process per GPU: one model in memory, many threads each
+  fetching and decoding one image and waiting on the in-process micro-batcher.
+  Celery keeps its per-task acks, retries and late acknowledgement, which a
+  batch-consuming task (celery-batches) would give up.
+* ``task_acks_late``: a message is acknowledged only after its image is
+  terminal, so a killed worker's messages come back. The database is still the
+  source of truth: the sweeper re-publishes what a broker loses.
+* ``queue_order_strategy="priority"`` and ``prefetch_multiplier=1``: the worker
+  polls ``realtime`` before ``webhooks`` before ``bulk`` whenever a thread frees
+  up, and holds no more messages than it has threads, so a bulk backlog of any
+  size delays a realtime image by at most the work already in flight.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from .settings import Settings, get_settings
+
+REALTIME_QUEUE = "synthguard.realtime"
+BULK_QUEUE = "synthguard.bulk"
+WEBHOOKS_QUEUE = "synthguard.webhooks"
+# Polling order: first is served first whenever a worker thread is free.
+QUEUES = (REALTIME_QUEUE, WEBHOOKS_QUEUE, BULK_QUEUE)
+LANES = {"realtime": REALTIME_QUEUE, "bulk": BULK_QUEUE}
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("synthguard", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        # One direct exchange per queue: a bare Queue(name) would bind every
+        # queue to the default queue's exchange and key, copying each message
+        # into every lane.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        task_default_queue=REALTIME_QUEUE,
+        task_default_exchange=REALTIME_QUEUE,
+        task_default_routing_key=REALTIME_QUEUE,
+        task_routes={"synthguard.sweep": {"queue": REALTIME_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "queue_order_strategy": "priority",
+            # Unacked messages of a dead worker return after this long; the
+            # sweeper usually gets there first (SYNTHGUARD_STALE_AFTER_S).
+            "visibility_timeout": max(3600.0, 2 * settings.stale_after_s),
+        },
+        beat_schedule={
+            "synthguard-sweep": {
+                "task": "synthguard.sweep",
+                "schedule": settings.sweep_interval_s,
+                # The scheduler's configuration decides what "stale" means.
+                "kwargs": {"stale_after_s": settings.stale_after_s},
+            },
+        },
+    )
+    return app
+
+
+app = create_app()

@@ -1,0 +1,337 @@
+"""Putting work on the broker: enqueue (rows, then messages), publish, and the sweeper.
+
+Messages carry image ids only. They are published after the transaction that
+wrote the rows has committed, so a worker never receives an id the database
+does not know; a message lost on the way (broker down, Redis flushed) is
+re-published by :func:`sweep_stale` because the row is still ``queued``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .celery_app import LANES
+from .db import get_sessionmaker
+from .intake import create_scan
+from .models import PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
+from .settings import Settings, get_settings
+from .storage import ObjectRef, parse_s3_uri
+
+log = logging.getLogger(__name__)
+
+SCORE_TASK = "synthguard.score_image"
+# Scans run in-process by the CLI: their images are not queue work.
+IN_PROCESS_ORIGINS = ("cli", "demo")
+
+
+class IdempotencyConflict(ValueError):
+    """The idempotency key was used before with a different request."""
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """What a producer gets back: the scan and one image id per object, in order."""
+
+    scan_id: uuid.UUID
+    image_ids: list[uuid.UUID]
+    priority: str
+    created: bool = True  # False: an earlier request with the same idempotency key
+    refs: list[ObjectRef] = field(default_factory=list)
+
+
+def publish(app: Celery, image_ids: Iterable[uuid.UUID], lane: str) -> int:
+    """Send one ``score_image`` message per id to the lane's queue; returns how many."""
+    queue = LANES[lane]
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for image_id in image_ids:
+            app.send_task(SCORE_TASK, args=[str(image_id)], queue=queue, producer=producer)
+            sent += 1
+    return sent
+
+
+def publish_quietly(app: Celery, image_ids: Sequence[uuid.UUID], lane: str) -> bool:
+    """Publish, but a broker outage is not the producer's failure: the sweeper will publish later."""
+    try:
+        publish(app, image_ids, lane)
+    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds; the rows are safe either way
+        log.warning("could not publish %d images to %s (%s); the sweeper will", len(image_ids), lane, exc)
+        return False
+    return True
+
+
+def as_ref(obj: ObjectRef | str | tuple[str, str] | tuple[str, str, str | None]) -> ObjectRef:
+    """An S3 object from a ref, an ``s3://bucket/key`` URI or a (bucket, key[, version]) tuple."""
+    if isinstance(obj, ObjectRef):
+        ref = obj
+    elif isinstance(obj, str):
+        bucket, key = parse_s3_uri(obj)
+        ref = ObjectRef(bucket, key)
+    else:
+        ref = ObjectRef(obj[0], obj[1], obj[2] if len(obj) > 2 else None)  # type: ignore[misc]
+    if ref.is_local or not ref.key or ref.key.endswith("/"):
+        raise ValueError(f"{ref.uri!r} is not an S3 object (s3://bucket/key)")
+    return ref
+
+
+def request_hash(payload: Any) -> str:
+    """A stable digest of a request body, to tell a retry from a different request."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def effective_threshold(session: Session, settings: Settings, client_id: uuid.UUID | None, scan_threshold: float | None) -> float:
+    """The scan's threshold, else the client's default, else ``SYNTHGUARD_THRESHOLD``."""
+    if scan_threshold is not None:
+        return scan_threshold
+    if client_id is not None:
+        default = session.scalar(select(ApiClient.default_threshold).where(ApiClient.id == client_id))
+        if default is not None:
+            return float(default)
+    return settings.threshold
+
+
+def _existing(session: Session, client_id: uuid.UUID | None, key: str, digest: str) -> Enqueued | None:
+    scan = session.scalar(select(Scan).where(Scan.client_id == client_id, Scan.idempotency_key == key))
+    if scan is None:
+        return None
+    if scan.request_hash != digest:
+        raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different request")
+    rows = session.execute(
+        select(Image.id, Image.bucket, Image.key, Image.version_id)
+        .where(Image.scan_id == scan.id)
+        .order_by(Image.created_at, Image.id)
+    ).all()
+    return Enqueued(
+        scan.id,
+        [r.id for r in rows],
+        scan.priority,
+        created=False,
+        refs=[ObjectRef(r.bucket, r.key, r.version_id) for r in rows],
+    )
+
+
+def enqueue(
+    objects: Iterable[ObjectRef | str | tuple[str, str] | tuple[str, str, str | None]],
+    *,
+    priority: str = "realtime",
+    threshold: float | None = None,
+    client_id: uuid.UUID | None = None,
+    callback_url: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    origin: str = "python",
+    settings: Settings | None = None,
+    sessions: sessionmaker[Session] | None = None,
+    app: Celery | None = None,
+) -> Enqueued:
+    """Queue S3 objects for scoring: one scan, one ``queued`` image each, then one message each.
+
+    With ``idempotency_key``, the same key and request return the first scan
+    instead of a second one; the same key with a different request raises
+    :class:`IdempotencyConflict`.
+    """
+    if priority not in LANES:
+        raise ValueError(f"priority must be one of {sorted(LANES)}, not {priority!r}")
+    settings = settings or get_settings()
+    sessions = sessions or get_sessionmaker(settings.database_url)
+    refs = [as_ref(obj) for obj in objects]
+    digest = request_hash(
+        {
+            "objects": [[r.bucket, r.key, r.version_id] for r in refs],
+            "priority": priority,
+            "threshold": threshold,
+            "callback_url": callback_url,
+            "metadata": metadata,
+        }
+    )
+    try:
+        with sessions.begin() as session:
+            if idempotency_key is not None:
+                found = _existing(session, client_id, idempotency_key, digest)
+                if found is not None:
+                    return found
+            scan, ids = create_scan(
+                session,
+                refs,
+                origin=origin,
+                source=None,
+                threshold=effective_threshold(session, settings, client_id, threshold),
+                scan_threshold=threshold,
+                client_id=client_id,
+                priority=priority,
+                callback_url=callback_url,
+                meta=metadata,
+                idempotency_key=idempotency_key,
+                request_hash=digest,
+            )
+            scan_id = scan.id
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        # A concurrent request with the same key committed first: answer with its scan.
+        with sessions() as session:
+            found = _existing(session, client_id, idempotency_key, digest)
+        if found is None:
+            raise
+        return found
+    publish_quietly(app or _default_app(), ids, priority)
+    return Enqueued(scan_id, ids, priority, refs=refs)
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    """One "object created" notification from a store: the object and what identifies the event."""
+
+    bucket: str
+    key: str
+    version_id: str | None = None
+    etag: str | None = None
+    sequencer: str | None = None
+
+    @property
+    def ref(self) -> ObjectRef:
+        return ObjectRef(self.bucket, self.key, self.version_id)
+
+    @property
+    def dedupe_key(self) -> str:
+        """Equal for a redelivery of the same event, different for a new write of the same key.
+
+        The sequencer orders writes to one key; stores that send none still
+        tell writes apart by version id or ETag.
+        """
+        ident = [self.bucket, self.key, self.version_id, self.etag, self.sequencer]
+        return hashlib.sha256(json.dumps(ident, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class EventIntake:
+    """What object-event intake did: one image id per event, in order, and which were known already."""
+
+    scan_id: uuid.UUID | None  # None: every event was a duplicate, so no scan was made
+    image_ids: list[uuid.UUID]
+    duplicates: list[bool]
+    priority: str
+
+    @property
+    def new_count(self) -> int:
+        return self.duplicates.count(False)
+
+
+def enqueue_object_events(
+    events: Sequence[ObjectEvent],
+    *,
+    client_id: uuid.UUID,
+    priority: str = "realtime",
+    threshold: float | None = None,
+    origin: str = "s3-event",
+    settings: Settings | None = None,
+    sessions: sessionmaker[Session] | None = None,
+    app: Celery | None = None,
+) -> EventIntake:
+    """Queue the objects of store notifications, each event at most once per client.
+
+    A redelivered event (same dedupe key) adds no image and no message: its
+    answer is the image queued the first time. New images form one scan;
+    when there are none, no scan is created. Messages go out after commit.
+    """
+    if priority not in LANES:
+        raise ValueError(f"priority must be one of {sorted(LANES)}, not {priority!r}")
+    if not events:
+        return EventIntake(None, [], [], priority)
+    settings = settings or get_settings()
+    sessions = sessions or get_sessionmaker(settings.database_url)
+    for event in events:
+        as_ref(event.ref)  # the same check enqueue() makes: a real S3 object, not a "folder"
+    with sessions.begin() as session:
+        scan, ids = create_scan(
+            session,
+            [event.ref for event in events],
+            origin=origin,
+            threshold=effective_threshold(session, settings, client_id, threshold),
+            scan_threshold=threshold,
+            client_id=client_id,
+            priority=priority,
+            dedupe_keys=[event.dedupe_key for event in events],
+        )
+        new_ids = set(session.scalars(select(Image.id).where(Image.scan_id == scan.id)))
+        scan_id: uuid.UUID | None = scan.id
+        if not new_ids:
+            session.delete(scan)
+            scan_id = None
+    # An event repeated within one delivery is a duplicate of its first occurrence.
+    duplicates: list[bool] = []
+    fresh: list[uuid.UUID] = []
+    for image_id in ids:
+        is_new = image_id in new_ids
+        duplicates.append(not is_new)
+        if is_new:
+            fresh.append(image_id)
+            new_ids.discard(image_id)
+    if fresh:
+        publish_quietly(app or _default_app(), fresh, priority)
+    return EventIntake(scan_id, ids, duplicates, priority)
+
+
+def _default_app() -> Celery:
+    from .celery_app import app
+
+    return app
+
+
+def sweep_stale(
+    sessions: sessionmaker[Session],
+    app: Celery,
+    *,
+    stale_after_s: float,
+    batch: int = 1000,
+    limit: int = 100_000,
+) -> int:
+    """Re-publish images left ``queued`` or ``processing`` longer than ``stale_after_s``.
+
+    Touches ``updated_at`` of what it re-publishes, so the next sweep leaves
+    them alone for another ``stale_after_s``. Rows are taken with SKIP LOCKED
+    (on PostgreSQL), so two sweepers at once split the work instead of doubling it.
+    """
+    total = 0
+    while total < limit:
+        now = utcnow()
+        cutoff = now - timedelta(seconds=stale_after_s)
+        with sessions.begin() as session:
+            rows = session.execute(
+                select(Image.id, Scan.priority)
+                .join(Scan, Scan.id == Image.scan_id)
+                .where(
+                    Image.state.in_((QUEUED, PROCESSING)),
+                    Image.updated_at < cutoff,
+                    Scan.origin.not_in(IN_PROCESS_ORIGINS),
+                )
+                .order_by(Image.updated_at)
+                .limit(batch)
+                .with_for_update(skip_locked=True, of=Image)
+            ).all()
+            if rows:
+                session.execute(
+                    update(Image).where(Image.id.in_([r.id for r in rows])).values(updated_at=now)
+                )
+        for lane in LANES:
+            ids = [r.id for r in rows if r.priority == lane]
+            if ids:
+                publish(app, ids, lane)
+        total += len(rows)
+        if len(rows) < batch:
+            break
+    if total:
+        log.info("sweeper re-published %d stale images", total)
+    return total
