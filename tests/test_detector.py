@@ -18,11 +18,11 @@ import pytest
 import timm
 import timm.data
 import torch
-from conftest import make_test_model
 from PIL import Image
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
+from conftest import make_test_model
 from worker.detector import UNTRAINED_VERSION, Detector, resolve_checkpoint
 from worker.errors import CheckpointError, ConfigError
 from worker.settings import Settings

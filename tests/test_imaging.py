@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BAD_FIXTURES, good_fixture_files
 from PIL import Image, ImageOps
 
+from conftest import BAD_FIXTURES, good_fixture_files
 from worker import errors
 from worker.errors import PermanentError
 from worker.imaging import FORMATS, DecodedImage, _to_rgb, decode_image, sniff_format

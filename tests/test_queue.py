@@ -305,3 +305,59 @@ def test_a_queue_worker_never_reads_local_files(fixtures_dir, settings_factory, 
     with Scorer(settings, Detector.from_settings(settings), sessions=sessions) as scorer:
         outcome = scorer.process_image(image_id)
     assert (outcome.state, outcome.error_code) == (FAILED, "access_denied")
+
+
+def test_api_to_worker_to_results_with_client_isolation(
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+) -> None:
+    """The whole path: HTTP API -> PostgreSQL -> Redis -> worker -> S3 -> PostgreSQL -> HTTP API."""
+    from fastapi.testclient import TestClient
+
+    from api_stub.app import create_app
+    from worker.clients import create_client
+
+    with sessions.begin() as session:
+        alice, bob = (create_client(session, name).api_key for name in ("alice", "bob"))
+    objects = []
+    for path in [*(fixtures_dir / "real").iterdir(), fixtures_dir / "bad" / "truncated.jpg"]:
+        key = f"api/{path.name}"
+        s3_client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        objects.append({"bucket": bucket, "key": key})
+    s3_client.put_object(Bucket=bucket, Key="events/new upload.png", Body=(fixtures_dir / "formats" / "sample1.png").read_bytes())
+    start_service("worker")
+
+    as_alice = {"Authorization": f"Bearer {alice}"}
+    with TestClient(create_app(service_settings, celery=celery_app)) as http:
+        accepted = http.post("/v1/scans", json={"objects": objects, "metadata": {"ticket": 7}}, headers=as_alice)
+        assert accepted.status_code == 202, accepted.text
+        scan_url = f"/v1/scans/{accepted.json()['id']}"
+        event = {
+            "Records": [
+                {
+                    "eventName": "ObjectCreated:Put",
+                    "s3": {"bucket": {"name": bucket}, "object": {"key": "events/new+upload.png", "sequencer": "01"}},
+                }
+            ]
+        }
+        (event_image,) = http.post("/v1/s3-events", json=event, headers=as_alice).json()["images"]
+
+        done = wait_until(
+            lambda: (doc := http.get(scan_url, headers=as_alice).json())["state"] == "completed" and doc,
+            message="the scan completed",
+        )
+        by_key = {image["key"]: image for image in done["images"]}
+        assert by_key["api/truncated.jpg"]["error_code"] == "corrupt_image"
+        for name in ("IMG_0003.jpg", "P1000827.jpg", "earth_apollo17.jpg"):
+            assert by_key[f"api/{name}"]["state"] == "done" and 0 <= by_key[f"api/{name}"]["score"] <= 1
+        assert done["counts"]["done"] == 3 and done["counts"]["failed"] == 1
+
+        image_url = f"/v1/images/{event_image['id']}"
+        scored = wait_until(
+            lambda: (doc := http.get(image_url, headers=as_alice).json())["state"] == "done" and doc,
+            message="the S3 event's image scored",
+        )
+        assert scored["key"] == "events/new upload.png"
+
+        as_bob = {"Authorization": f"Bearer {bob}"}
+        assert http.get(scan_url, headers=as_bob).status_code == 404
+        assert http.get(image_url, headers=as_bob).status_code == 404

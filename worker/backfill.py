@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from .detector import checkpoint_version
 from .errors import SynthguardError
-from .intake import unique_refs
+from .intake import add_images, release_pending, unique_refs
 from .models import DONE, PROCESSING, QUEUED, Image, Scan, utcnow
 from .queueing import effective_threshold, publish
 from .settings import Settings
@@ -254,32 +254,7 @@ def _commit_page(
         fresh = _needs_work(session, bucket, page, version)
         if not fresh:
             return []
-        now = utcnow()
-        ids = [uuid.uuid4() for _ in fresh]
-        session.execute(
-            insert(Image),
-            [
-                {
-                    "id": image_id,
-                    "scan_id": scan_id,
-                    "client_id": None,
-                    "bucket": ref.bucket,
-                    "key": ref.key,
-                    "version_id": ref.version_id,
-                    "state": QUEUED,
-                    "threshold": threshold,
-                    "attempts": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for image_id, ref in zip(ids, fresh, strict=True)
-            ],
-        )
-        session.execute(
-            update(Scan)
-            .where(Scan.id == scan_id)
-            .values(image_count=Scan.image_count + len(ids), pending_count=Scan.pending_count + len(ids))
-        )
+        ids = add_images(session, scan_id, fresh, threshold=threshold)
     return ids
 
 
@@ -310,17 +285,6 @@ def _publish(
 
 
 def _end_listing(sessions: sessionmaker[Session], scan_id: uuid.UUID) -> None:
-    """Release the listing hold, completing the scan if nothing else is pending.
-
-    The same guarded decrement as the scorer's: UPDATE ... RETURNING serialises
-    on the scan's row, so exactly one writer sees zero and sets ``completed_at``.
-    """
+    """Release the listing hold, completing the scan if nothing else is pending."""
     with sessions.begin() as session:
-        pending = session.execute(
-            update(Scan)
-            .where(Scan.id == scan_id)
-            .values(pending_count=Scan.pending_count - 1)
-            .returning(Scan.pending_count)
-        ).scalar_one()
-        if pending == 0:
-            session.execute(update(Scan).where(Scan.id == scan_id).values(completed_at=utcnow()))
+        release_pending(session, scan_id)

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Insert, insert, select
+from sqlalchemy import Insert, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -105,6 +105,49 @@ def create_scan(
             ],
         )
     return scan, ids
+
+
+def add_images(
+    session: Session,
+    scan_id: uuid.UUID,
+    refs: Sequence[ObjectRef],
+    *,
+    threshold: float,
+    client_id: uuid.UUID | None = None,
+) -> list[uuid.UUID]:
+    """Add ``queued`` images to an open scan and grow its counts (the caller commits)."""
+    if not refs:
+        return []
+    now = utcnow()
+    ids = [uuid.uuid4() for _ in refs]
+    session.execute(
+        insert(Image),
+        [_image_row(image_id, scan_id, client_id, ref, threshold, now) for image_id, ref in zip(ids, refs, strict=True)],
+    )
+    session.execute(
+        update(Scan)
+        .where(Scan.id == scan_id)
+        .values(image_count=Scan.image_count + len(ids), pending_count=Scan.pending_count + len(ids))
+    )
+    return ids
+
+
+def release_pending(session: Session, scan_id: uuid.UUID, count: int = 1) -> bool:
+    """Count ``count`` of the scan's pending work as finished; True for the call that completes it.
+
+    UPDATE ... RETURNING serialises on the scan's row, so exactly one writer
+    sees zero and sets ``completed_at``.
+    """
+    pending = session.execute(
+        update(Scan)
+        .where(Scan.id == scan_id)
+        .values(pending_count=Scan.pending_count - count)
+        .returning(Scan.pending_count)
+    ).scalar_one()
+    if pending != 0:
+        return False
+    session.execute(update(Scan).where(Scan.id == scan_id).values(completed_at=utcnow()))
+    return True
 
 
 def _image_row(

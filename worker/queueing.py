@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .celery_app import LANES
 from .db import get_sessionmaker
-from .intake import create_scan
+from .intake import create_scan, unique_refs
 from .models import PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
 from .settings import Settings, get_settings
 from .storage import ObjectRef, parse_s3_uri
@@ -146,7 +146,7 @@ def enqueue(
         raise ValueError(f"priority must be one of {sorted(LANES)}, not {priority!r}")
     settings = settings or get_settings()
     sessions = sessions or get_sessionmaker(settings.database_url)
-    refs = [as_ref(obj) for obj in objects]
+    refs = unique_refs(as_ref(obj) for obj in objects)
     digest = request_hash(
         {
             "objects": [[r.bucket, r.key, r.version_id] for r in refs],

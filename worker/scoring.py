@@ -26,7 +26,8 @@ from .db import make_engine, make_sessionmaker
 from .detector import Detector
 from .errors import PermanentError, SynthguardError, TransientError
 from .imaging import decode_image
-from .models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan, utcnow
+from .intake import release_pending
+from .models import DONE, FAILED, PROCESSING, QUEUED, Image, utcnow
 from .settings import Settings
 from .storage import ObjectRef, Storage
 
@@ -240,14 +241,7 @@ class Scorer:
         ).one_or_none()
         if changed is None:
             return False
-        pending = session.execute(
-            update(Scan)
-            .where(Scan.id == changed.scan_id)
-            .values(pending_count=Scan.pending_count - 1)
-            .returning(Scan.pending_count)
-        ).scalar_one()
-        if pending == 0:
-            session.execute(update(Scan).where(Scan.id == changed.scan_id).values(completed_at=now))
+        release_pending(session, changed.scan_id)
         return True
 
     def _current(self, image_id: uuid.UUID) -> Outcome:
