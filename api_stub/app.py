@@ -23,7 +23,7 @@ from worker.celery_app import create_app as create_celery_app
 from worker.db import get_sessionmaker
 from worker.settings import Settings, get_settings
 
-from . import events, operations, scans
+from . import events, operations, scans, webhooks
 from .bodylimit import BodyLimitMiddleware
 from .metrics import MetricsMiddleware
 from .problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
@@ -60,6 +60,7 @@ TAGS = [
     {"name": "scans", "description": "Submit S3 objects for scoring and read the results."},
     {"name": "images", "description": "Read one image's result."},
     {"name": "events", "description": "Receive S3 event notifications (upload hooks)."},
+    {"name": "webhooks", "description": "Signed notifications: deliveries, replays, secret rotation."},
     {"name": "operations", "description": "Liveness, readiness and metrics; no API key needed."},
 ]
 
@@ -100,11 +101,13 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     install_problem_handlers(app)
     app.include_router(scans.router)
     app.include_router(events.router)
+    app.include_router(webhooks.router)
     app.include_router(operations.router)
     # Added last is outermost: metrics also count what the body limit refuses.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(
-        MetricsMiddleware, routes=_plain_routes(app, scans.router, events.router, operations.router)
+        MetricsMiddleware,
+        routes=_plain_routes(app, scans.router, events.router, webhooks.router, operations.router),
     )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

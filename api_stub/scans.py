@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -13,7 +12,9 @@ from sqlalchemy import case, func, select
 from worker.intake import unique_refs
 from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan
 from worker.queueing import IdempotencyConflict, enqueue
+from worker.settings import Settings
 from worker.storage import ObjectRef
+from worker.webhooks import UnsafeURL, URLPolicy
 
 from .auth import AuthenticatedClient
 from .metrics import IMAGES_ENQUEUED, SCANS_CREATED
@@ -49,18 +50,20 @@ def not_found(what: str) -> ProblemError:
     return ProblemError(404, f"There is no {what} with this id for this API key.", slug="not-found")
 
 
-def _check_callback_scheme(request_body: ScanRequest, allow_http: bool) -> None:
+def _check_callback_url(request_body: ScanRequest, settings: Settings) -> None:
+    """Refuse what the sender would refuse anyway (scheme, blocked IP literals), while the caller is here.
+
+    Host names are resolved only at send time, where the address is pinned.
+    """
     url = request_body.callback_url
-    if url and urlsplit(url).scheme.lower() == "http" and not allow_http:
+    if not url:
+        return
+    try:
+        URLPolicy.from_settings(settings).check_url(url)
+    except UnsafeURL as exc:
         raise RequestValidationError(
-            [
-                {
-                    "type": "url_scheme",
-                    "loc": ("body", "callback_url"),
-                    "msg": "callback_url must be an https URL (plain http is not allowed on this server)",
-                }
-            ]
-        )
+            [{"type": "unsafe_url", "loc": ("body", "callback_url"), "msg": f"callback_url is refused: {exc}"}]
+        ) from None
 
 
 def _idempotency_key(body_key: str | None, header_key: str | None) -> str | None:
@@ -107,7 +110,7 @@ def create_scan(
     ] = None,
 ) -> ScanAccepted:
     state = get_state(request)
-    _check_callback_scheme(body, state.settings.webhook_allow_http)
+    _check_callback_url(body, state.settings)
     key = _idempotency_key(body.idempotency_key, idempotency_key_header)
     refs = [ObjectRef(o.bucket, o.key, o.version_id) for o in body.objects]
     try:
@@ -118,6 +121,7 @@ def create_scan(
             client_id=client.id,
             callback_url=body.callback_url,
             metadata=body.metadata,
+            webhook_events=body.webhook_events,
             idempotency_key=key,
             origin="api",
             settings=state.settings,

@@ -203,6 +203,13 @@ class ScanRequest(BaseModel):
         "Must be https (plain http only where the operator allows it).",
         examples=["https://hooks.example.com/synthguard"],
     )
+    webhook_events: list[Literal["image.flagged", "scan.completed"]] | None = Field(
+        None,
+        description="Webhook events this scan sends to `callback_url` (or the client's webhook URL): "
+        "`image.flagged` for each flagged image, `scan.completed` once every image is terminal. "
+        "Omitted: `image.flagged` only.",
+        examples=[["image.flagged", "scan.completed"]],
+    )
     metadata: dict[str, Any] | None = Field(
         None,
         description=f"Your own JSON object, stored with the scan and sent back in webhooks; at most "

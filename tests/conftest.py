@@ -310,7 +310,9 @@ def start_service(service_env: dict[str, str], tmp_path: Path):  # type: ignore[
     """Start ``synthguard worker`` (default) or ``beat`` with the service env plus overrides."""
     started: list[ServiceProcess] = []
 
-    def start(kind: str = "worker", env: dict[str, str] | None = None, **overrides: object) -> ServiceProcess:
+    def start(
+        kind: str = "worker", env: dict[str, str] | None = None, args: tuple[str, ...] = (), **overrides: object
+    ) -> ServiceProcess:
         env = {
             **service_env,
             **(env or {}),
@@ -318,7 +320,7 @@ def start_service(service_env: dict[str, str], tmp_path: Path):  # type: ignore[
         }
         log_path = tmp_path / f"{kind}-{len(started)}.log"
         marker = " ready." if kind == "worker" else "beat: Starting..."
-        proc = ServiceProcess([kind, "--loglevel=INFO"], env, log_path, marker)
+        proc = ServiceProcess([kind, "--loglevel=INFO", *args], env, log_path, marker)
         started.append(proc)
         return proc
 

@@ -152,9 +152,12 @@ def test_clients_create_checks_the_webhook_url(service_env, sessions) -> None:
 
     allowed = {**service_env, "SYNTHGUARD_WEBHOOK_ALLOW_HTTP": "true"}
     result = _invoke(
-        ["clients", "create", "x", "--webhook-url", "http://10.0.0.5:8080/sg", "--json"], allowed
+        ["clients", "create", "x", "--webhook-url", "http://hooks.example.com:8080/sg", "--json"], allowed
     )
     assert result.exit_code == 0, result.output
+    # An address inside the network is refused up front, as the sender would refuse it.
+    inside = _invoke(["clients", "create", "x", "--webhook-url", "http://10.0.0.5:8080/sg"], allowed)
+    assert inside.exit_code == 2 and "private" in inside.output
     assert _invoke(["clients", "create", "x", "--webhook-url", "ftp://h/", "--json"], allowed).exit_code == 2
 
 

@@ -41,7 +41,10 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_default_queue=REALTIME_QUEUE,
         task_default_exchange=REALTIME_QUEUE,
         task_default_routing_key=REALTIME_QUEUE,
-        task_routes={"synthguard.sweep": {"queue": REALTIME_QUEUE}},
+        task_routes={
+            "synthguard.sweep": {"queue": REALTIME_QUEUE},
+            "synthguard.deliver_webhook": {"queue": WEBHOOKS_QUEUE},
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
@@ -60,7 +59,9 @@ def main(verbose: int) -> None:
     Settings come from SYNTHGUARD_* environment variables (see the README).
     """
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 # ------------------------------------------------------------------------ db
@@ -258,8 +259,14 @@ def _print_scan(
 
     console = Console(width=None if Console().is_terminal else 200)
     table = Table(title=f"scan {scan.id}", title_justify="left")
-    for column, justify in (("image", "left"), ("state", "left"), ("p(synthetic)", "right"),
-                            ("flagged", "left"), ("model", "left"), ("error", "left")):
+    for column, justify in (
+        ("image", "left"),
+        ("state", "left"),
+        ("p(synthetic)", "right"),
+        ("flagged", "left"),
+        ("model", "left"),
+        ("error", "left"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for image in images:
         score = "" if image.score is None else f"{image.score:.4f}"
@@ -279,10 +286,14 @@ def _summary(counts: dict[str, int]) -> str:
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD].")
+@click.option(
+    "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
+)
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk local directories.")
 @click.option("--concurrency", type=click.IntRange(1), help="Fetch/decode threads [SYNTHGUARD_CONCURRENCY].")
-def scan(sources: tuple[str, ...], as_json: bool, threshold: float | None, recursive: bool, concurrency: int | None) -> None:
+def scan(
+    sources: tuple[str, ...], as_json: bool, threshold: float | None, recursive: bool, concurrency: int | None
+) -> None:
     """Score images in-process and store the results (no broker needed).
 
     SOURCES are local files, local directories, or s3://bucket/prefix URIs
@@ -382,7 +393,9 @@ def _checked_sessions(settings: Settings) -> sessionmaker[Session]:
 
 
 @main.command()
-@click.option("--concurrency", type=click.IntRange(1), help="Threads feeding the model [SYNTHGUARD_CONCURRENCY].")
+@click.option(
+    "--concurrency", type=click.IntRange(1), help="Threads feeding the model [SYNTHGUARD_CONCURRENCY]."
+)
 @click.option(
     "--queues",
     default=None,
@@ -438,10 +451,75 @@ def api(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     _checked_sessions(_settings())
-    uvicorn.run("api_stub.app:create_app", factory=True, host=host, port=port, workers=workers, proxy_headers=True)
+    uvicorn.run(
+        "api_stub.app:create_app", factory=True, host=host, port=port, workers=workers, proxy_headers=True
+    )
 
 
-def _unexpected_outcomes(session: Session, scan_id: uuid.UUID, samples: dict[str, str | None]) -> Iterator[str]:
+@main.group()
+def webhooks() -> None:
+    """Webhook tools."""
+
+
+@webhooks.command("test")
+@click.argument("url")
+@click.option(
+    "--secret",
+    help="A whsec_... secret to sign with (a client's, to test its receiver); default: a new one, printed.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def webhooks_test(url: str, secret: str | None, as_json: bool) -> None:
+    """Send one signed `webhook.test` event to URL and report what came back.
+
+    Uses the same sender as the workers: Standard Webhooks signature, no
+    redirects, SSRF guard (SYNTHGUARD_WEBHOOK_ALLOW_HTTP,
+    SYNTHGUARD_WEBHOOK_ALLOWED_NETWORKS). Exit code 0 on a 2xx answer.
+    """
+    import uuid as uuid_module
+
+    from .clients import new_webhook_secret
+    from .models import utcnow
+    from .webhooks import EVENT_TEST, UnsafeURL, URLPolicy, build_body, deliver
+
+    settings = _settings()
+    policy = URLPolicy.from_settings(settings)
+    try:
+        policy.check_url(url)
+    except UnsafeURL as exc:
+        raise _fail(f"refusing {url}: {exc}") from exc
+    generated = secret is None
+    secret = secret or new_webhook_secret()
+    msg_id = f"msg_test_{uuid_module.uuid4().hex}"
+    body = build_body(EVENT_TEST, {"message": "synthguard webhook test"}, timestamp=utcnow())
+    result = deliver(
+        url, msg_id=msg_id, body=body, secrets=[secret], policy=policy, timeout_s=settings.webhook_timeout_s
+    )
+    outcome = {
+        "url": url,
+        "webhook_id": msg_id,
+        "ok": result.ok,
+        "status": result.status,
+        "latency_ms": round(result.latency_ms, 1),
+        "error": result.error,
+    }
+    if generated:
+        outcome["secret"] = secret
+    if as_json:
+        click.echo(json.dumps(outcome))
+    else:
+        verdict = "delivered" if result.ok else "failed"
+        click.echo(
+            f"{verdict}: {url} answered {result.status or '-'} in {result.latency_ms:.0f} ms"
+            + (f" ({result.error})" if result.error else "")
+        )
+        if generated:
+            click.echo(f"signed with the new secret {secret}")
+    sys.exit(0 if result.ok else 1)
+
+
+def _unexpected_outcomes(
+    session: Session, scan_id: uuid.UUID, samples: dict[str, str | None]
+) -> Iterator[str]:
     from .models import DONE, Image
 
     for image in session.scalars(select(Image).where(Image.scan_id == scan_id)):
@@ -477,16 +555,14 @@ def clients() -> None:
 
 
 def _check_webhook_url(url: str, settings: Settings) -> str:
-    schemes = ("https", "http") if settings.webhook_allow_http else ("https",)
+    """The sender's own URL policy (scheme, host, blocked IP literals), applied up front."""
+    from .webhooks import UnsafeURL, URLPolicy
+
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        host = None
-    if host and parts.scheme.lower() in schemes:
-        return url
-    hint = "" if settings.webhook_allow_http else " (http:// only with SYNTHGUARD_WEBHOOK_ALLOW_HTTP=true)"
-    raise click.BadParameter(f"{url!r} is not an https:// URL with a host{hint}", param_hint="'--webhook-url'")
+        URLPolicy.from_settings(settings).check_url(url)
+    except UnsafeURL as exc:
+        raise click.BadParameter(f"{url!r} is refused: {exc}", param_hint="'--webhook-url'") from exc
+    return url
 
 
 @clients.command("create")
@@ -521,7 +597,9 @@ def clients_create(name: str, webhook_url: str | None, threshold: float | None, 
         new = create_client(session, name, webhook_url=webhook_url, default_threshold=threshold)
         client_id = new.client.id
     if as_json:
-        click.echo(json.dumps({"id": str(client_id), "api_key": new.api_key, "webhook_secret": new.webhook_secret}))
+        click.echo(
+            json.dumps({"id": str(client_id), "api_key": new.api_key, "webhook_secret": new.webhook_secret})
+        )
         return
     click.echo(f"created client {name!r}")
     click.echo(f"  id              {client_id}")
@@ -636,7 +714,9 @@ def enqueue_command(objects: list[Any], priority: str, threshold: float | None, 
         )
     images = [{"id": str(i), "uri": ref.uri} for i, ref in zip(done.image_ids, objects, strict=True)]
     if as_json:
-        click.echo(json.dumps({"scan_id": str(done.scan_id), "priority": done.priority, "images": images}, indent=2))
+        click.echo(
+            json.dumps({"scan_id": str(done.scan_id), "priority": done.priority, "images": images}, indent=2)
+        )
         return
     click.echo(f"scan {done.scan_id} ({done.priority}): {len(images)} image(s) queued")
     for image in images:
@@ -682,7 +762,9 @@ def _print_backfill(result: Any, where: str, as_json: bool) -> None:
         )
     unpublished = result.enqueued - result.published
     if result.interrupted:
-        click.echo(f"interrupted after {result.pages} page(s); run the same command again to resume", err=True)
+        click.echo(
+            f"interrupted after {result.pages} page(s); run the same command again to resume", err=True
+        )
     if unpublished:
         click.echo(
             f"{unpublished} queued image(s) were not published; the sweeper publishes them "
@@ -716,7 +798,9 @@ def _print_backfill(result: Any, where: str, as_json: bool) -> None:
     "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def backfill(uri: str, rate: float | None, page_size: int, priority: str, threshold: float | None, as_json: bool) -> None:
+def backfill(
+    uri: str, rate: float | None, page_size: int, priority: str, threshold: float | None, as_json: bool
+) -> None:
     """Queue every object under S3_PREFIX (s3://bucket/prefix) on the bulk lane, resumably.
 
     Lists the prefix page by page. Objects whose key already has an image

@@ -37,6 +37,11 @@ TERMINAL_STATES = (DONE, FAILED)
 
 PRIORITIES = ("realtime", "bulk")
 
+# Webhook delivery states. ``delivered`` and ``failed`` are terminal.
+DELIVERY_PENDING = "pending"
+DELIVERY_DELIVERED = "delivered"
+DELIVERY_FAILED = "failed"
+
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
@@ -73,6 +78,12 @@ class ApiClient(Base):
     api_key_prefix: Mapped[str] = mapped_column(String(16))
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_secret: Mapped[str | None] = mapped_column(String(200))
+    # Rotation: the previous secret still signs deliveries until this time.
+    webhook_secret_previous: Mapped[str | None] = mapped_column(String(200))
+    webhook_secret_previous_until: Mapped[datetime | None]
+    # Set when the endpoint answered 410 Gone or kept failing; the client sees why.
+    webhook_disabled_at: Mapped[datetime | None]
+    webhook_disabled_reason: Mapped[str | None] = mapped_column(Text)
     default_threshold: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     disabled_at: Mapped[datetime | None]
@@ -96,6 +107,8 @@ class Scan(Base):
     callback_url: Mapped[str | None] = mapped_column(Text)
     # "metadata" is reserved on declarative classes; the column keeps the contract name.
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    # Webhook event types this scan asked for; NULL means the default, image.flagged only.
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSONType)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     image_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -176,10 +189,15 @@ class WebhookDelivery(Base):
     event_type: Mapped[str] = mapped_column(String(64))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]]
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=DELIVERY_PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None]
+    # A message for this delivery is in flight (or an attempt running) until then;
+    # after it, the sweeper publishes again.
+    sending_until: Mapped[datetime | None]
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # One entry per attempt: time, HTTP status, latency, error.
+    attempt_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]

@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .celery_app import LANES
+from .celery_app import LANES, WEBHOOKS_QUEUE
 from .db import get_sessionmaker
 from .intake import create_scan, unique_refs
 from .models import PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
@@ -32,6 +32,7 @@ from .storage import ObjectRef, parse_s3_uri
 log = logging.getLogger(__name__)
 
 SCORE_TASK = "synthguard.score_image"
+DELIVER_TASK = "synthguard.deliver_webhook"
 # Scans run in-process by the CLI: their images are not queue work.
 IN_PROCESS_ORIGINS = ("cli", "demo")
 
@@ -58,6 +59,22 @@ def publish(app: Celery, image_ids: Iterable[uuid.UUID], lane: str) -> int:
     with app.producer_or_acquire() as producer:
         for image_id in image_ids:
             app.send_task(SCORE_TASK, args=[str(image_id)], queue=queue, producer=producer)
+            sent += 1
+    return sent
+
+
+def publish_deliveries(app: Celery, deliveries: Iterable[tuple[uuid.UUID, int]], countdown: float | None = None) -> int:
+    """Send one ``deliver_webhook`` message per (delivery id, attempt number)."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for delivery_id, attempt in deliveries:
+            app.send_task(
+                DELIVER_TASK,
+                args=[str(delivery_id), attempt],
+                queue=WEBHOOKS_QUEUE,
+                countdown=countdown,
+                producer=producer,
+            )
             sent += 1
     return sent
 
@@ -130,6 +147,7 @@ def enqueue(
     client_id: uuid.UUID | None = None,
     callback_url: str | None = None,
     metadata: dict[str, Any] | None = None,
+    webhook_events: Sequence[str] | None = None,
     idempotency_key: str | None = None,
     origin: str = "python",
     settings: Settings | None = None,
@@ -154,6 +172,7 @@ def enqueue(
             "threshold": threshold,
             "callback_url": callback_url,
             "metadata": metadata,
+            "webhook_events": sorted(webhook_events) if webhook_events is not None else None,
         }
     )
     try:
@@ -173,6 +192,7 @@ def enqueue(
                 priority=priority,
                 callback_url=callback_url,
                 meta=metadata,
+                webhook_events=sorted(set(webhook_events)) if webhook_events is not None else None,
                 idempotency_key=idempotency_key,
                 request_hash=digest,
             )

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -20,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import errors
+from . import errors, outbox
 from .batching import BatcherClosed, MicroBatcher
 from .db import make_engine, make_sessionmaker
 from .detector import Detector
@@ -73,11 +74,14 @@ class Scorer:
         sessions: sessionmaker[Session] | None = None,
         storage: Storage | None = None,
         allow_local: bool = False,
+        on_outbox: Callable[[list[uuid.UUID]], None] | None = None,
     ) -> None:
         self.settings = settings
         # Only an operator's in-process scan may read files of this host; a
         # queue worker scores objects in storage and nothing else.
         self.allow_local = allow_local
+        # Called after commit with new webhook delivery ids (the worker publishes them).
+        self.on_outbox = on_outbox
         self.detector = detector
         self.storage = storage or Storage(settings)
         self.sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
@@ -192,7 +196,7 @@ class Scorer:
             threshold = session.scalar(select(Image.threshold).where(Image.id == image_id))
             # An untrained model's output is no verdict: stored, never flagged.
             flagged = None if detector.untrained else bool(result.score >= float(threshold))
-            changed = self._finish(
+            changed, completed = self._finish(
                 session,
                 image_id,
                 state=DONE,
@@ -210,13 +214,19 @@ class Scorer:
                 error_code=None,
                 error_message=None,
             )
+            deliveries = self._outbox(session, image_id if changed and flagged else None, completed)
+        self._publish(deliveries)
         if not changed:
             return self._current(image_id)
         return Outcome(image_id, DONE, score=result.score, flagged=flagged)
 
     def _fail(self, image_id: uuid.UUID, code: str, message: str) -> Outcome:
         with self.sessions.begin() as session:
-            changed = self._finish(session, image_id, state=FAILED, error_code=code, error_message=message)
+            changed, completed = self._finish(
+                session, image_id, state=FAILED, error_code=code, error_message=message
+            )
+            deliveries = self._outbox(session, None, completed)
+        self._publish(deliveries)
         if not changed:
             return self._current(image_id)
         return Outcome(image_id, FAILED, error_code=code, error_message=message)
@@ -230,8 +240,8 @@ class Scorer:
             )
 
     @staticmethod
-    def _finish(session: Session, image_id: uuid.UUID, **values: Any) -> bool:
-        """Make the image terminal once; True only for the call that did it."""
+    def _finish(session: Session, image_id: uuid.UUID, **values: Any) -> tuple[bool, uuid.UUID | None]:
+        """Make the image terminal once: (True only for the call that did it, the scan it completed)."""
         now = utcnow()
         changed = session.execute(
             update(Image)
@@ -240,9 +250,25 @@ class Scorer:
             .returning(Image.scan_id)
         ).one_or_none()
         if changed is None:
-            return False
-        release_pending(session, changed.scan_id)
-        return True
+            return False, None
+        completed = release_pending(session, changed.scan_id)
+        return True, changed.scan_id if completed else None
+
+    def _outbox(self, session: Session, flagged_image: uuid.UUID | None, completed_scan: uuid.UUID | None) -> list[uuid.UUID]:
+        """Webhook deliveries decided by this transaction, written in it (transactional outbox)."""
+        lease_s = self.settings.stale_after_s
+        ids = [
+            flagged_image and outbox.add_image_flagged(session, flagged_image, lease_s=lease_s),
+            completed_scan and outbox.add_scan_completed(session, completed_scan, lease_s=lease_s),
+        ]
+        return [i for i in ids if i]
+
+    def _publish(self, deliveries: list[uuid.UUID]) -> None:
+        if deliveries and self.on_outbox is not None:
+            try:
+                self.on_outbox(deliveries)
+            except Exception:  # the rows are committed: the sweeper sends them
+                log.exception("could not publish webhook deliveries %s", deliveries)
 
     def _current(self, image_id: uuid.UUID) -> Outcome:
         with self.sessions() as session:

@@ -95,11 +95,29 @@ class Settings(BaseSettings):
         description="Comma-separated CIDRs exempt from the SSRF block.",
     )
 
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Seconds one webhook attempt may take.")
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0],
+        description="Comma-separated waits, in seconds, before each retry of a failed webhook (each with "
+        "+-20% jitter); after the last, the delivery fails. Default: 5s, 30s, 2m, 10m, 30m, 1h, 2h, 4h, "
+        "8h, 8h, about 24 hours in all.",
+    )
+    webhook_secret_overlap_s: float = Field(
+        86400.0, ge=0, description="After a secret rotation, how long deliveries also carry the old signature."
+    )
+
     @field_validator("webhook_allowed_networks", mode="before")
     @classmethod
     def _split_networks(cls, value: object) -> object:
         if isinstance(value, str):
             return [ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_schedule_s", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("device")

@@ -11,9 +11,11 @@ from celery.signals import worker_shutdown
 
 from .celery_app import app
 from .errors import TransientError, backoff_delay
-from .queueing import sweep_stale
+from .outbox import due, send_delivery
+from .queueing import publish_deliveries, sweep_stale
 from .scoring import Scorer
 from .settings import get_settings
+from .webhooks import URLPolicy
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +23,14 @@ _scorer: Scorer | None = None
 _scorer_lock = threading.Lock()
 
 
+def _publish_new_deliveries(ids: list[uuid.UUID]) -> None:
+    publish_deliveries(app, [(delivery_id, 1) for delivery_id in ids])
+
+
 def install_scorer(scorer: Scorer) -> None:
     """Use ``scorer`` in this process (``synthguard worker`` loads the model before consuming)."""
     global _scorer
+    scorer.on_outbox = _publish_new_deliveries
     with _scorer_lock:
         _scorer = scorer
 
@@ -36,7 +43,7 @@ def get_scorer() -> Scorer:
             from .detector import Detector
 
             settings = get_settings()
-            _scorer = Scorer(settings, Detector.from_settings(settings))
+            _scorer = Scorer(settings, Detector.from_settings(settings), on_outbox=_publish_new_deliveries)
         return _scorer
 
 
@@ -66,9 +73,31 @@ def score_image(self: Task, image_id: str) -> str:
     return outcome.state
 
 
+@app.task(name="synthguard.deliver_webhook", ignore_result=True)
+def deliver_webhook(delivery_id: str, attempt: int) -> str:
+    """Attempt one webhook delivery; a short retry is scheduled here, a long one by the sweeper."""
+    scorer = get_scorer()
+    settings = scorer.settings
+    return send_delivery(
+        scorer.sessions,
+        uuid.UUID(delivery_id),
+        attempt,
+        policy=URLPolicy.from_settings(settings),
+        timeout_s=settings.webhook_timeout_s,
+        lease_s=settings.stale_after_s,
+        retry_schedule=settings.webhook_retry_schedule_s,
+        publish_retry=lambda ident, number, delay: publish_deliveries(app, [(ident, number)], countdown=delay),
+    )
+
+
 @app.task(name="synthguard.sweep")
 def sweep(stale_after_s: float | None = None) -> int:
-    """Re-publish images a lost message or a dead worker left behind."""
+    """Re-publish images a lost message or a dead worker left behind, and send due webhooks."""
     scorer = get_scorer()
     stale = scorer.settings.stale_after_s if stale_after_s is None else stale_after_s
-    return sweep_stale(scorer.sessions, app, stale_after_s=stale)
+    images = sweep_stale(scorer.sessions, app, stale_after_s=stale)
+    with scorer.sessions.begin() as session:
+        due_now = due(session, lease_s=stale)
+    if due_now:
+        publish_deliveries(app, due_now)
+    return images + len(due_now)
