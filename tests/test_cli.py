@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import BAD_FIXTURES, GOOD_FOLDERS, good_fixture_files
+from conftest import BAD_FIXTURES, FIXTURES, GOOD_FOLDERS, good_fixture_files
 from worker.cli import main
+
+GENERATED = {p.name for p in (FIXTURES / "generated").glob("*.png")}
 
 
 def _env(**values: object) -> dict[str, str]:
@@ -39,7 +41,10 @@ def _check_fixture_results(doc: dict, checkpoint_version: str) -> None:  # type:
         image = images[name]
         assert image["state"] == "done", (name, image["error_message"])
         assert 0.0 <= image["score"] <= 1.0
-        assert image["flagged"] == (image["score"] >= image["threshold"])
+        ai_evidence = image["provenance"]["ai"]
+        # Generator metadata flags an image whatever its score; its absence changes nothing.
+        assert ai_evidence == (name in GENERATED)
+        assert image["flagged"] == (image["score"] >= image["threshold"] or ai_evidence)
         assert image["model_version"] == checkpoint_version
         assert image["sha256"] and image["width"] and image["height"]
     for name, code in BAD_FIXTURES.items():

@@ -159,3 +159,24 @@ def test_an_unreachable_database_is_a_transient_error(settings_factory) -> None:
     ):
         scorer.process_image(uuid.uuid4())
     assert info.value.code == "database_unavailable"
+
+
+@pytest.mark.parametrize("provenance_flags", [True, False])
+def test_generator_metadata_flags_an_image_whatever_its_score(
+    fixtures_dir, settings_factory, tmp_path, provenance_flags
+) -> None:
+    url = f"sqlite:///{tmp_path / 'prov.db'}"
+    settings = settings_factory(database_url=url, provenance_flags=provenance_flags)
+    sessions = _db(url)
+    generated = fixtures_dir / "generated" / "sdxlturbo_example.png"
+    stripped = tmp_path / "stripped.png"  # the same pixels, without ComfyUI's text chunks
+    Image.open(generated).convert("RGB").save(stripped)
+    # A threshold no score reaches: only provenance can flag.
+    _, ids = _queue(sessions, [ObjectRef(None, str(generated)), ObjectRef(None, str(stripped))], threshold=1.01)
+    with Scorer(settings, Detector.from_settings(settings), sessions=sessions, allow_local=True) as scorer:
+        with_metadata, without = (scorer.process_image(i) for i in ids)
+    rows = {row.id: row for row in sessions().scalars(select(ImageRow))}
+    evidence = rows[ids[0]].provenance["signals"]["generation_params"]
+    assert evidence["ai"] and evidence["evidence"]["tool"] == "ComfyUI"
+    assert with_metadata.flagged is provenance_flags
+    assert rows[ids[1]].provenance["ai"] is False and without.flagged is False

@@ -264,6 +264,7 @@ def _print_scan(
         ("state", "left"),
         ("p(synthetic)", "right"),
         ("flagged", "left"),
+        ("provenance", "left"),
         ("model", "left"),
         ("error", "left"),
     ):
@@ -273,10 +274,25 @@ def _print_scan(
         flagged = "" if image.flagged is None else ("yes" if image.flagged else "no")
         error = f"{image.error_code}: {image.error_message}" if image.error_code else ""
         model = f"{image.model_name}@{image.model_version}" if image.model_version else ""
-        table.add_row(image.uri, image.state, score, flagged, model, error)
+        table.add_row(
+            image.uri, image.state, score, flagged, _provenance_summary(image.provenance), model, error
+        )
     console.print(table)
     console.print(f"{len(images)} images: {_summary(counts)}")
     return not_done, untrained
+
+
+def _provenance_summary(provenance: dict[str, Any] | None) -> str:
+    """One cell: the AI evidence found (and by which tool), or the signals present that say otherwise."""
+    if not provenance:
+        return ""
+    signals = provenance.get("signals", {})
+    if provenance.get("ai"):
+        strong = [n for n, sig in signals.items() if sig.get("ai") and sig.get("strength") == "strong"]
+        tools = sorted({t for sig in signals.values() for t in sig.get("evidence", {}).get("tools", [])})
+        return "AI: " + ", ".join(strong) + (f" ({', '.join(tools)})" if tools else "")
+    found = [n for n, sig in signals.items() if sig.get("found")]
+    return ", ".join(found) + " (no AI claim)" if found else ""
 
 
 def _summary(counts: dict[str, int]) -> str:

@@ -115,6 +115,15 @@ def add_image_flagged(session: Session, image_id: uuid.UUID, *, lease_s: float) 
         "etag": image.etag,
         "score": image.score,
         "threshold": image.threshold,
+        # Why it was flagged: the score, strong provenance evidence, or both.
+        "flagged_by": [
+            reason
+            for reason, hit in (
+                ("score", image.score is not None and image.score >= image.threshold),
+                ("provenance", bool((image.provenance or {}).get("ai"))),
+            )
+            if hit
+        ],
         "model": {"name": image.model_name, "version": image.model_version},
         "provenance": image.provenance,
         "metadata": scan.meta,

@@ -29,6 +29,7 @@ from .errors import PermanentError, SynthguardError, TransientError
 from .imaging import decode_image
 from .intake import release_pending
 from .models import DONE, FAILED, PROCESSING, QUEUED, Image, utcnow
+from .provenance import read_provenance
 from .settings import Settings
 from .storage import ObjectRef, Storage
 
@@ -47,6 +48,8 @@ class ScoreResult:
     width: int
     height: int
     score: float
+    provenance: dict[str, Any]
+    provenance_ai: bool  # a strong signal says generative AI
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class Scorer:
         decoded = decode_image(
             fetched.data, max_pixels=self.settings.max_pixels, timeout_s=self.settings.decode_timeout_s
         )
+        # Read beside the forward pass, from the bytes and pixels already in hand.
+        findings = read_provenance(fetched.data, decoded.format, decoded.image)
         tensor = self.detector.preprocess(decoded.image)
         try:
             score = self.batcher(tensor)
@@ -132,6 +137,8 @@ class Scorer:
             width=decoded.width,
             height=decoded.height,
             score=float(score),
+            provenance=findings.to_json(),
+            provenance_ai=findings.ai_strong,
         )
 
     # --------------------------------------------------------------- database
@@ -194,8 +201,7 @@ class Scorer:
         detector = self.detector
         with self.sessions.begin() as session:
             threshold = session.scalar(select(Image.threshold).where(Image.id == image_id))
-            # An untrained model's output is no verdict: stored, never flagged.
-            flagged = None if detector.untrained else bool(result.score >= float(threshold))
+            flagged = self._verdict(result, float(threshold))
             changed, completed = self._finish(
                 session,
                 image_id,
@@ -211,6 +217,7 @@ class Scorer:
                 flagged=flagged,
                 model_name=detector.name,
                 model_version=detector.version,
+                provenance=result.provenance,
                 error_code=None,
                 error_message=None,
             )
@@ -219,6 +226,17 @@ class Scorer:
         if not changed:
             return self._current(image_id)
         return Outcome(image_id, DONE, score=result.score, flagged=flagged)
+
+    def _verdict(self, result: ScoreResult, threshold: float) -> bool | None:
+        """Flagged when the score reaches the threshold, or a strong provenance signal says AI.
+
+        Absence of provenance proves nothing and never lowers the verdict. An
+        untrained model's score is no verdict at all: only provenance can flag then.
+        """
+        by_provenance = self.settings.provenance_flags and result.provenance_ai
+        if self.detector.untrained:
+            return True if by_provenance else None
+        return result.score >= threshold or by_provenance
 
     def _fail(self, image_id: uuid.UUID, code: str, message: str) -> Outcome:
         with self.sessions.begin() as session:

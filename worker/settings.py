@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         0.5, ge=0.0, le=1.0, description="Default flag threshold on p(synthetic)."
     )
 
+    provenance_flags: bool = Field(
+        True,
+        description="Let a strong provenance signal (C2PA or IPTC generative-AI source type, generator "
+        "parameters, Stable Diffusion watermark) flag an image even when its score is under the threshold.",
+    )
+
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest object fetched.")
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest width*height decoded, checked from the header."
