@@ -641,7 +641,7 @@ def _checked_sessions(settings: Settings) -> sessionmaker[Session]:
     help="Comma-separated queues, polled in this order (default: realtime, webhooks, bulk).",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--hostname", help="Celery node name (default: synthguard@HOST).")
+@click.option("--hostname", help="Celery node name, unique per worker process (default: celery@HOST).")
 def worker(concurrency: int | None, queues: str | None, loglevel: str, hostname: str | None) -> None:
     """Run a queue worker: one process, one model, many threads feeding its micro-batcher.
 
