@@ -9,6 +9,7 @@ The API never migrates the database: operators run ``synthguard db upgrade``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.routing import BaseRoute, Route
 
-from worker import __version__
+from worker import __version__, logs
 from worker.celery_app import create_app as create_celery_app
 from worker.db import get_sessionmaker
 from worker.settings import Settings, get_settings
@@ -28,6 +29,7 @@ from .bodylimit import BodyLimitMiddleware
 from .metrics import MetricsMiddleware
 from .problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
 from .ratelimit import RateLimiter
+from .requestlog import RequestLogMiddleware
 from .schemas import MAX_EVENT_RECORDS, MAX_METADATA_BYTES, MAX_OBJECTS
 from .state import ApiState
 
@@ -70,6 +72,9 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     owns_celery = False
     if settings is None:
         settings = get_settings()
+        if settings.log_format is not None and not logs.is_configured():
+            # A server process uvicorn started itself (--workers > 1): nobody configured it.
+            logs.configure_logging(settings.log_format, logging.INFO, log_object_keys=settings.log_object_keys)
         if celery is None:
             # The process-wide app is built from the same environment: share its broker pool.
             from worker.celery_app import app as celery
@@ -107,6 +112,11 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     app.add_middleware(
         MetricsMiddleware,
+        routes=_plain_routes(app, scans.router, events.router, webhooks.router, operations.router),
+    )
+    # Outermost, so that requests refused by the body limit get their access line too.
+    app.add_middleware(
+        RequestLogMiddleware,
         routes=_plain_routes(app, scans.router, events.router, webhooks.router, operations.router),
     )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

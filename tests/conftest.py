@@ -277,13 +277,14 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout
         while marker not in self.log_path.read_text(errors="replace"):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"process exited early:\n{self.log()}")
+                raise RuntimeError(f"process exited early:\n{self.log()[-5000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"process not ready after {timeout}s:\n{self.log()}")
+                raise RuntimeError(f"process not ready after {timeout}s:\n{self.log()[-5000:]}")
             time.sleep(0.1)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
+        """Everything the process has written so far."""
+        return self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
         if self.proc.poll() is None:

@@ -361,3 +361,28 @@ def test_api_to_worker_to_results_with_client_isolation(
         as_bob = {"Authorization": f"Bearer {bob}"}
         assert http.get(scan_url, headers=as_bob).status_code == 404
         assert http.get(image_url, headers=as_bob).status_code == 404
+
+
+def test_models_lists_what_each_worker_has_loaded_and_the_stored_versions(
+    fixtures_dir, s3_client, bucket, service_settings, service_env, celery_app, start_service, sessions, checkpoint
+) -> None:
+    import hashlib
+    import json
+
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    version = "sha256:" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
+    keys = _upload_copies(s3_client, bucket, fixtures_dir, 2)
+    start_service("worker")
+    queued = _enqueue(service_settings, celery_app, bucket, keys)
+    wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="scores stored")
+
+    result = CliRunner().invoke(main, ["models", "--json", "--timeout", "5"], env=service_env)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    (answer,) = doc["workers"]
+    assert (answer["name"], answer["version"], answer["device"]) == ("tf_mobilenetv3_large_100", version, "cpu")
+    stored = {v["version"]: v["scores"] for v in doc["stored_versions"]}
+    assert stored[version] >= 2

@@ -256,21 +256,24 @@ def send_delivery(
     publish_retry: Callable[[uuid.UUID, int, float], None] | None = None,
 ) -> str:
     """One attempt of one delivery, end to end; returns what became of it."""
+    # Imported here: the API imports this module and should not show empty worker series.
+    from .metrics import webhook_attempt
+
     with sessions.begin() as session:
         claimed = claim(session, delivery_id, attempt, hold_s=timeout_s + 30)
     if claimed is None:
-        return "skipped"
+        return webhook_attempt("skipped")
     result = deliver(claimed.url, msg_id=str(delivery_id), body=claimed.body, secrets=claimed.secrets, policy=policy, timeout_s=timeout_s)
     with sessions.begin() as session:
         delay = record(session, claimed, result, lease_s=lease_s, retry_schedule=retry_schedule)
     if result.ok:
-        return DELIVERY_DELIVERED
+        return webhook_attempt(DELIVERY_DELIVERED)
     if delay is None:
         log.warning("webhook %s failed for good: %s", delivery_id, result.error)
-        return DELIVERY_FAILED
+        return webhook_attempt(DELIVERY_FAILED)
     if publish_retry is not None and delay <= lease_s:
         publish_retry(delivery_id, attempt + 1, delay)
-    return "retrying"
+    return webhook_attempt("retrying")
 
 
 def due(session: Session, *, lease_s: float, limit: int = 1000) -> list[tuple[uuid.UUID, int]]:

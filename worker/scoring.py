@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import errors, outbox
+from . import errors, logs, metrics, outbox
 from .batching import BatcherClosed, MicroBatcher
 from .db import make_engine, make_sessionmaker
 from .detector import Detector
@@ -88,11 +88,13 @@ class Scorer:
         self.detector = detector
         self.storage = storage or Storage(settings)
         self.sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
-        self.batcher: MicroBatcher[Any, float] = MicroBatcher(
-            detector.predict,
+        # Each score comes back with its forward pass's start, to time the image's queue wait.
+        self.batcher: MicroBatcher[Any, tuple[float, float]] = MicroBatcher(
+            metrics.stamp_start(detector.predict),
             max_batch=settings.batch_size,
             max_wait_s=settings.batch_wait_ms / 1000.0,
             name="synthguard-batcher",
+            on_batch=metrics.observe_batch,
         )
         self._closed = threading.Event()
 
@@ -112,15 +114,22 @@ class Scorer:
 
     def score(self, ref: ObjectRef) -> ScoreResult:
         """Fetch, sniff, decode, preprocess, and wait for the batched forward pass."""
-        fetched = self.storage.fetch(ref)
-        decoded = decode_image(
-            fetched.data, max_pixels=self.settings.max_pixels, timeout_s=self.settings.decode_timeout_s
-        )
+        stage = metrics.STAGE_SECONDS.labels
+        with stage("fetch").time():
+            fetched = self.storage.fetch(ref)
+        with stage("decode").time():
+            decoded = decode_image(
+                fetched.data, max_pixels=self.settings.max_pixels, timeout_s=self.settings.decode_timeout_s
+            )
         # Read beside the forward pass, from the bytes and pixels already in hand.
-        findings = read_provenance(fetched.data, decoded.format, decoded.image)
-        tensor = self.detector.preprocess(decoded.image)
+        with stage("provenance").time():
+            findings = read_provenance(fetched.data, decoded.format, decoded.image)
+        with stage("preprocess").time():
+            tensor = self.detector.preprocess(decoded.image)
         try:
-            score = self.batcher(tensor)
+            submitted = time.monotonic()
+            score, forward_started = self.batcher(tensor)
+            stage("queue_wait").observe(max(0.0, forward_started - submitted))
         except SynthguardError:
             raise
         except BatcherClosed as exc:
@@ -191,15 +200,17 @@ class Scorer:
                 update(Image)
                 .where(Image.id == image_id, Image.state.in_((QUEUED, PROCESSING)))
                 .values(state=PROCESSING, attempts=Image.attempts + 1, updated_at=utcnow())
-                .returning(Image.bucket, Image.key, Image.version_id, Image.attempts)
+                .returning(Image.bucket, Image.key, Image.version_id, Image.attempts, Image.scan_id)
             ).one_or_none()
         if row is None:
             return None
+        # The rest of this run logs with its scan; the key only where worker.logs allows it.
+        logs.bind(image_id=image_id, scan_id=row.scan_id, bucket=row.bucket, object_key=row.key)
         return ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id), int(row.attempts)
 
     def _store(self, image_id: uuid.UUID, result: ScoreResult) -> Outcome:
         detector = self.detector
-        with self.sessions.begin() as session:
+        with metrics.STAGE_SECONDS.labels("store").time(), self.sessions.begin() as session:
             threshold = session.scalar(select(Image.threshold).where(Image.id == image_id))
             flagged = self._verdict(result, float(threshold))
             changed, completed = self._finish(
@@ -225,6 +236,8 @@ class Scorer:
         self._publish(deliveries)
         if not changed:
             return self._current(image_id)
+        # Counted only by the run that stored it: a redelivery scores nothing new.
+        metrics.IMAGES_SCORED.labels("unknown" if flagged is None else str(flagged).lower()).inc()
         return Outcome(image_id, DONE, score=result.score, flagged=flagged)
 
     def _verdict(self, result: ScoreResult, threshold: float) -> bool | None:
@@ -247,6 +260,7 @@ class Scorer:
         self._publish(deliveries)
         if not changed:
             return self._current(image_id)
+        metrics.IMAGES_FAILED.labels(code).inc()
         return Outcome(image_id, FAILED, error_code=code, error_message=message)
 
     def _requeue(self, image_id: uuid.UUID, code: str, message: str) -> None:

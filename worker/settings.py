@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -153,6 +153,23 @@ class Settings(BaseSettings):
         1024 * 1024,
         ge=1024,
         description="HTTP API: largest request body accepted; larger ones get 413.",
+    )
+    log_format: Literal["json", "text"] | None = Field(
+        None,
+        description="Log lines as JSON objects or plain text. Unset: json for the service processes "
+        "(worker, beat, api), text for interactive commands.",
+    )
+    log_object_keys: bool = Field(
+        False,
+        description="Let log lines carry S3 buckets and object keys (a field, bucket and object_key). "
+        "Off: lines name images by id only, since keys can carry personal data (KYC uploads).",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Worker: port of this process's Prometheus /metrics (all interfaces); unset or 0 "
+        "serves none. One worker per GPU means one port per process.",
     )
 
 

@@ -7,8 +7,10 @@ import threading
 import uuid
 
 from celery import Task
-from celery.signals import worker_shutdown
+from celery.signals import task_postrun, task_prerun, worker_shutdown
+from celery.worker.control import inspect_command
 
+from . import logs, metrics
 from .celery_app import app
 from .errors import TransientError, backoff_delay
 from .outbox import due, send_delivery
@@ -31,6 +33,7 @@ def install_scorer(scorer: Scorer) -> None:
     """Use ``scorer`` in this process (``synthguard worker`` loads the model before consuming)."""
     global _scorer
     scorer.on_outbox = _publish_new_deliveries
+    metrics.set_model(scorer.detector)
     with _scorer_lock:
         _scorer = scorer
 
@@ -44,6 +47,7 @@ def get_scorer() -> Scorer:
 
             settings = get_settings()
             _scorer = Scorer(settings, Detector.from_settings(settings), on_outbox=_publish_new_deliveries)
+            metrics.set_model(_scorer.detector)
         return _scorer
 
 
@@ -52,6 +56,27 @@ def _close_scorer(**_: object) -> None:
     # Warm shutdown has already waited for running tasks; this stops the batching thread.
     if _scorer is not None:
         _scorer.close()
+
+
+# What the first argument of each task names, for the log context.
+_SUBJECT_FIELD = {"synthguard.score_image": "image_id", "synthguard.deliver_webhook": "delivery_id"}
+
+
+@task_prerun.connect
+def _bind_log_context(
+    task_id: str, task: Task, args: tuple[object, ...] = (), kwargs: dict[str, object] | None = None, **_: object
+) -> None:
+    # A task run is one request: every line it logs carries these ids (worker.logs).
+    logs.clear()
+    field = _SUBJECT_FIELD.get(task.name)
+    subject = (args[0] if args else (kwargs or {}).get(field)) if field else None
+    logs.bind(task_id=task_id, **({field: subject} if field else {}))
+
+
+@task_postrun.connect
+def _clear_log_context(**_: object) -> None:
+    # The pool thread runs another task next; its ids must not carry over.
+    logs.clear()
 
 
 @app.task(name="synthguard.score_image", bind=True, max_retries=None)
@@ -65,7 +90,9 @@ def score_image(self: Task, image_id: str) -> str:
         delay = backoff_delay(
             self.request.retries + 1, base_s=settings.retry_backoff_s, cap_s=settings.retry_backoff_max_s
         )
+        # exc.message may name the object key; worker.logs scrubs it unless keys may be logged.
         log.info("image %s: %s (%s); retrying in %.1fs", image_id, exc.code, exc.message, delay)
+        metrics.IMAGES_RETRIED.labels(exc.code).inc()
         raise self.retry(exc=exc, countdown=delay) from exc
     except LookupError:
         log.warning("image %s is not in the database; message dropped", image_id)
@@ -101,3 +128,23 @@ def sweep(stale_after_s: float | None = None) -> int:
     if due_now:
         publish_deliveries(app, due_now)
     return images + len(due_now)
+
+
+@inspect_command()
+def synthguard_model(state: object) -> dict[str, object]:
+    """Remote control: the model this worker process holds (``synthguard models`` asks every worker)."""
+    scorer = _scorer
+    if scorer is None:
+        return {"loaded": False}
+    detector = scorer.detector
+    return {
+        "loaded": True,
+        "name": detector.name,
+        "version": detector.version,
+        "untrained": detector.untrained,
+        "device": str(detector.device),
+        "source": detector.source,
+        "ai_index": detector.ai_index,
+        "batch_size": scorer.settings.batch_size,
+        "concurrency": scorer.settings.concurrency,
+    }
