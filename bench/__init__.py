@@ -1,0 +1,1 @@
+"""Benchmarks for synthguard: `python bench/run.py [--quick]`. They print tables; they are not tests."""

@@ -1,0 +1,802 @@
+#!/usr/bin/env python
+"""synthguard benchmark: `python bench/run.py [--quick]`. Prints tables; asserts nothing.
+
+Same machine, same images, same run:
+  1. ceilings: the model alone (ready tensors, best batch size) and decoding alone;
+  2. naive baseline: one Celery task per image (bench/naive.py, prefork, one process per core);
+  3. synthguard: images in a moto S3 server, enqueued through a real `python -m worker.cli api`,
+     scored by a real `python -m worker.cli worker`, stored in PostgreSQL;
+  4. levers: SYNTHGUARD_CONCURRENCY and SYNTHGUARD_BATCH_SIZE;
+  5. latency: realtime enqueue-to-stored p50/p95 idle and under a bulk backfill;
+  6. JPEG DCT-scaled decode (Pillow draft): speed and score drift (not a service default).
+
+Services it needs: Redis (db 10), PostgreSQL (database synthguard_bench, created and
+dropped here). Nothing is downloaded: the checkpoint is built with timm, pretrained=False.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+for _name in list(os.environ):
+    if _name.startswith("SYNTHGUARD_"):
+        del os.environ[_name]
+
+from bench import procstat  # noqa: E402
+
+PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_DB = "synthguard_bench"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+ARCH = "tf_mobilenetv3_large_100"
+FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+# name -> (width, height, format)
+SETS = {
+    "jpeg-1024": (1024, 1024, "JPEG"),
+    "png-1024": (1024, 1024, "PNG"),
+    "jpeg-12mp": (4000, 3000, "JPEG"),
+}
+SIZES = {
+    # images per set, unique images per set, backfill size, realtime probes, probe interval (s)
+    "quick": {"n": {"jpeg-1024": 60, "png-1024": 40, "jpeg-12mp": 16}, "unique": 4, "backfill": 200,
+              "probes": 8, "interval": 0.3, "ceiling_s": 1.5, "levers": [(4, 32), (8, 8)]},
+    "full": {"n": {"jpeg-1024": 500, "png-1024": 240, "jpeg-12mp": 90}, "unique": 8, "backfill": 1000,
+             "probes": 20, "interval": 0.3, "ceiling_s": 3.0,
+             "levers": [(2, 32), (4, 32), (16, 32), (8, 8), (8, 64)]},
+}
+
+LOG = print
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------------- images
+
+
+def photo_like(width: int, height: int, seed: int):  # type: ignore[no-untyped-def]
+    """A synthetic photo-like RGB image: smooth colour fields, shapes, sensor-like noise."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    base = Image.fromarray(low).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(base)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(width // 30, width // 5))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=colour)
+        else:
+            draw.rectangle((x0 - r, y0 - r // 2, x0 + r, y0 + r // 2), fill=colour)
+    base = base.filter(ImageFilter.GaussianBlur(radius=max(1, width // 800)))
+    arr = np.asarray(base, dtype=np.int16)
+    # texture: mid-frequency noise plus per-pixel sensor noise
+    tex = rng.normal(0, 10, size=(height // 4, width // 4, 1)).astype(np.float32)
+    tex_img = Image.fromarray(np.clip(tex[:, :, 0] + 128, 0, 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+    arr = arr + (np.asarray(tex_img, dtype=np.int16)[:, :, None] - 128)
+    arr = arr + rng.normal(0, 4, size=arr.shape).astype(np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_set(name: str, unique: int) -> list[bytes]:
+    width, height, fmt = SETS[name]
+    out = []
+    for i in range(unique):
+        img = photo_like(width, height, seed=zlib.crc32(f"{name}/{i}".encode()))
+        buf = io.BytesIO()
+        if fmt == "JPEG":
+            img.save(buf, "JPEG", quality=92 if width > 2000 else 90)
+        else:
+            img.save(buf, "PNG", compress_level=6)
+        out.append(buf.getvalue())
+    return out
+
+
+# --------------------------------------------------------------------- services
+
+
+class Proc:
+    """A subprocess in its own session, its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path, ready: str | None = None,
+                 timeout: float = 180.0) -> None:
+        self.name = name
+        self.log_path = logdir / f"{name}-{secrets.token_hex(2)}.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, env=env, cwd=str(REPO), stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        if ready:
+            deadline = time.monotonic() + timeout
+            while ready not in self.log_path.read_text(errors="replace"):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{name} did not start:\n{self.log_path.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+class Env:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+        self.pg_url = ""
+        self.s3_url = ""
+        self.checkpoint = workdir / "model.safetensors"
+
+    def start(self) -> None:
+        import boto3
+        import redis
+        from sqlalchemy import create_engine
+        from sqlalchemy.engine import make_url
+
+        from worker.db import upgrade
+
+        r = redis.Redis.from_url(REDIS_URL)
+        r.flushdb()
+        r.close()
+        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+            conn.exec_driver_sql(f'CREATE DATABASE "{PG_DB}"')
+        admin.dispose()
+        self.pg_url = make_url(PG_ADMIN).set(database=PG_DB).render_as_string(hide_password=False)
+        upgrade(self.pg_url)
+
+        port = free_port()
+        self.s3_url = f"http://127.0.0.1:{port}"
+        moto = Proc("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                    dict(os.environ), self.workdir)
+        self.procs.append(moto)
+        self.moto = moto
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto did not start") from None
+                time.sleep(0.05)
+        self.s3 = boto3.client("s3", endpoint_url=self.s3_url)
+        self.s3.create_bucket(Bucket="bench")
+        self._build_checkpoint()
+
+    def _build_checkpoint(self) -> None:
+        import timm
+        import torch
+        from safetensors.torch import save_file
+
+        torch.manual_seed(1234)
+        model = timm.create_model(ARCH, num_classes=2, pretrained=False)
+        with torch.no_grad():
+            model.classifier.weight.mul_(60.0)  # scores spread over (0, 1), as in tests/conftest.py
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(self.checkpoint))
+
+    def service_env(self, **overrides: object) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "PYTHONPATH": str(REPO),
+            "SYNTHGUARD_DATABASE_URL": self.pg_url,
+            "SYNTHGUARD_BROKER_URL": REDIS_URL,
+            "SYNTHGUARD_S3_ENDPOINT_URL": self.s3_url,
+            "SYNTHGUARD_MODEL_CHECKPOINT": str(self.checkpoint),
+            "SYNTHGUARD_DEVICE": "cpu",
+            "SYNTHGUARD_METRICS_PORT": "0",
+            "SYNTHGUARD_LOG_FORMAT": "text",
+            "SYNTHGUARD_API_RATE_LIMIT_PER_MINUTE": "0",
+            "SYNTHGUARD_STALE_AFTER_S": "3600",
+        })
+        env.update({f"SYNTHGUARD_{k.upper()}": str(v) for k, v in overrides.items()})
+        return env
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+            except Exception as exc:  # noqa: BLE001
+                LOG(f"  (could not stop {proc.name}: {exc})")
+        self.procs.clear()
+        try:
+            import redis
+            from sqlalchemy import create_engine
+
+            r = redis.Redis.from_url(REDIS_URL)
+            r.flushdb()
+            r.close()
+            admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+            admin.dispose()
+        except Exception as exc:  # noqa: BLE001
+            LOG(f"  (cleanup: {exc})")
+
+
+# --------------------------------------------------------------------- ceilings
+
+
+def timed_rate(fn, count_per_call: int, min_s: float) -> float:  # type: ignore[no-untyped-def]
+    fn()  # warm-up
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_s and calls >= 2:
+            return calls * count_per_call / elapsed
+
+
+def ceilings(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
+    import torch
+
+    from worker.detector import Detector
+    from worker.imaging import decode_image
+    from worker.settings import Settings
+
+    settings = Settings(model_checkpoint=str(env.checkpoint), device="cpu", database_url="sqlite://")
+    det = Detector.from_settings(settings)
+    out: dict = {"model": {}, "decode": {}, "decode_pre": {}, "torch_threads": torch.get_num_threads()}
+    x = torch.randn(3, 224, 224)
+    for bs in (1, 8, 32, 64):
+        batch = [x] * bs
+        out["model"][bs] = timed_rate(lambda b=batch: det.predict(b), bs, min_s)
+        LOG(f"  model batch {bs}: {out['model'][bs]:.1f} img/s")
+    cores = os.cpu_count() or 1
+    for name, blobs in images.items():
+        def dec(b: bytes) -> None:
+            decode_image(b, max_pixels=100_000_000)
+
+        def dec_pre(b: bytes) -> None:
+            det.preprocess(decode_image(b, max_pixels=100_000_000).image)
+
+        for key, f in (("decode", dec), ("decode_pre", dec_pre)):
+            per_call = len(blobs) * 2
+            with ThreadPoolExecutor(cores) as pool:
+                rate = timed_rate(lambda f=f, blobs=blobs: list(pool.map(f, blobs * 2)), per_call, min_s)
+            out[key][name] = rate
+        LOG(f"  {name}: decode {out['decode'][name]:.1f} img/s, decode+preprocess {out['decode_pre'][name]:.1f} img/s")
+    out["model_best"] = max(out["model"].values())
+    out["model_best_batch"] = max(out["model"], key=out["model"].get)
+    return out
+
+
+# ------------------------------------------------------------------ DCT lever
+
+
+def dct_lever(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
+    """Pillow draft (libjpeg DCT scaling to >= the resize size) vs the service decode: speed and drift."""
+    from PIL import Image, ImageOps
+
+    from worker.detector import Detector
+    from worker.imaging import decode_image
+    from worker.settings import Settings
+
+    det = Detector.from_settings(Settings(model_checkpoint=str(env.checkpoint), device="cpu", database_url="sqlite://"))
+    short = int(round(det.data_config["input_size"][-1] / det.data_config.get("crop_pct", 1.0)))
+
+    def draft(b: bytes):  # type: ignore[no-untyped-def]
+        im = Image.open(io.BytesIO(b))
+        im.draft("RGB", (short, short))
+        return ImageOps.exif_transpose(im.convert("RGB"))
+
+    def ref(b: bytes):  # type: ignore[no-untyped-def]
+        return decode_image(b, max_pixels=100_000_000).image
+
+    out: dict = {"speed": {}, "drift": {}, "short_side": short}
+    cores = os.cpu_count() or 1
+    for name, blobs in images.items():
+        if SETS[name][2] != "JPEG":
+            continue
+        rates = {}
+        for label, f in (("reference", ref), ("draft", draft)):
+            with ThreadPoolExecutor(cores) as pool:
+                rates[label] = timed_rate(lambda f=f: list(pool.map(lambda b: det.preprocess(f(b)), blobs * 2)),
+                                          len(blobs) * 2, min_s)
+        out["speed"][name] = rates
+        LOG(f"  {name}: decode+preprocess reference {rates['reference']:.1f} img/s, draft {rates['draft']:.1f} img/s")
+    fixture_jpegs = sorted(p for p in FIXTURES.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg") and p.parent.name != "bad")
+    samples = [(p.parent.name + "/" + p.name, p.read_bytes()) for p in fixture_jpegs]
+    for name, blobs in images.items():
+        if SETS[name][2] == "JPEG":
+            samples += [(f"synthetic {name} #{i}", b) for i, b in enumerate(blobs)]
+    import torch
+
+    def margin(x):  # type: ignore[no-untyped-def]
+        with torch.inference_mode():
+            logits = det.model(x.unsqueeze(0))[0]
+        return float(logits[det.ai_index] - logits[1 - det.ai_index])
+
+    for label, blob in samples:
+        try:
+            xa, xb = det.preprocess(ref(blob)), det.preprocess(draft(blob))
+            a, b = det.predict([xa])[0], det.predict([xb])[0]
+            out["drift"][label] = (a, b, margin(xa), margin(xb))
+        except Exception as exc:  # noqa: BLE001
+            out["drift"][label] = (None, f"{type(exc).__name__}")
+    return out
+
+
+# ------------------------------------------------------------------- pipelines
+
+
+def upload(env: Env, prefix: str, blobs: list[bytes], n: int, ext: str) -> list[str]:
+    keys = [f"{prefix}/{i:05d}.{ext}" for i in range(n)]
+
+    def put(i: int) -> None:
+        env.s3.put_object(Bucket="bench", Key=keys[i], Body=blobs[i % len(blobs)])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, range(n)))
+    return keys
+
+
+class Api:
+    def __init__(self, env: Env) -> None:
+        import httpx
+        from worker.clients import create_client
+        from worker.db import get_sessionmaker
+
+        self.sessions = get_sessionmaker(env.pg_url)
+        with self.sessions.begin() as session:
+            self.key = create_client(session, "bench").api_key
+        port = free_port()
+        self.proc = Proc("api", [sys.executable, "-m", "worker.cli", "api", "--port", str(port)], env.service_env(),
+                         env.workdir)
+        env.procs.append(self.proc)
+        self.base = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=self.base, timeout=120, headers={"Authorization": f"Bearer {self.key}"})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.http.get("/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("api did not start")
+            time.sleep(0.1)
+
+    def scan(self, keys: list[str], priority: str) -> str:
+        ids = []
+        for i in range(0, len(keys), 1000):
+            resp = self.http.post("/v1/scans", json={"objects": [{"bucket": "bench", "key": k} for k in keys[i:i + 1000]],
+                                                      "priority": priority})
+            resp.raise_for_status()
+            ids.append(resp.json()["id"])
+        return ",".join(ids)
+
+    def progress(self, scan_ids: list[str]) -> tuple[int, int, datetime | None]:
+        from sqlalchemy import text
+
+        with self.sessions() as session:
+            row = session.execute(text(
+                "SELECT count(*) FILTER (WHERE state IN ('done','failed')), count(*) FILTER (WHERE state='failed'), "
+                "max(completed_at) FROM images WHERE scan_id = ANY(CAST(:ids AS uuid[]))"),
+                {"ids": scan_ids}).one()
+        return int(row[0]), int(row[1]), row[2]
+
+    def wait(self, scan_ids: list[str], n: int, timeout: float = 1800) -> tuple[int, datetime | None]:
+        deadline = time.monotonic() + timeout
+        while True:
+            done, failed, last = self.progress(scan_ids)
+            if done >= n:
+                return failed, last
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out: {done}/{n} done")
+            time.sleep(0.1)
+
+    def latencies(self, scan_ids: list[str]) -> list[float]:
+        from sqlalchemy import text
+
+        with self.sessions() as session:
+            rows = session.execute(text(
+                "SELECT extract(epoch FROM completed_at - created_at) FROM images "
+                "WHERE scan_id = ANY(CAST(:ids AS uuid[])) AND completed_at IS NOT NULL"), {"ids": scan_ids}).all()
+        return [float(r[0]) for r in rows]
+
+
+def start_worker(env: Env, concurrency: int, batch_size: int) -> Proc:
+    port = free_port()
+    proc = Proc(f"worker-c{concurrency}-b{batch_size}", [sys.executable, "-m", "worker.cli", "worker", "--loglevel=INFO"],
+                env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port), env.workdir,
+                ready=" ready.")
+    proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
+    env.procs.append(proc)
+    return proc
+
+
+def scrape(worker: Proc) -> dict[str, float]:
+    """Sums and counts of the worker's stage and batch histograms (its Prometheus /metrics)."""
+    import httpx
+
+    out: dict[str, float] = {}
+    try:
+        text_ = httpx.get(worker.metrics_url, timeout=10).text  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        return out
+    for line in text_.splitlines():
+        if line.startswith("synthguard_stage_seconds_sum") or line.startswith("synthguard_stage_seconds_count"):
+            name, value = line.rsplit(" ", 1)
+            stage_ = name.split('stage="')[1].split('"')[0]
+            out[("sum:" if "_sum" in name else "count:") + stage_] = float(value)
+        elif line.startswith("synthguard_batch_size_sum ") or line.startswith("synthguard_batch_size_count "):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def run_synthguard(env: Env, api: Api, worker: Proc, keys: list[str], warm_keys: list[str]) -> dict:
+    ids = api.scan(warm_keys, "bulk").split(",")
+    api.wait(ids, len(warm_keys))
+    before = scrape(worker)
+    meter = procstat.Meter([worker.pid])
+    t0 = datetime.now(UTC)
+    scan_ids = api.scan(keys, "bulk").split(",")
+    failed, last = api.wait(scan_ids, len(keys))
+    stats = meter.stop()
+    after = scrape(worker)
+    elapsed = (last - t0).total_seconds() if last else float("nan")
+    stages = {k: after[k] - before.get(k, 0.0) for k in after}
+    return {"n": len(keys), "failed": failed, "seconds": elapsed, "rate": len(keys) / elapsed, "stages": stages, **stats}
+
+
+def run_naive(env: Env, sets: dict[str, list[str]], warm_keys: list[str]) -> dict:
+    import psycopg
+
+    os.environ["BENCH_DATABASE_URL"] = env.pg_url
+    os.environ["BENCH_BROKER_URL"] = REDIS_URL
+    from bench import naive
+
+    naive.app.conf.broker_url = REDIS_URL
+    naive.ensure_table()
+    cores = os.cpu_count() or 1
+    nenv = env.service_env()
+    nenv.update({"BENCH_BROKER_URL": REDIS_URL, "BENCH_DATABASE_URL": env.pg_url, "BENCH_S3_ENDPOINT_URL": env.s3_url,
+                 "BENCH_CHECKPOINT": str(env.checkpoint), "BENCH_TORCH_THREADS": "1"})
+    worker = Proc("naive", [sys.executable, "-m", "celery", "-A", "bench.naive", "worker", "-P", "prefork",
+                            "-c", str(cores), "-Q", naive.QUEUE, "--loglevel=INFO", "--without-gossip",
+                            "--without-mingle"], nenv, env.workdir, ready=" ready.")
+    env.procs.append(worker)
+    dsn = env.pg_url.replace("postgresql+psycopg://", "postgresql://")
+
+    def count(run: str) -> tuple[int, int, datetime | None]:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SELECT count(*), count(error), max(completed_at) FROM bench_naive_results WHERE run=%s",
+                               (run,)).fetchone()
+        return int(row[0]), int(row[1]), row[2]
+
+    def go(run: str, keys: list[str]) -> tuple[int, datetime | None]:
+        for k in keys:
+            naive.app.send_task("bench.naive.score", args=[run, "bench", k], queue=naive.QUEUE)
+        while True:
+            n, errors, last = count(run)
+            if n >= len(keys):
+                return errors, last
+            time.sleep(0.1)
+
+    out = {}
+    try:
+        go("warmup", warm_keys * cores)
+        for name, keys in sets.items():
+            meter = procstat.Meter([worker.pid])
+            t0 = datetime.now(UTC)
+            errors, last = go(name, keys)
+            stats = meter.stop()
+            elapsed = (last - t0).total_seconds()
+            out[name] = {"n": len(keys), "failed": errors, "seconds": elapsed, "rate": len(keys) / elapsed, **stats}
+            LOG(f"  naive {name}: {out[name]['rate']:.2f} img/s ({len(keys)} images, {elapsed:.1f}s)")
+    finally:
+        worker.stop()
+        env.procs.remove(worker)
+    return out
+
+
+def latency(env: Env, api: Api, worker: Proc, rt_keys: list[str], backfill_keys: list[str], probes: int,
+            interval: float) -> dict:
+    def probe(keys: list[str]) -> list[str]:
+        ids = []
+        for k in keys:
+            ids.append(api.scan([k], "realtime"))
+            time.sleep(interval)
+        return ids
+
+    idle_ids = probe(rt_keys[:probes])
+    api.wait(idle_ids, probes)
+    idle = api.latencies(idle_ids)
+
+    t0 = datetime.now(UTC)
+    bulk_ids = api.scan(backfill_keys, "bulk").split(",")
+    time.sleep(1.0)
+    busy_ids = probe(rt_keys[probes:2 * probes])
+    done_at_last_probe, _, _ = api.progress(bulk_ids)
+    api.wait(busy_ids, probes)
+    busy = api.latencies(busy_ids)
+    _, last = api.wait(bulk_ids, len(backfill_keys))
+    backfill_s = (last - t0).total_seconds()
+    return {"idle": idle, "busy": busy, "backfill_n": len(backfill_keys), "backfill_done_at_last_probe": done_at_last_probe,
+            "backfill_s": backfill_s}
+
+
+# --------------------------------------------------------------------- report
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import timm
+    import torch
+
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) // 1024
+    return (f"{os.cpu_count()} CPU cores ({model}), {mem / 1024:.1f} GiB memory, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"timm {timm.__version__}; no GPU")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few images: a smoke run of every stage")
+    parser.add_argument("--output", default=str(REPO / "bench" / "last_run.md"), help="markdown tables written here")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: ceilings,naive,synthguard,levers,latency,dct")
+    args = parser.parse_args()
+    size = SIZES["quick" if args.quick else "full"]
+    skip = set(filter(None, args.skip.split(",")))
+    started = time.monotonic()
+    res: dict = {"size": "quick" if args.quick else "full", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                 "machine": machine(), "errors": {}}
+    LOG(f"synthguard bench ({res['size']}) on {res['machine']}")
+    workdir = Path(tempfile.mkdtemp(prefix="synthguard-bench-"))
+    env = Env(workdir)
+
+    def stage(name: str, fn):  # type: ignore[no-untyped-def]
+        if name in skip:
+            res["errors"][name] = "skipped (--skip)"
+            return None
+        LOG(f"\n== {name} ({time.monotonic() - started:.0f}s in)")
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - the rest of the bench still runs
+            import traceback
+
+            traceback.print_exc()
+            res["errors"][name] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    try:
+        LOG("setting up: redis db 10, postgres db synthguard_bench, moto S3, checkpoint")
+        env.start()
+        LOG("generating images")
+        images = {name: make_set(name, size["unique"]) for name in SETS}
+        for name, blobs in images.items():
+            LOG(f"  {name}: {len(blobs)} unique, mean {statistics.mean(len(b) for b in blobs) / 1e6:.2f} MB")
+        res["image_bytes"] = {n: statistics.mean(len(b) for b in blobs) for n, blobs in images.items()}
+        keys = {name: upload(env, name, images[name], size["n"][name], SETS[name][2].lower()) for name in SETS}
+        warm = upload(env, "warm", images["jpeg-1024"], 8, "jpeg")
+        res["ceilings"] = stage("ceilings", lambda: ceilings(env, images, size["ceiling_s"]))
+        res["dct"] = stage("dct", lambda: dct_lever(env, images, size["ceiling_s"]))
+        res["naive"] = stage("naive", lambda: run_naive(env, keys, warm[:2]))
+        api = stage("api", lambda: Api(env))
+        if api is not None:
+            def sg() -> dict:
+                out = {}
+                worker = start_worker(env, 8, 32)
+                try:
+                    for name in SETS:
+                        out[name] = run_synthguard(env, api, worker, keys[name], warm)
+                        LOG(f"  synthguard {name}: {out[name]['rate']:.2f} img/s ({out[name]['n']} images, "
+                            f"{out[name]['seconds']:.1f}s, {out[name]['failed']} failed)")
+                finally:
+                    worker.stop()
+                    env.procs.remove(worker)
+                return out
+
+            res["synthguard"] = stage("synthguard", sg)
+
+            def levers() -> dict:
+                out = {}
+                lever_keys = keys["jpeg-1024"]
+                for conc, bs in size["levers"]:
+                    worker = start_worker(env, conc, bs)
+                    try:
+                        r = run_synthguard(env, api, worker, lever_keys, warm)
+                    finally:
+                        worker.stop()
+                        env.procs.remove(worker)
+                    out[f"{conc},{bs}"] = r
+                    LOG(f"  concurrency {conc} batch {bs}: {r['rate']:.2f} img/s")
+                return out
+
+            res["levers"] = stage("levers", levers)
+
+            def lat() -> dict:
+                rt = upload(env, "rt", images["jpeg-1024"], 2 * size["probes"], "jpeg")
+                backfill = upload(env, "backfill", images["jpeg-1024"], size["backfill"], "jpeg")
+                worker = start_worker(env, 8, 32)
+                try:
+                    ids = api.scan(warm, "bulk").split(",")
+                    api.wait(ids, len(warm))
+                    r = latency(env, api, worker, rt, backfill, size["probes"], size["interval"])
+                finally:
+                    worker.stop()
+                    env.procs.remove(worker)
+                LOG(f"  idle p50 {pct(r['idle'], .5):.3f}s p95 {pct(r['idle'], .95):.3f}s; under backfill "
+                    f"p50 {pct(r['busy'], .5):.3f}s p95 {pct(r['busy'], .95):.3f}s")
+                return r
+
+            res["latency"] = stage("latency", lat)
+    finally:
+        env.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    res["total_s"] = time.monotonic() - started
+    Path(args.output).with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    report = render(res)
+    print("\n" + report)
+    Path(args.output).write_text(report + "\n")
+    print(f"\nwritten: {args.output} (and .json)")
+    return 0
+
+
+def render(res: dict) -> str:
+    out = [f"Run: `{res['size']}`, {res['date']}, {res['total_s']:.0f}s. Machine: {res['machine']}.", ""]
+    c = res.get("ceilings")
+    if c:
+        out += ["### Ceilings (bench process alone, all cores)", "",
+                table(["stage", "img/s"], [[f"model forward, batch {bs} (ready 224x224 tensors)", r]
+                                           for bs, r in c["model"].items()]), "",
+                table(["set", "decode img/s", "decode+preprocess img/s", "bound = 1/(1/model+1/(decode+pre)) img/s"],
+                      [[n, c["decode"][n], c["decode_pre"][n], bound(c, n)] for n in c["decode"]]), ""]
+    sg, nv = res.get("synthguard") or {}, res.get("naive") or {}
+    if sg or nv:
+        rows = []
+        for n in SETS:
+            s, v = sg.get(n), nv.get(n)
+            b = bound(c, n) if c else float("nan")
+            rows.append([n, v["n"] if v else "-", v["rate"] if v else "-", s["rate"] if s else "-",
+                         (s["rate"] / v["rate"]) if s and v else "-", (s["rate"] / b) if s and c else "-",
+                         f"{s['proc_cpu_pct']:.0f}% / {s['machine_busy_pct']:.0f}%" if s else "-",
+                         f"{v['proc_cpu_pct']:.0f}% / {v['machine_busy_pct']:.0f}%" if v else "-",
+                         f"{s['peak_rss_mib']:.0f}" if s else "-", f"{v['peak_rss_mib']:.0f}" if v else "-"])
+        out += ["### Throughput (first enqueue to last stored row)", "",
+                table(["set", "images", "naive img/s", "synthguard img/s", "synthguard/naive", "synthguard/bound",
+                       "synthguard CPU (worker / machine)", "naive CPU (workers / machine)",
+                       "synthguard peak RSS MiB", "naive peak RSS MiB (sum of processes)"], rows), ""]
+        fails = {f"{k} {n}": r["failed"] for k, d in (("synthguard", sg), ("naive", nv)) for n, r in d.items() if r["failed"]}
+        if fails:
+            out += [f"Failed images: {fails}", ""]
+    if sg:
+        names = ["fetch", "decode", "provenance", "preprocess", "queue_wait", "forward", "store"]
+        rows = []
+        for n, r in sg.items():
+            st = r.get("stages") or {}
+            cnt = st.get("count:decode") or r["n"]
+            row = [n]
+            for stg in names:
+                if stg == "forward":
+                    row.append(f"{1000 * st.get('sum:forward', float('nan')) / max(1.0, r['n']):.1f}")
+                else:
+                    row.append(f"{1000 * st.get('sum:' + stg, float('nan')) / cnt:.1f}")
+            bc = st.get("synthguard_batch_size_count", 0)
+            row.append(f"{st.get('synthguard_batch_size_sum', 0) / bc:.1f}" if bc else "-")
+            row.append(f"{r['seconds'] * 1000 / r['n']:.1f}")
+            rows.append(row)
+        out += ["### synthguard worker stages (its /metrics; ms per image, wall time inside each stage, threads overlap)", "",
+                table(["set", *names, "mean batch", "wall ms per image (1/throughput)"], rows), "",
+                "forward = forward-pass seconds per image (per batch time / images). Stage times are wall-clock and "
+                "concurrent threads overlap, so they add up to more than 1/throughput.", ""]
+    lv = res.get("levers")
+    if lv:
+        rows = [[k.split(",")[0], k.split(",")[1], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
+                for k, r in lv.items()]
+        if sg.get("jpeg-1024"):
+            r = sg["jpeg-1024"]
+            rows.insert(0, ["8 (default)", "32 (default)", r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"])
+        out += ["### Levers (jpeg-1024 set)", "", table(["SYNTHGUARD_CONCURRENCY", "SYNTHGUARD_BATCH_SIZE", "img/s",
+                                                         "worker CPU", "worker peak RSS MiB"], rows), ""]
+    la = res.get("latency")
+    if la:
+        rows = [["idle", len(la["idle"]), pct(la["idle"], .5), pct(la["idle"], .95), max(la["idle"])],
+                [f"under a {la['backfill_n']}-image bulk backfill", len(la["busy"]), pct(la["busy"], .5),
+                 pct(la["busy"], .95), max(la["busy"])]]
+        out += ["### Realtime latency, enqueue (row created) to stored (jpeg-1024)", "",
+                table(["condition", "probes", "p50 s", "p95 s", "max s"], rows), "",
+                f"Backfill: {la['backfill_done_at_last_probe']}/{la['backfill_n']} done when the last probe was sent; "
+                f"it took {la['backfill_s']:.1f}s. p95 busy/idle = {pct(la['busy'], .95) / pct(la['idle'], .95):.2f}x.", ""]
+    d = res.get("dct")
+    if d:
+        out += [f"### JPEG DCT-scaled decode (Pillow draft to >= {d['short_side']}px short side), not a service default", "",
+                table(["set", "reference decode+preprocess img/s", "draft decode+preprocess img/s", "speed-up"],
+                      [[n, r["reference"], r["draft"], r["draft"] / r["reference"]] for n, r in d["speed"].items()]), ""]
+        vals = [(k, v) for k, v in d["drift"].items() if len(v) == 4]
+        rows = [[k, f"{a:.4f}", f"{b:.4f}", f"{abs(a - b):.4f}", f"{ma:.2f}", f"{mb:.2f}", f"{abs(ma - mb):.3f}"]
+                for k, (a, b, ma, mb) in vals]
+        out += [table(["image", "score (reference)", "score (draft)", "abs score drift", "logit margin (ref)",
+                       "logit margin (draft)", "abs margin drift"], rows), ""]
+        if rows:
+            drifts = [abs(v[0] - v[1]) for _, v in vals]
+            mdrifts = [abs(v[2] - v[3]) for _, v in vals]
+            flips = sum((v[0] >= 0.5) != (v[1] >= 0.5) for _, v in vals)
+            out += [f"Drift over {len(rows)} images: score mean {statistics.mean(drifts):.4f}, max {max(drifts):.4f}; "
+                    f"logit margin mean {statistics.mean(mdrifts):.3f}, max {max(mdrifts):.3f}; "
+                    f"{flips} verdicts flip at 0.5 "
+                    "(test checkpoint with random weights, scaled classifier; the published weights may drift differently).", ""]
+    if res["errors"]:
+        out += ["### Not measured", ""] + [f"- {k}: {v}" for k, v in res["errors"].items()] + [""]
+    out += ["GPU: not measured (no GPU lent to this session)."]
+    return "\n".join(out)
+
+
+def bound(c: dict, name: str) -> float:
+    return 1.0 / (1.0 / c["model_best"] + 1.0 / c["decode_pre"][name])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
