@@ -316,7 +316,7 @@ def dct_lever(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
     from worker.settings import Settings
 
     det = Detector.from_settings(Settings(model_checkpoint=str(env.checkpoint), device="cpu", database_url="sqlite://"))
-    short = int(round(det.data_config["input_size"][-1] / det.data_config.get("crop_pct", 1.0)))
+    short = round(det.data_config["input_size"][-1] / det.data_config.get("crop_pct", 1.0))
 
     def draft(b: bytes):  # type: ignore[no-untyped-def]
         im = Image.open(io.BytesIO(b))
