@@ -334,8 +334,11 @@ def dct_lever(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
         rates = {}
         for label, f in (("reference", ref), ("draft", draft)):
             with ThreadPoolExecutor(cores) as pool:
-                rates[label] = timed_rate(lambda f=f: list(pool.map(lambda b: det.preprocess(f(b)), blobs * 2)),
-                                          len(blobs) * 2, min_s)
+                rates[label] = timed_rate(
+                    lambda f=f, blobs=blobs: list(pool.map(lambda b: det.preprocess(f(b)), blobs * 2)),
+                    len(blobs) * 2,
+                    min_s,
+                )
         out["speed"][name] = rates
         LOG(f"  {name}: decode+preprocess reference {rates['reference']:.1f} img/s, draft {rates['draft']:.1f} img/s")
     fixture_jpegs = sorted(p for p in FIXTURES.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg") and p.parent.name != "bad")
