@@ -380,6 +380,7 @@ def upload(env: Env, prefix: str, blobs: list[bytes], n: int, ext: str) -> list[
 class Api:
     def __init__(self, env: Env) -> None:
         import httpx
+
         from worker.clients import create_client
         from worker.db import get_sessionmaker
 
