@@ -3,7 +3,8 @@
 One module per concept: ``auth`` (API keys, rate limit), ``scans`` and
 ``events`` (the endpoints producers call), ``operations`` (health, readiness,
 metrics), ``problems`` (every error as RFC 9457 problem details), ``schemas``
-(bodies and their documentation), ``bodylimit`` and ``metrics`` (middleware).
+(bodies and their documentation), ``bodylimit`` and ``requestlog`` (middleware: body cap;
+metrics, access log and request ids), ``metrics`` (the API's Prometheus metrics).
 The API never migrates the database: operators run ``synthguard db upgrade``.
 """
 
@@ -26,10 +27,9 @@ from worker.settings import Settings, get_settings
 
 from . import events, operations, scans, webhooks
 from .bodylimit import BodyLimitMiddleware
-from .metrics import MetricsMiddleware
 from .problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
 from .ratelimit import RateLimiter
-from .requestlog import RequestLogMiddleware
+from .requestlog import RequestObserver
 from .schemas import MAX_EVENT_RECORDS, MAX_METADATA_BYTES, MAX_OBJECTS
 from .state import ApiState
 
@@ -74,7 +74,9 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         settings = get_settings()
         if settings.log_format is not None and not logs.is_configured():
             # A server process uvicorn started itself (--workers > 1): nobody configured it.
-            logs.configure_logging(settings.log_format, logging.INFO, log_object_keys=settings.log_object_keys)
+            logs.configure_logging(
+                settings.log_format, logging.INFO, log_object_keys=settings.log_object_keys
+            )
         if celery is None:
             # The process-wide app is built from the same environment: share its broker pool.
             from worker.celery_app import app as celery
@@ -108,15 +110,10 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(operations.router)
-    # Added last is outermost: metrics also count what the body limit refuses.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    # Added last is outermost: requests the body limit refuses are counted and logged too.
     app.add_middleware(
-        MetricsMiddleware,
-        routes=_plain_routes(app, scans.router, events.router, webhooks.router, operations.router),
-    )
-    # Outermost, so that requests refused by the body limit get their access line too.
-    app.add_middleware(
-        RequestLogMiddleware,
+        RequestObserver,
         routes=_plain_routes(app, scans.router, events.router, webhooks.router, operations.router),
     )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

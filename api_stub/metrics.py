@@ -1,4 +1,4 @@
-"""Prometheus metrics of the API, and the middleware that counts requests.
+"""Prometheus metrics of the API (recorded per request by ``requestlog.RequestObserver``).
 
 Metrics are defined once, at import: ``create_app`` may run many times in one
 process (tests), and a second registration of the same name would fail.
@@ -9,8 +9,6 @@ Under ``uvicorn --workers N`` set ``PROMETHEUS_MULTIPROC_DIR`` so that
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,8 +18,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUESTS = Counter(
     "synthguard_api_requests_total",
@@ -44,9 +40,6 @@ IMAGES_ENQUEUED = Counter(
     ["priority"],
 )
 
-# Paths that match no route share one label: raw paths would grow the series without bound.
-UNMATCHED = "unmatched"
-
 
 def render() -> tuple[bytes, str]:
     """The text exposition of every metric, and its content type."""
@@ -57,48 +50,3 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-
-
-def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
-    """The template of the route ``scope`` goes to (``/v1/scans/{scan_id}``), not the raw path."""
-    partial = None
-    for route in routes:
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            return str(getattr(route, "path", UNMATCHED))
-        if match is Match.PARTIAL and partial is None:  # right path, wrong method: a 405
-            partial = str(getattr(route, "path", UNMATCHED))
-    return partial or UNMATCHED
-
-
-class MetricsMiddleware:
-    """Counts and times every HTTP request, including those refused before routing.
-
-    ``routes`` are matched here, before the app runs, so that a request the
-    body limit refuses still counts under its route.
-    """
-
-    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
-        self.app = app
-        self.routes = list(routes)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        method = scope["method"]
-        route = route_template(scope, self.routes)
-        status = 500  # what the server answers when the app raises before responding
-        started = time.perf_counter()
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            REQUEST_DURATION.labels(method, route).observe(time.perf_counter() - started)
-            REQUESTS.labels(method, route, str(status)).inc()
