@@ -609,6 +609,85 @@ def test_watermark_decoder_uses_opencv_colour_conversion_bit_for_bit() -> None:
     assert np.array_equal(provenance._u_plane(rgb, swapped=True), swapped)
 
 
+def test_u_plane_matches_opencv_for_every_colour() -> None:
+    """The float32 arithmetic is exact for all 2**24 colours, in both channel orders."""
+    cv2 = pytest.importorskip("cv2")
+    colours = np.arange(1 << 24, dtype=np.uint32)
+    for chunk in np.split(colours, 16):  # 1M colours at a time: bounded memory
+        rgb = np.stack([chunk >> 16, (chunk >> 8) & 255, chunk & 255], axis=-1).astype(np.uint8)
+        rgb = rgb.reshape(1024, 1024, 3)
+        bgr_u = cv2.cvtColor(np.ascontiguousarray(rgb[..., ::-1]), cv2.COLOR_BGR2YUV)[..., 1]
+        assert np.array_equal(provenance._u_plane(rgb, swapped=False), bgr_u)
+        assert np.array_equal(
+            provenance._u_plane(rgb, swapped=True), cv2.cvtColor(rgb, cv2.COLOR_BGR2YUV)[..., 1]
+        )
+
+
+def test_float_haar_ll_is_the_half_sum_or_a_hair_above() -> None:
+    """What the integer block bits rest on, over every 8-bit input of a 2x2 block.
+
+    PyWavelets' float LL of U values a, b (one column) and c, d (the next) is
+    (a + b + c + d) / 2 or at most 1.2e-13 above it, never below; so only a
+    half-sum of exactly 18 mod 36 needs the float ops to tell its bit.
+    """
+    tap = 0.7071067811865476
+    a, b = np.meshgrid(np.arange(256.0), np.arange(256.0), indexing="ij")
+    column = b * tap + a * tap  # every value one column of two pixels can give
+    assert np.array_equal(np.round(column / tap), a + b)  # so each value stands for one pair sum
+    values, first = np.unique(column, return_index=True)
+    pair_sums = (a + b).ravel()[first]
+    ll = values[None, :] * tap + values[:, None] * tap
+    exact = (pair_sums[None, :] + pair_sums[:, None]) / 2
+    excess = ll - exact
+    assert excess.min() >= 0 and excess.max() < 1.2e-13
+    assert np.count_nonzero(excess[exact % 36 == 18]) > 0  # the ties do occur
+
+
+def _reference_block_bits(rgb: np.ndarray, *, swapped: bool) -> np.ndarray:
+    """The decoder's bits the plain way: float64 U plane, PyWavelets' Haar ops, argmax per block."""
+    tap = 0.7071067811865476
+    u = provenance._u_plane(rgb, swapped=swapped).astype(np.float64)
+    rows = u[1::2, :] * tap + u[0::2, :] * tap
+    ll = rows[:, 1::2] * tap + rows[:, 0::2] * tap
+    nby, nbx = ll.shape[0] // 4, ll.shape[1] // 4
+    blocks = ll.reshape(nby, 4, nbx, 4).transpose(0, 2, 1, 3).reshape(nby, nbx, 16)
+    magnitudes = np.abs(blocks[..., 1:])
+    largest = np.take_along_axis(magnitudes, np.argmax(magnitudes, axis=-1)[..., None], axis=-1)[..., 0]
+    return ((largest % 36.0) > 18.0).ravel()
+
+
+@pytest.mark.parametrize("kind", ["noise", "near-flat", "photo"])
+def test_block_bits_match_the_float_reference_bit_for_bit(kind: str) -> None:
+    rng = np.random.default_rng(11)
+    if kind == "noise":
+        rgb = rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)
+    elif kind == "near-flat":  # grey with a blue cast: U near 135, block sums near 540 = 36 mod 72
+        grey = rng.integers(60, 64, (256, 320, 1))
+        rgb = np.concatenate([grey, grey, grey + rng.integers(14, 18, (256, 320, 1))], axis=-1)
+        rgb = (rgb + rng.integers(0, 2, (256, 320, 3))).astype(np.uint8)
+    else:
+        if not FIXTURES.is_dir():
+            pytest.skip("shared fixtures not found")
+        photo = decode_image((FIXTURES / "real" / "P1000827.jpg").read_bytes(), max_pixels=MAX_PIXELS)
+        rgb = np.asarray(photo.image)[:752, :1024]
+    planes = np.stack([provenance._u_plane(rgb, swapped=False), provenance._u_plane(rgb, swapped=True)])
+    bits = provenance._block_bits(planes)
+    assert np.array_equal(bits[0], _reference_block_bits(rgb, swapped=False))
+    assert np.array_equal(bits[1], _reference_block_bits(rgb, swapped=True))
+
+
+def test_watermark_read_does_not_depend_on_the_strip_size(
+    carriers: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marked = Image.fromarray(embed(carriers["generated"], SDXL_BITS, as_bgr=False))
+    whole = provenance._read_watermark(marked, provenance._Budget(10.0))
+    # 3 block rows a step: 128 rows end on a partial step.
+    monkeypatch.setattr(provenance, "WM_STRIP_PIXELS", 3 * 64 * 128)
+    stepped = provenance._read_watermark(marked, provenance._Budget(10.0))
+    assert stepped == whole
+    assert (whole.found, whole.evidence["payload"], whole.evidence["blocks"]) == (True, "SDXL", 128 * 128)
+
+
 def test_small_or_missing_images_are_not_checked() -> None:
     data = encode(gradient(), "PNG")
     assert signal(read_bytes(data), "sd_watermark").evidence["checked"] is False

@@ -100,10 +100,17 @@ _C2PA_MIME = {
 # blocks i, i+n, i+2n, ... in row-major order.
 WM_SCALE = 36.0
 WM_MIN_PIXELS = 256 * 256  # the encoder refuses smaller images
-WM_MAX_SCAN_PIXELS = 4_000_000  # the top rows only: more add votes, not information
-WM_STRIP_PIXELS = 524_288  # pixels converted per step: about 20 MB of temporaries per thread
+# The top rows only: more add votes, not information. Not less, though: marks weakened by
+# 4:2:0 JPEG need the votes (on a marked 12 MP photo a 1 MP cap lost an SDXL mark this finds).
+WM_MAX_SCAN_PIXELS = 4_000_000
+# Pixels converted per step: about 4 MB of float32 buffers per image, reused step to step.
+# Larger steps stop fitting the caches and cost page faults (fresh pages every step) that
+# outweigh the arithmetic; smaller ones pay numpy's per-call overhead.
+WM_STRIP_PIXELS = 131_072
 WM_FALSE_POSITIVE = 1e-8  # per payload and channel order, for an unmarked image
 _HAAR = 0.7071067811865476  # PyWavelets' Haar tap; same float ops give the same LL band bit for bit
+# OpenCV's BGR->YUV multipliers (14-bit fixed point) as float32: each is an integer over 2**14.
+_Y_RED, _Y_GREEN, _Y_BLUE, _U_BLUE_MINUS_Y = (np.float32(c / (1 << 14)) for c in (4899, 9617, 1868, 8061))
 
 
 def _payload_bits(data: bytes) -> np.ndarray:
@@ -1203,33 +1210,90 @@ def _read_exif_software(
 # ============================================================================ SD watermark
 
 
+def _u_planes(blue_red: np.ndarray, green: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit BGR->YUV U channel for both channel orders, bit-exact, into ``out``.
+
+    ``blue_red`` holds our blue and red planes (float32, integer values),
+    ``green`` our green plane, which is scaled in place. ``out[0]`` is the U
+    plane of an encoder handed BGR ("bgr"); ``out[1]`` of one handed RGB as if
+    it were BGR ("rgb", diffusers), whose "blue" was our red.
+
+    OpenCV computes Y = (4899 R + 9617 G + 1868 B + 2**13) >> 14 and
+    U = ((B - Y) * 8061 + (128 << 14) + 2**13) >> 14. Here every product and
+    partial sum is a multiple of 2**-14 below 2**8 in magnitude, i.e. needs at
+    most 22 significant bits, which float32 holds exactly, so floor() gives the
+    shifts bit for bit. U never leaves [3, 253] (B - Y is within +-255), so OpenCV's
+    saturation never applies.
+    """
+    green *= _Y_GREEN
+    green += 0.5  # OpenCV's rounding term, 2**13 / 2**14
+    np.multiply(blue_red[::-1], _Y_RED, out=out)
+    out += green
+    np.multiply(blue_red, _Y_BLUE, out=tmp)
+    out += tmp
+    np.floor(out, out=out)  # Y
+    np.subtract(blue_red, out, out=out)
+    out *= _U_BLUE_MINUS_Y
+    out += 128.5
+    np.floor(out, out=out)
+    return out
+
+
 def _u_plane(rgb: np.ndarray, *, swapped: bool) -> np.ndarray:
-    """OpenCV's 8-bit BGR->YUV U channel, bit-exact (its 14-bit fixed point, rounding and saturation).
+    """OpenCV's 8-bit BGR->YUV U channel of RGB pixels, bit-exact (float32 holding integers).
 
     ``swapped``: the encoder was handed RGB as if it were BGR (diffusers does
     this), so its "blue" was our red.
     """
-    r = rgb[..., 0].astype(np.int32)
-    g = rgb[..., 1].astype(np.int32)
-    b = rgb[..., 2].astype(np.int32)
-    if swapped:
-        r, b = b, r
-    y = (r * 4899 + g * 9617 + b * 1868 + (1 << 13)) >> 14
-    u = ((b - y) * 8061 + (128 << 14) + (1 << 13)) >> 14
-    return np.clip(u, 0, 255).astype(np.float64)
+    blue_red = np.stack([rgb[..., 2], rgb[..., 0]]).astype(np.float32)
+    out = np.empty_like(blue_red)
+    _u_planes(blue_red, rgb[..., 1].astype(np.float32), out, np.empty_like(out))
+    return out[1 if swapped else 0]
 
 
-def _block_bits(rgb: np.ndarray, *, swapped: bool) -> np.ndarray:
-    """The bit every 4x4 block of the U plane's Haar LL band carries, row-major."""
-    u = _u_plane(rgb, swapped=swapped)
-    # Haar LL exactly as PyWavelets computes it: rows, then columns.
-    rows = u[1::2, :] * _HAAR + u[0::2, :] * _HAAR
-    ll = rows[:, 1::2] * _HAAR + rows[:, 0::2] * _HAAR
-    nby, nbx = ll.shape[0] // 4, ll.shape[1] // 4
-    blocks = ll[: nby * 4, : nbx * 4].reshape(nby, 4, nbx, 4).transpose(0, 2, 1, 3).reshape(nby, nbx, 16)
-    magnitudes = np.abs(blocks[..., 1:])
-    largest = np.take_along_axis(magnitudes, np.argmax(magnitudes, axis=-1)[..., None], axis=-1)[..., 0]
-    return ((largest % WM_SCALE) > WM_SCALE / 2).ravel()
+# The bit of a block is "(LL mod 36) > 18" for its largest non-DC LL coefficient. Exactly,
+# LL is half the sum of a 2x2 pixel block of U; PyWavelets' float ops (a tap whose square is a
+# hair above 1/2) give that half-sum or at most 1.2e-13 above it, never below (checked over
+# every 8-bit input; a test does). Sums are integers, so the bit is "(sum mod 72) > 36", and
+# the largest float LL is the one of the largest sum, except at ties where LL is exactly
+# 18 mod 36 (sum mod 72 == 36): there the rounding decides, so the float ops are replayed.
+_SUM_PERIOD = int(2 * WM_SCALE)
+
+
+def _tie_bits(blocks: np.ndarray) -> np.ndarray:
+    """The bit of whole 8x8 U blocks through PyWavelets' float Haar LL, as the reference decoder gets it."""
+    u = blocks.astype(np.float64)
+    rows = u[:, 1::2, :] * _HAAR + u[:, 0::2, :] * _HAAR
+    ll = rows[:, :, 1::2] * _HAAR + rows[:, :, 0::2] * _HAAR
+    # U is never negative, so the largest magnitude is the largest value.
+    return (ll.reshape(len(ll), 16)[:, 1:].max(axis=1) % WM_SCALE) > WM_SCALE / 2
+
+
+def _block_bits(u: np.ndarray) -> np.ndarray:
+    """The bit every 4x4 block of each U plane's Haar LL band carries, row-major: (planes, blocks).
+
+    ``u``: U planes of shape (planes, rows, cols), rows and cols multiples of 8.
+    """
+    planes, rows, cols = u.shape
+    nby, nbx = rows // 8, cols // 8
+    pairs = u[:, 0::2] + u[:, 1::2]
+    sums = pairs[:, :, 0::2] + pairs[:, :, 1::2]  # twice the LL band, exact in float32
+    # Largest non-DC sum per 4x4 block: columns 1-3 of every row, then the rows.
+    quads = sums.reshape(planes, rows // 2, nbx, 4)
+    right = np.maximum(quads[..., 2], quads[..., 3])
+    np.maximum(right, quads[..., 1], out=right)
+    whole = np.maximum(right, quads[..., 0]).reshape(planes, nby, 4, nbx)
+    right = right.reshape(planes, nby, 4, nbx)
+    largest = np.maximum(whole[:, :, 1], whole[:, :, 2])
+    np.maximum(largest, whole[:, :, 3], out=largest)
+    np.maximum(largest, right[:, :, 0], out=largest)
+    phase = largest.astype(np.int16) % _SUM_PERIOD  # float remainder is several times slower
+    bits = phase > _SUM_PERIOD // 2
+    ties = np.flatnonzero(phase == _SUM_PERIOD // 2)
+    if ties.size:
+        plane, by, bx = np.unravel_index(ties, phase.shape)
+        bits.ravel()[ties] = _tie_bits(u.reshape(planes, nby, 8, nbx, 8)[plane, by, :, bx, :])
+    return bits.reshape(planes, nby * nbx)
 
 
 def _read_watermark(image: Image.Image | None, budget: _Budget) -> Signal:
@@ -1246,10 +1310,13 @@ def _read_watermark(image: Image.Image | None, budget: _Budget) -> Signal:
     rows_total = min(nby, max(1, WM_MAX_SCAN_PIXELS // (64 * nbx)))
     strip = max(1, WM_STRIP_PIXELS // (64 * nbx))
     # "bgr": the encoder was handed BGR, as the Stability reference scripts and sgm do;
-    # "rgb": it was handed RGB as if it were BGR, as diffusers does.
-    orders = (("bgr", False), ("rgb", True))
-    sums = {(o, p.name): np.zeros(len(p.bits)) for o, _ in orders for p in WM_PAYLOADS}
-    counts = {p.name: np.zeros(len(p.bits)) for p in WM_PAYLOADS}
+    # "rgb": it was handed RGB as if it were BGR, as diffusers does. Both come from the
+    # same channel loads, as index 0 and 1 of the arrays below.
+    orders = ("bgr", "rgb")
+    shape = (2, 8 * min(strip, rows_total), 8 * nbx)
+    blue_red, u, tmp = (np.empty(shape, np.float32) for _ in range(3))
+    green = np.empty(shape[1:], np.float32)
+    bits = np.empty((2, rows_total * nbx), np.uint8)
     error = None
     rows_done = 0
     for top in range(0, rows_total, strip):
@@ -1257,28 +1324,30 @@ def _read_watermark(image: Image.Image | None, budget: _Budget) -> Signal:
             error = f"time budget exceeded after {rows_done} of {rows_total} block rows"
             break
         bottom = min(rows_total, top + strip)
-        pixels = np.asarray(image.crop((0, 8 * top, 8 * nbx, 8 * bottom)))
-        index = np.arange(top * nbx, bottom * nbx)
-        for payload in WM_PAYLOADS:
-            counts[payload.name] += np.bincount(index % len(payload.bits), minlength=len(payload.bits))
-        for order, swapped in orders:
-            bits = _block_bits(pixels, swapped=swapped).astype(np.float64)
-            for payload in WM_PAYLOADS:
-                n = len(payload.bits)
-                sums[order, payload.name] += np.bincount(index % n, weights=bits, minlength=n)
+        n = 8 * (bottom - top)
+        pixels = image.crop((0, 8 * top, 8 * nbx, 8 * bottom))
+        # Pillow packs one band straight out of its 4-byte pixels: cheaper than split() or
+        # slicing an (n, cols, 3) array.
+        for plane, band in ((blue_red[0], "B"), (blue_red[1], "R"), (green, "G")):
+            np.copyto(plane[:n], np.frombuffer(pixels.tobytes("raw", band), np.uint8).reshape(n, -1))
+        _u_planes(blue_red[:, :n], green[:n], u[:, :n], tmp[:, :n])
+        bits[:, top * nbx : bottom * nbx] = _block_bits(u[:, :n])
         rows_done = bottom
     if rows_done == 0:
         return _missing("sd_watermark", error, checked=False)
+    blocks = rows_done * nbx
 
     candidates: dict[str, dict[str, Any]] = {}
     best: tuple[float, _Payload, dict[str, Any]] | None = None
     for payload in WM_PAYLOADS:
         n = len(payload.bits)
-        if counts[payload.name].min() < 1:
+        if blocks < n:  # some bit has no block
             continue
         needed = min_matching_bits(n)
-        for order, _ in orders:
-            votes = sums[order, payload.name] / counts[payload.name]
+        position = np.arange(blocks) % n  # bit i sits in blocks i, i+n, i+2n, ...
+        counts = np.bincount(position, minlength=n).astype(np.float64)
+        for index, order in enumerate(orders):
+            votes = np.bincount(position, weights=bits[index, :blocks], minlength=n) / counts
             # Threshold at the mean vote, not at 0.5: flat areas push every bit
             # the same way (the quantised value stops being the block's largest),
             # and that common bias cancels out here.
@@ -1300,7 +1369,7 @@ def _read_watermark(image: Image.Image | None, budget: _Budget) -> Signal:
     evidence: dict[str, Any] = {
         "method": "dwtDct",
         "checked": True,
-        "blocks": int(rows_done * nbx),
+        "blocks": int(blocks),
         "candidates": candidates,
     }
     if best is None:

@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""What provenance reading costs per image: `python bench/provenance_cost.py [--runs N] [--dump FILE]`.
+
+Times `worker.provenance.read_provenance` and each signal's reader alone, single
+thread, median of several runs, on synthetic photo-like images (1024 JPEG q90,
+1024 PNG, 4000x3000 JPEG q90) and on every file in the shared fixtures
+(real, generated, c2pa, formats) when they are there. Decoding is timed too,
+as the yardstick. Prints a table of ms per image; asserts nothing.
+
+`--dump FILE` writes each image's `read_provenance(...).to_json()`; `--compare
+FILE` reads such a dump back and lists every image whose findings differ, so a
+change to the readers can be checked for unchanged verdicts.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One thread, like one worker thread: nothing here may fan out over the cores.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from worker import provenance  # noqa: E402
+from worker.errors import PermanentError  # noqa: E402
+from worker.imaging import decode_image, sniff_format  # noqa: E402
+
+FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURE_FOLDERS = ("real", "generated", "c2pa", "formats")
+MAX_PIXELS = 100_000_000
+BUDGET_S = 60.0  # the per-reader timings must not be cut short by the budget
+
+# name -> (width, height, format, save options)
+SYNTHETIC: dict[str, tuple[int, int, str, dict[str, Any]]] = {
+    "synthetic jpeg-1024 q90": (1024, 1024, "JPEG", {"quality": 90}),
+    "synthetic png-1024": (1024, 1024, "PNG", {"compress_level": 6}),
+    "synthetic jpeg-4000x3000 q90": (4000, 3000, "JPEG", {"quality": 90}),
+}
+COLUMNS = (
+    "decode",
+    "read_provenance",
+    "container",
+    "c2pa",
+    "iptc_xmp",
+    "generation_params",
+    "exif_software",
+    "sd_watermark",
+)
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth colour gradients, a soft texture and per-pixel sensor noise, like a photo's statistics."""
+    rng = np.random.default_rng(seed)
+    corners = rng.integers(0, 256, size=(2, 2, 3)).astype(np.float32)
+    fy = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    fx = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
+    top = corners[0, 0] * (1 - fx) + corners[0, 1] * fx
+    bottom = corners[1, 0] * (1 - fx) + corners[1, 1] * fx
+    arr = top * (1 - fy) + bottom * fy
+    # A coarse random field, upsampled: mid-frequency texture.
+    coarse = rng.normal(0.0, 18.0, size=(height // 32 + 1, width // 32 + 1)).astype(np.float32)
+    texture = Image.fromarray(coarse, mode="F").resize((width, height), Image.BICUBIC)
+    arr += np.asarray(texture)[..., None]
+    arr += rng.normal(0.0, 4.0, size=arr.shape).astype(np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def images() -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    for seed, (name, (width, height, fmt, options)) in enumerate(SYNTHETIC.items()):
+        buf = io.BytesIO()
+        photo_like(width, height, seed).save(buf, fmt, **options)
+        out.append((name, buf.getvalue()))
+    if FIXTURES.is_dir():
+        for folder in FIXTURE_FOLDERS:
+            for path in sorted((FIXTURES / folder).glob("*")):
+                if path.is_file() and path.suffix.lower() != ".md" and not path.name.startswith("LICENSE"):
+                    out.append((f"{folder}/{path.name}", path.read_bytes()))
+    return out
+
+
+def median_ms(fn: Callable[[], object], runs: int) -> float:
+    fn()  # warm: lazy imports (c2pa's native library), caches
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def measure(data: bytes, runs: int) -> tuple[dict[str, float], dict[str, Any], str]:
+    """ms per reader (median of ``runs``), the findings, and the image's size."""
+    fmt = sniff_format(data)
+    image = decode_image(data, max_pixels=MAX_PIXELS).image
+    budget = provenance._Budget(BUDGET_S)
+    meta = provenance._collect(data, fmt, budget)
+    exif, exif_errors = provenance._exif_fields(meta)
+
+    def container() -> None:
+        provenance._exif_fields(provenance._collect(data, fmt, provenance._Budget(BUDGET_S)))
+
+    readers: dict[str, Callable[[], object]] = {
+        "decode": lambda: decode_image(data, max_pixels=MAX_PIXELS),
+        "read_provenance": lambda: provenance.read_provenance(data, fmt, image),
+        "container": container,
+        "c2pa": lambda: provenance._read_c2pa(data, fmt, meta, provenance._Budget(BUDGET_S)),
+        "iptc_xmp": lambda: provenance._read_xmp(meta, provenance._Budget(BUDGET_S)),
+        "generation_params": lambda: provenance._read_generation_params(
+            meta, exif, provenance._Budget(BUDGET_S)
+        ),
+        "exif_software": lambda: provenance._read_exif_software(meta, exif, exif_errors),
+        "sd_watermark": lambda: provenance._read_watermark(image, provenance._Budget(BUDGET_S)),
+    }
+    ms = {name: median_ms(fn, runs) for name, fn in readers.items()}
+    findings = provenance.read_provenance(data, fmt, image, budget_s=BUDGET_S).to_json()
+    return ms, findings, f"{image.width}x{image.height}"
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    diffs = []
+    for name in sorted(after):  # with --only, the images measured this time
+        if before.get(name) != after[name]:
+            old = json.dumps(before.get(name), sort_keys=True)
+            new = json.dumps(after.get(name), sort_keys=True)
+            diffs.append(f"{name}:\n  before {old}\n  after  {new}")
+    return diffs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per reader and image (median)")
+    parser.add_argument("--only", default="", help="only images whose name contains this")
+    parser.add_argument("--dump", type=Path, help="write every image's findings (to_json) here")
+    parser.add_argument("--compare", type=Path, help="a --dump file to compare the findings with")
+    args = parser.parse_args()
+
+    rows: list[list[str]] = []
+    dump: dict[str, Any] = {}
+    for name, data in images():
+        if args.only not in name:
+            continue
+        try:
+            ms, findings, size = measure(data, args.runs)
+        except PermanentError as exc:  # an undecodable fixture is reported, not fatal
+            rows.append([name, "-", exc.code, *[""] * len(COLUMNS)])
+            continue
+        dump[name] = findings
+        flagged = ",".join(n for n, s in findings["signals"].items() if s["ai"]) or "-"
+        rows.append([name, size, *(f"{ms[c]:.2f}" for c in COLUMNS), flagged])
+    print(f"ms per image, median of {args.runs} runs, single thread; numpy {np.__version__}")
+    print(table(rows, ["image", "size", *COLUMNS, "ai signals"]))
+    if args.dump:
+        args.dump.write_text(json.dumps(dump, indent=1, sort_keys=True))
+        print(f"findings written to {args.dump}")
+    if args.compare:
+        diffs = compare(json.loads(args.compare.read_text()), dump)
+        print("\n".join(diffs) if diffs else f"findings identical to {args.compare} on {len(dump)} images")
+
+
+if __name__ == "__main__":
+    main()
