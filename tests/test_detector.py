@@ -461,11 +461,26 @@ def test_ai_index_out_of_range(settings_factory) -> None:
 
 
 def test_preprocess_is_timms_eval_transform(detector: Detector, images, tensors) -> None:
+    """uint8 pixels on the CPU, normalised batched on the device: bit for bit timm's float transform."""
     assert detector.data_config["input_size"] == (3, 224, 224)
-    for image, expected in zip(images, tensors, strict=True):
-        out = detector.preprocess(image)
-        assert out.device.type == "cpu" and out.dtype == torch.float32 and out.shape == (3, 224, 224)
-        assert torch.equal(out, expected)
+    pixels = [detector.preprocess(image) for image in images]
+    for out in pixels:
+        assert out.device.type == "cpu" and out.dtype == torch.uint8 and out.shape == (3, 224, 224)
+    model_input = detector.normalise(torch.stack(pixels))
+    assert model_input.dtype == torch.float32
+    assert torch.equal(model_input, torch.stack(tensors))
+
+
+def test_uint8_and_float_inputs_score_alike(detector: Detector, images, tensors) -> None:
+    assert detector.predict([detector.preprocess(image) for image in images]) == detector.predict(tensors)
+    with pytest.raises(ValueError, match="one dtype"):
+        detector.predict([detector.preprocess(images[0]), tensors[0]])
+
+
+def test_float_precision_only_on_cpu(settings_factory) -> None:
+    assert Detector.from_settings(settings_factory(precision="auto")).precision == "float32"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        Detector.from_settings(settings_factory(precision="float16"))
 
 
 def test_preprocess_converts_to_rgb(detector: Detector, images) -> None:

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         "when it has them, else 0 (the reference pipeline's order).",
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    precision: Literal["auto", "float32", "tf32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="Arithmetic of the forward pass. float32 is the reference (strict IEEE, TF32 off) and "
+        "what auto means on every device; tf32, float16 and bfloat16 (autocast) are faster on a GPU but "
+        "move scores by more than 1e-3 (see bench/RESULTS.md), so they are opt-in and need CUDA.",
+    )
 
     batch_size: int = Field(32, ge=1, description="Most images in one forward pass.")
     batch_wait_ms: float = Field(

@@ -1,0 +1,472 @@
+#!/usr/bin/env python
+"""synthguard GPU benchmark: `python bench/gpu.py [--quick] [--fixtures DIR] [--compile]`. Prints tables.
+
+Run on a machine with a CUDA GPU; asserts nothing. What it measures, in one run:
+  1. model ceiling: the service's model on ready, normalised tensors already on the GPU, per
+     precision (SYNTHGUARD_PRECISION) and batch size; channels_last; torch.compile with --compile;
+  2. the service's `Detector.predict` from CPU tensors (uint8 pixels through a pinned buffer and
+     normalised on the GPU, against float tensors normalised on the CPU);
+  3. score parity of each precision against the float32 CPU reference (fixtures and synthetic images);
+  4. decoding: `decode_image` + `Detector.preprocess` (and + `read_provenance`), 1 process, 16
+     threads in one process, one process per core;
+  5. the worker's path without broker, database and S3: threads that decode, read provenance and
+     preprocess, feeding the service's MicroBatcher and `Detector.predict` on the GPU, in one process
+     and in several processes sharing the GPU.
+Nothing is downloaded: the checkpoint is built with timm (pretrained=False) and saved as safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from bench.run import SETS, make_set, table  # noqa: E402
+
+ARCH = "tf_mobilenetv3_large_100"
+PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
+LOG = print
+
+
+def build_checkpoint(folder: Path) -> Path:
+    """The test checkpoint (random weights, classifier scaled as in tests/conftest.py)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1234)
+    model = timm.create_model(ARCH, num_classes=2, pretrained=False)
+    with torch.no_grad():
+        model.classifier.weight.mul_(60.0)
+    path = folder / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def detector(checkpoint: Path, device: str, precision: str = "auto"):  # type: ignore[no-untyped-def]
+    from worker.detector import Detector
+    from worker.settings import Settings
+
+    return Detector.from_settings(
+        Settings(model_checkpoint=str(checkpoint), device=device, precision=precision, database_url="sqlite://")
+    )
+
+
+# ------------------------------------------------------------------ 1, 2: the model
+
+
+def cuda_rate(fn, images_per_call: int, min_s: float) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(img/s from the median call, median ms per call), timed with CUDA events after a warm-up."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    t_end = time.perf_counter() + min_s
+    while time.perf_counter() < t_end or len(times) < 5:
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    ms = statistics.median(times)
+    return images_per_call / (ms / 1000.0), ms
+
+
+def model_ceiling(checkpoint: Path, batches: list[int], min_s: float, compile_model: bool) -> dict:
+    import torch
+
+    out: dict[str, Any] = {"eager": {}, "compiled": {}, "predict": {}}
+    for precision in PRECISIONS:
+        det = detector(checkpoint, "cuda", precision)
+        for bs in batches:
+            # Three input sets in rotation, so repeated calls do not just re-read the L2 cache.
+            inputs = [torch.randn(bs, 3, 224, 224, device="cuda") for _ in range(3)]
+            turn = iter(range(1 << 30))
+
+            def run(det=det, inputs=inputs, turn=turn) -> None:  # type: ignore[no-untyped-def]
+                with torch.inference_mode():
+                    det._forward(inputs[next(turn) % 3])
+
+            rate, ms = cuda_rate(run, bs, min_s)
+            out["eager"][f"{precision}/{bs}"] = {"img_s": rate, "ms": ms}
+            LOG(f"  eager {precision:8s} batch {bs:5d}: {rate:9.0f} img/s ({ms:.2f} ms)")
+        del det, inputs
+        torch.cuda.empty_cache()
+
+    # The service's predict, from CPU tensors: uint8 pixels (pinned, normalised on the GPU) vs float.
+    det = detector(checkpoint, "cuda", "auto")
+    gen = torch.Generator().manual_seed(0)
+    for bs in batches:
+        pixels = [torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=gen) for _ in range(bs)]
+        floats = [det.normalise(p[None])[0] for p in pixels]
+        for kind, batch in (("uint8", pixels), ("float32", floats)):
+            def call(batch=batch) -> None:  # type: ignore[no-untyped-def]
+                det.predict(batch)
+
+            rate, ms = cuda_rate(call, bs, min_s)
+            out["predict"][f"{kind}/{bs}"] = {"img_s": rate, "ms": ms}
+            LOG(f"  predict from CPU {kind:7s} batch {bs:5d}: {rate:9.0f} img/s ({ms:.2f} ms)")
+    out["predict_precision"] = det.precision
+
+    if compile_model:
+        for precision in ("float32", "float16"):
+            det = detector(checkpoint, "cuda", precision)
+            for mode in ("default",):
+                compiled = torch.compile(det.model, mode=mode, dynamic=False)
+                for bs in batches[-2:]:
+                    x = torch.randn(bs, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+
+                    def crun(compiled=compiled, x=x, det=det) -> None:  # type: ignore[no-untyped-def]
+                        amp = det._amp_dtype
+                        with torch.inference_mode(), torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                            compiled(x)
+
+                    t0 = time.perf_counter()
+                    try:
+                        crun()
+                        torch.cuda.synchronize()
+                    except Exception as exc:  # noqa: BLE001 - a lever that fails is reported, not fatal
+                        LOG(f"  compile {mode} {precision} failed: {type(exc).__name__}: {exc}")
+                        break
+                    warm = time.perf_counter() - t0
+                    rate, ms = cuda_rate(crun, bs, min_s)
+                    out["compiled"][f"{precision}/{mode}/{bs}"] = {"img_s": rate, "ms": ms, "compile_s": warm}
+                    LOG(f"  compiled {mode} {precision} batch {bs}: {rate:9.0f} img/s (first call {warm:.0f}s)")
+            torch._dynamo.reset()
+    return out
+
+
+# ------------------------------------------------------------------ 3: parity
+
+
+def parity(checkpoint: Path, fixtures: Path | None, images: dict[str, list[bytes]]) -> dict:
+    """Each precision's scores and logit margins on the GPU against the float32 CPU reference."""
+    import torch
+
+    from worker.imaging import decode_image
+
+    samples: list[tuple[str, bytes]] = []
+    if fixtures is not None:
+        for folder in ("real", "generated", "c2pa", "formats"):
+            for path in sorted((fixtures / folder).glob("*")):
+                if path.suffix.lower() not in ("", ".md") and not path.name.startswith("LICENSE"):
+                    samples.append((f"{folder}/{path.name}", path.read_bytes()))
+    for name, blobs in images.items():
+        samples += [(f"synthetic {name} #{i}", b) for i, b in enumerate(blobs)]
+
+    def logits(det, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        with torch.inference_mode():
+            x = det.normalise(pixels.to(det.device))
+            return det._forward(x).float().cpu()
+
+    ref_det = detector(checkpoint, "cpu")
+    pixels: list[torch.Tensor] = []
+    names: list[str] = []
+    for name, blob in samples:
+        try:
+            pixels.append(ref_det.preprocess(decode_image(blob, max_pixels=100_000_000).image))
+            names.append(name)
+        except Exception as exc:  # noqa: BLE001 - an undecodable fixture is listed, not fatal
+            LOG(f"  skip {name}: {exc}")
+    batch = torch.stack(pixels)
+    ref = logits(ref_det, batch)
+    ai = ref_det.ai_index
+    ref_scores = ref.softmax(-1)[:, ai]
+    ref_margin = ref[:, ai] - ref[:, 1 - ai]
+    out: dict[str, Any] = {"images": len(names), "precisions": {}}
+    for precision in PRECISIONS:
+        det = detector(checkpoint, "cuda", precision)
+        got = logits(det, batch)
+        scores = got.softmax(-1)[:, ai]
+        margin = got[:, ai] - got[:, 1 - ai]
+        drift = (scores - ref_scores).abs()
+        mdrift = (margin - ref_margin).abs()
+        worst = int(drift.argmax())
+        out["precisions"][precision] = {
+            "score_max": float(drift.max()),
+            "score_mean": float(drift.mean()),
+            "margin_max": float(mdrift.max()),
+            "margin_mean": float(mdrift.mean()),
+            "worst": names[worst],
+            "flips": int(((scores >= 0.5) != (ref_scores >= 0.5)).sum()),
+        }
+        LOG(f"  parity {precision}: {out['precisions'][precision]}")
+    return out
+
+
+# ------------------------------------------------------------------ 4: decoding
+
+
+def _decode_worker(args: tuple[str, list[bytes], float, bool, str]) -> tuple[int, float]:
+    """In a spawned process: decode(+provenance)+preprocess ``blobs`` round-robin for ``seconds``."""
+    checkpoint, blobs, seconds, with_provenance, device = args
+    import torch
+
+    torch.set_num_threads(1)
+    from worker.imaging import decode_image
+    from worker.provenance import read_provenance
+
+    det = detector(Path(checkpoint), device)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        blob = blobs[done % len(blobs)]
+        decoded = decode_image(blob, max_pixels=100_000_000)
+        if with_provenance:
+            read_provenance(blob, decoded.format, decoded.image)
+        det.preprocess(decoded.image)
+        done += 1
+    return done, time.perf_counter() - t0
+
+
+def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, cores: int) -> dict:
+    """Images/s of the CPU stages alone: one process, threads in one process, one process per core."""
+    from worker.imaging import decode_image
+    from worker.provenance import read_provenance
+
+    det = detector(checkpoint, "cpu")
+    out: dict[str, Any] = {}
+    # One pool for every set: spawned processes import torch once; a short run warms them.
+    procs = mp.get_context("spawn").Pool(cores)
+    procs.map(_decode_worker, [(str(checkpoint), next(iter(images.values())), 0.5, True, "cpu")] * cores)
+    for name, blobs in images.items():
+        row: dict[str, float] = {}
+        for with_prov in (False, True):
+            tag = "+prov" if with_prov else ""
+
+            def one(blob: bytes, with_prov: bool = with_prov) -> None:
+                decoded = decode_image(blob, max_pixels=100_000_000)
+                if with_prov:
+                    read_provenance(blob, decoded.format, decoded.image)
+                det.preprocess(decoded.image)
+
+            for threads in (1, cores):
+                stop = time.perf_counter() + seconds
+                counter = [0]
+                lock = threading.Lock()
+
+                def loop(  # type: ignore[no-untyped-def]
+                    offset: int, one=one, stop=stop, counter=counter, lock=lock, blobs=blobs
+                ) -> None:
+                    i = offset
+                    while time.perf_counter() < stop:
+                        one(blobs[i % len(blobs)])
+                        i += 1
+                        with lock:
+                            counter[0] += 1
+
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(loop, range(threads)))
+                row[f"threads{threads}{tag}"] = counter[0] / (time.perf_counter() - t0)
+            results = procs.map(_decode_worker, [(str(checkpoint), blobs, seconds, with_prov, "cpu")] * cores)
+            row[f"procs{cores}{tag}"] = sum(n / s for n, s in results)
+        out[name] = row
+        LOG(f"  {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items()))
+    procs.close()
+    procs.join()
+    return out
+
+
+# ------------------------------------------------------------------ 5: the worker's path
+
+
+def _pipeline(args: tuple[str, list[bytes], float, int, int, float]) -> tuple[int, float, list[int]]:
+    """The worker's scoring path minus fetch and store, ``threads`` threads into one MicroBatcher.
+
+    Returns (images done, seconds, batch sizes seen).
+    """
+    checkpoint, blobs, seconds, threads, max_batch, wait_ms = args
+    from worker.batching import MicroBatcher
+    from worker.imaging import decode_image
+    from worker.provenance import read_provenance
+
+    det = detector(Path(checkpoint), os.environ.get("BENCH_PIPELINE_DEVICE", "cuda"))
+    sizes: list[int] = []
+    batcher = MicroBatcher(
+        det.predict, max_batch=max_batch, max_wait_s=wait_ms / 1000.0, on_batch=lambda s: sizes.append(s.size)
+    )
+    # Warm the GPU path (cuDNN autotuning, pinned buffer) before timing.
+    warm = det.preprocess(decode_image(blobs[0], max_pixels=100_000_000).image)
+    for n in (1, max_batch):
+        det.predict([warm] * n)
+    counter = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def loop(offset: int) -> None:
+        i = offset
+        while time.perf_counter() < stop:
+            blob = blobs[i % len(blobs)]
+            decoded = decode_image(blob, max_pixels=100_000_000)
+            read_provenance(blob, decoded.format, decoded.image)
+            batcher(det.preprocess(decoded.image))
+            i += 1
+            with lock:
+                counter[0] += 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(loop, range(threads)))
+    elapsed = time.perf_counter() - t0
+    batcher.close()
+    return counter[0], elapsed, sizes
+
+
+def pipeline(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, layouts: list[tuple[int, int]]) -> dict:
+    ctx = mp.get_context("spawn")
+    out: dict[str, Any] = {}
+    for name, blobs in images.items():
+        row: dict[str, Any] = {}
+        for procs, threads in layouts:
+            with ctx.Pool(procs) as pool:
+                results = pool.map(_pipeline, [(str(checkpoint), blobs, seconds, threads, 256, 5.0)] * procs)
+            rate = sum(n / s for n, s, _ in results)
+            sizes = [b for _, _, s in results for b in s]
+            row[f"{procs}x{threads}"] = {"img_s": rate, "mean_batch": statistics.fmean(sizes) if sizes else 0.0}
+            LOG(f"  {name} {procs} process(es) x {threads} threads: {rate:.0f} img/s, mean batch {row[f'{procs}x{threads}']['mean_batch']:.1f}")
+        out[name] = row
+    return out
+
+
+# ------------------------------------------------------------------ report
+
+
+def machine() -> dict[str, Any]:
+    import PIL
+    import timm
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "sms": props.multi_processor_count,
+        "gpu_mem_gib": round(props.total_memory / 2**30, 1),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "pillow": PIL.__version__,
+        "kernel": platform.release(),
+    }
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"Run {res['started']} ({res['wall_s']:.0f} s). {m['gpu']} ({m['sms']} SMs, {m['gpu_mem_gib']} GiB), "
+        f"{m['cpus']} CPU cores, Python {m['python']}, torch {m['torch']}, timm {m['timm']}, Pillow {m['pillow']}.",
+        "",
+        "### Model ceiling (ready normalised tensors on the GPU, channels_last)",
+        "",
+    ]
+    eager = res["model"]["eager"]
+    batches = sorted({int(k.split("/")[1]) for k in eager})
+    lines.append(table(["precision"] + [f"batch {b} img/s" for b in batches],
+                       [[p] + [f"{eager[f'{p}/{b}']['img_s']:.0f}" for b in batches] for p in PRECISIONS]))
+    if res["model"]["compiled"]:
+        lines += ["", "torch.compile (dynamic=False; first call includes compilation):", ""]
+        lines.append(table(["precision / mode / batch", "img/s", "first call s"],
+                           [[k, f"{v['img_s']:.0f}", f"{v['compile_s']:.0f}"] for k, v in res["model"]["compiled"].items()]))
+    pred = res["model"]["predict"]
+    lines += ["", f"### `Detector.predict` from CPU tensors (precision {res['model']['predict_precision']})", ""]
+    lines.append(table(["input", *[f"batch {b} img/s" for b in batches]],
+                       [[k] + [f"{pred[f'{k}/{b}']['img_s']:.0f}" for b in batches] for k in ("uint8", "float32")]))
+    par = res["parity"]
+    lines += ["", f"### Score parity against the float32 CPU reference ({par['images']} images)", ""]
+    lines.append(table(
+        ["precision", "max abs score drift", "mean abs score drift", "max logit-margin drift",
+         "mean logit-margin drift", "worst image", "verdict flips at 0.5"],
+        [[p, f"{v['score_max']:.2e}", f"{v['score_mean']:.2e}", f"{v['margin_max']:.2e}", f"{v['margin_mean']:.2e}",
+          v["worst"], v["flips"]] for p, v in par["precisions"].items()]))
+    dec = res["decoding"]
+    cols = list(next(iter(dec.values())).keys())
+    lines += ["", "### CPU stages alone, img/s (decode + preprocess; +prov adds read_provenance)", ""]
+    lines.append(table(["set", *cols], [[n, *[f"{r[c]:.0f}" for c in cols]] for n, r in dec.items()]))
+    pipe = res["pipeline"]
+    cols = list(next(iter(pipe.values())).keys())
+    lines += ["", "### Worker path without broker, database and S3 (processes x threads), img/s (mean batch)", ""]
+    lines.append(table(["set", *cols],
+                       [[n, *[f"{r[c]['img_s']:.0f} ({r[c]['mean_batch']:.0f})" for c in cols]] for n, r in pipe.items()]))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter timings, for a smoke run")
+    parser.add_argument("--fixtures", type=Path, default=None, help="the shared fixtures folder, for parity")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
+    parser.add_argument(
+        "--sections", default="model,parity,decoding,pipeline", help="comma-separated subset to run"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
+    args = parser.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench/gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    quick = args.quick
+    min_s = 0.5 if quick else 2.0
+    seconds = 3.0 if quick else 8.0
+    cores = os.cpu_count() or 1
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "machine": machine()}
+    LOG(json.dumps(res["machine"]))
+    images = {name: make_set(name, 4 if quick else 8) for name in SETS}
+
+    def save() -> None:  # after every section, so a run cut short keeps what it measured
+        res["wall_s"] = time.perf_counter() - t0
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "results.json").write_text(json.dumps(res, indent=2))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = build_checkpoint(Path(tmp))
+        sections = set(args.sections.split(","))
+        if "model" in sections:
+            LOG("model ceiling")
+            res["model"] = model_ceiling(checkpoint, [64, 256, 1024], min_s, args.compile)
+            save()
+        if "parity" in sections:
+            LOG("parity")
+            res["parity"] = parity(checkpoint, args.fixtures, images)
+            save()
+        if "decoding" in sections:
+            LOG("decoding")
+            res["decoding"] = decoding(checkpoint, images, seconds, cores)
+            save()
+        if "pipeline" in sections:
+            LOG("pipeline")
+            layouts = [(1, cores), (1, 2 * cores), (4, max(1, cores // 4)), (max(1, cores // 2), 4)]
+            res["pipeline"] = pipeline(checkpoint, images, seconds, layouts)
+    save()
+    if {"model", "parity", "decoding", "pipeline"} <= set(res):
+        text = render(res)
+        if args.out:
+            (args.out / "results.md").write_text(text + "\n")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
