@@ -58,12 +58,18 @@ def build_checkpoint(folder: Path) -> Path:
     return path
 
 
-def detector(checkpoint: Path, device: str, precision: str = "auto"):  # type: ignore[no-untyped-def]
+def detector(checkpoint: Path, device: str, precision: str = "auto", batch_size: int = 32):  # type: ignore[no-untyped-def]
     from worker.detector import Detector
     from worker.settings import Settings
 
     return Detector.from_settings(
-        Settings(model_checkpoint=str(checkpoint), device=device, precision=precision, database_url="sqlite://")
+        Settings(
+            model_checkpoint=str(checkpoint),
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            database_url="sqlite://",
+        )
     )
 
 
@@ -288,25 +294,21 @@ def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, c
 # ------------------------------------------------------------------ 5: the worker's path
 
 
-def _pipeline(args: tuple[str, list[bytes], float, int, int, float]) -> tuple[int, float, list[int]]:
+def _pipeline(args: tuple[str, list[bytes], float, int, int, float, bool]) -> tuple[int, float, list[int]]:
     """The worker's scoring path minus fetch and store, ``threads`` threads into one MicroBatcher.
 
     Returns (images done, seconds, batch sizes seen).
     """
-    checkpoint, blobs, seconds, threads, max_batch, wait_ms = args
+    checkpoint, blobs, seconds, threads, max_batch, wait_ms, with_prov = args
     from worker.batching import MicroBatcher
     from worker.imaging import decode_image
     from worker.provenance import read_provenance
 
-    det = detector(Path(checkpoint), os.environ.get("BENCH_PIPELINE_DEVICE", "cuda"))
+    det = detector(Path(checkpoint), os.environ.get("BENCH_PIPELINE_DEVICE", "cuda"), batch_size=max_batch)
     sizes: list[int] = []
     batcher = MicroBatcher(
         det.predict, max_batch=max_batch, max_wait_s=wait_ms / 1000.0, on_batch=lambda s: sizes.append(s.size)
     )
-    # Warm the GPU path (cuDNN autotuning, pinned buffer) before timing.
-    warm = det.preprocess(decode_image(blobs[0], max_pixels=100_000_000).image)
-    for n in (1, max_batch):
-        det.predict([warm] * n)
     counter = [0]
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
@@ -316,7 +318,8 @@ def _pipeline(args: tuple[str, list[bytes], float, int, int, float]) -> tuple[in
         while time.perf_counter() < stop:
             blob = blobs[i % len(blobs)]
             decoded = decode_image(blob, max_pixels=100_000_000)
-            read_provenance(blob, decoded.format, decoded.image)
+            if with_prov:
+                read_provenance(blob, decoded.format, decoded.image)
             batcher(det.preprocess(decoded.image))
             i += 1
             with lock:
@@ -330,19 +333,28 @@ def _pipeline(args: tuple[str, list[bytes], float, int, int, float]) -> tuple[in
     return counter[0], elapsed, sizes
 
 
-def pipeline(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, layouts: list[tuple[int, int]]) -> dict:
+def pipeline(
+    checkpoint: Path,
+    images: dict[str, list[bytes]],
+    seconds: float,
+    layouts: list[tuple[int, int, bool]],
+    out: dict[str, Any],
+    save: Any,
+) -> dict:
+    """Fill ``out`` per image set (saving after each): img/s and mean batch per layout."""
     ctx = mp.get_context("spawn")
-    out: dict[str, Any] = {}
     for name, blobs in images.items():
         row: dict[str, Any] = {}
-        for procs, threads in layouts:
+        for procs, threads, with_prov in layouts:
             with ctx.Pool(procs) as pool:
-                results = pool.map(_pipeline, [(str(checkpoint), blobs, seconds, threads, 256, 5.0)] * procs)
+                results = pool.map(_pipeline, [(str(checkpoint), blobs, seconds, threads, 256, 5.0, with_prov)] * procs)
             rate = sum(n / s for n, s, _ in results)
             sizes = [b for _, _, s in results for b in s]
-            row[f"{procs}x{threads}"] = {"img_s": rate, "mean_batch": statistics.fmean(sizes) if sizes else 0.0}
-            LOG(f"  {name} {procs} process(es) x {threads} threads: {rate:.0f} img/s, mean batch {row[f'{procs}x{threads}']['mean_batch']:.1f}")
+            key = f"{procs}x{threads}" + ("" if with_prov else " no provenance")
+            row[key] = {"img_s": rate, "mean_batch": statistics.fmean(sizes) if sizes else 0.0}
+            LOG(f"  {name} {key}: {rate:.0f} img/s, mean batch {row[key]['mean_batch']:.1f}")
         out[name] = row
+        save()
     return out
 
 
@@ -413,6 +425,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter timings, for a smoke run")
     parser.add_argument("--fixtures", type=Path, default=None, help="the shared fixtures folder, for parity")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per CPU-stage measurement")
     parser.add_argument(
         "--sections", default="model,parity,decoding,pipeline", help="comma-separated subset to run"
     )
@@ -426,7 +439,7 @@ def main() -> int:
         return 2
     quick = args.quick
     min_s = 0.5 if quick else 2.0
-    seconds = 3.0 if quick else 8.0
+    seconds = args.seconds or (3.0 if quick else 8.0)
     cores = os.cpu_count() or 1
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -457,8 +470,9 @@ def main() -> int:
             save()
         if "pipeline" in sections:
             LOG("pipeline")
-            layouts = [(1, cores), (1, 2 * cores), (4, max(1, cores // 4)), (max(1, cores // 2), 4)]
-            res["pipeline"] = pipeline(checkpoint, images, seconds, layouts)
+            layouts = [(1, cores, False), (1, cores, True), (1, 2 * cores, True), (max(1, cores // 2), 4, True)]
+            res["pipeline"] = {}
+            pipeline(checkpoint, images, seconds, layouts, res["pipeline"], save)
     save()
     if {"model", "parity", "decoding", "pipeline"} <= set(res):
         text = render(res)

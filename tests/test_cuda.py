@@ -15,7 +15,7 @@ import torch
 
 from conftest import good_fixture_files
 from worker.batching import MicroBatcher
-from worker.detector import CUDA_AUTO_PRECISION, Detector
+from worker.detector import CUDA_AUTO_PRECISION, Detector, batch_buckets
 from worker.imaging import decode_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
@@ -51,6 +51,7 @@ def pixels(fixtures_dir: Path, cpu_detector: Detector) -> list[torch.Tensor]:
 def test_default_precision_on_cuda(settings_factory) -> None:
     detector = _gpu(settings_factory)
     assert detector.device.type == "cuda" and detector.precision == CUDA_AUTO_PRECISION
+    assert detector.buckets == batch_buckets(32)  # warmed at load, every batch padded to one of them
     weight = next(p for p in detector.model.parameters() if p.ndim == 4)
     assert weight.is_contiguous(memory_format=torch.channels_last)
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 from conftest import make_test_model
-from worker.detector import UNTRAINED_VERSION, Detector, resolve_checkpoint
+from worker.detector import UNTRAINED_VERSION, Detector, batch_buckets, resolve_checkpoint
 from worker.errors import CheckpointError, ConfigError
 from worker.settings import Settings
 
@@ -475,6 +475,41 @@ def test_uint8_and_float_inputs_score_alike(detector: Detector, images, tensors)
     assert detector.predict([detector.preprocess(image) for image in images]) == detector.predict(tensors)
     with pytest.raises(ValueError, match="one dtype"):
         detector.predict([detector.preprocess(images[0]), tensors[0]])
+
+
+def test_batch_buckets() -> None:
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert batch_buckets(20) == (1, 2, 4, 8, 16, 20)
+
+
+def test_padded_batches_score_like_exact_ones(detector: Detector, test_model, images, tensors) -> None:
+    """What a CUDA detector does: pad each batch to a few sizes; scores of the real rows do not change."""
+    padded = Detector(
+        name=ARCH,
+        version=detector.version,
+        model=test_model,
+        data_config=detector.data_config,
+        device=torch.device("cpu"),
+        max_batch=8,
+        pad_batches=True,
+    )
+    assert padded.buckets == (1, 2, 4, 8)
+    forwards: list[int] = []
+    hook = padded.model.register_forward_pre_hook(lambda _m, args: forwards.append(len(args[0])))
+    try:
+        padded.warm_up()
+        assert forwards == [1, 2, 4, 8]
+        pixels = [padded.preprocess(image) for image in images[:3]]
+        expected = torch.tensor(detector.predict(pixels))
+        got = torch.tensor(padded.predict(pixels))
+        assert forwards[-1] == 4 and len(got) == 3
+        assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+        # Larger than the largest size: run as it is.
+        assert len(padded.predict(pixels * 4)) == 12 and forwards[-1] == 12
+    finally:
+        hook.remove()
+    assert not Detector.from_settings(Settings(model_checkpoint=str(detector.source), device="cpu")).buckets
 
 
 def test_float_precision_only_on_cpu(settings_factory) -> None:
