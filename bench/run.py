@@ -6,7 +6,7 @@ Same machine, same images, same run:
   2. naive baseline: one Celery task per image (bench/naive.py, prefork, one process per core);
   3. synthguard: images in a moto S3 server, enqueued through a real `python -m worker.cli api`,
      scored by a real `python -m worker.cli worker`, stored in PostgreSQL;
-  4. levers: SYNTHGUARD_CONCURRENCY and SYNTHGUARD_BATCH_SIZE;
+  4. levers: SYNTHGUARD_CONCURRENCY, SYNTHGUARD_BATCH_SIZE and torch's thread count;
   5. latency: realtime enqueue-to-stored p50/p95 idle and under a bulk backfill;
   6. JPEG DCT-scaled decode (Pillow draft): speed and score drift (not a service default).
 
@@ -63,10 +63,10 @@ SETS = {
 SIZES = {
     # images per set, unique images per set, backfill size, realtime probes, probe interval (s)
     "quick": {"n": {"jpeg-1024": 60, "png-1024": 40, "jpeg-12mp": 16}, "unique": 4, "backfill": 200,
-              "probes": 8, "interval": 0.3, "ceiling_s": 1.5, "levers": [(4, 32), (8, 8)]},
+              "probes": 8, "interval": 0.3, "ceiling_s": 1.5, "levers": [(4, 32, None), (8, 32, 1)]},
     "full": {"n": {"jpeg-1024": 500, "png-1024": 240, "jpeg-12mp": 90}, "unique": 8, "backfill": 1000,
              "probes": 20, "interval": 0.3, "ceiling_s": 3.0,
-             "levers": [(2, 32), (4, 32), (16, 32), (8, 8), (8, 64)]},
+             "levers": [(4, 32, None), (16, 32, None), (8, 8, None), (8, 32, 1)]},
 }
 
 LOG = print
@@ -443,11 +443,14 @@ class Api:
         return [float(r[0]) for r in rows]
 
 
-def start_worker(env: Env, concurrency: int, batch_size: int) -> Proc:
+def start_worker(env: Env, concurrency: int, batch_size: int, torch_threads: int | None = None) -> Proc:
     port = free_port()
+    proc_env = env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port)
+    if torch_threads:
+        # torch sizes its intra-op pool from OMP_NUM_THREADS at start (default: one per core).
+        proc_env["OMP_NUM_THREADS"] = str(torch_threads)
     proc = Proc(f"worker-c{concurrency}-b{batch_size}", [sys.executable, "-m", "worker.cli", "worker", "--loglevel=INFO"],
-                env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port), env.workdir,
-                ready=" ready.")
+                proc_env, env.workdir, ready=" ready.")
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     env.procs.append(proc)
     return proc
@@ -668,15 +671,15 @@ def main() -> int:
             def levers() -> dict:
                 out = {}
                 lever_keys = keys["jpeg-1024"]
-                for conc, bs in size["levers"]:
-                    worker = start_worker(env, conc, bs)
+                for conc, bs, threads in size["levers"]:
+                    worker = start_worker(env, conc, bs, threads)
                     try:
                         r = run_synthguard(env, api, worker, lever_keys, warm)
                     finally:
                         worker.stop()
                         env.procs.remove(worker)
-                    out[f"{conc},{bs}"] = r
-                    LOG(f"  concurrency {conc} batch {bs}: {r['rate']:.2f} img/s")
+                    out[f"{conc},{bs},{threads or 'default'}"] = r
+                    LOG(f"  concurrency {conc} batch {bs} torch threads {threads or 'default'}: {r['rate']:.2f} img/s")
                 return out
 
             res["levers"] = stage("levers", levers)
@@ -758,12 +761,14 @@ def render(res: dict) -> str:
                 "concurrent threads overlap, so they add up to more than 1/throughput.", ""]
     lv = res.get("levers")
     if lv:
-        rows = [[k.split(",")[0], k.split(",")[1], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
+        rows = [[*(k.split(",") + ["default"])[:3], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
                 for k, r in lv.items()]
         if sg.get("jpeg-1024"):
             r = sg["jpeg-1024"]
-            rows.insert(0, ["8 (default)", "32 (default)", r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"])
-        out += ["### Levers (jpeg-1024 set)", "", table(["SYNTHGUARD_CONCURRENCY", "SYNTHGUARD_BATCH_SIZE", "img/s",
+            rows.insert(0, ["8 (default)", "32 (default)", "default (one per core)", r["rate"],
+                            f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"])
+        out += ["### Levers (jpeg-1024 set)", "", table(["SYNTHGUARD_CONCURRENCY", "SYNTHGUARD_BATCH_SIZE",
+                                                         "torch threads (OMP_NUM_THREADS)", "img/s",
                                                          "worker CPU", "worker peak RSS MiB"], rows), ""]
     la = res.get("latency")
     if la:

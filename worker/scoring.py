@@ -30,6 +30,7 @@ from .errors import PermanentError, SynthguardError, TransientError
 from .imaging import decode_image
 from .intake import release_pending
 from .models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan, utcnow
+from .priority import RealtimeFirst
 from .provenance import read_provenance
 from .settings import Settings
 from .storage import ObjectRef, Storage
@@ -120,6 +121,8 @@ class Scorer:
             max_wait_s=store_wait_s,
             name="synthguard-writer",
         )
+        # Realtime images first among this process's threads (worker.priority).
+        self.lanes = RealtimeFirst()
         self._closed = threading.Event()
 
     def close(self) -> None:
@@ -138,18 +141,36 @@ class Scorer:
 
     # ------------------------------------------------------------ no database
 
-    def score(self, ref: ObjectRef) -> ScoreResult:
-        """Fetch, sniff, decode, preprocess, and wait for the batched forward pass."""
+    def score(self, ref: ObjectRef, *, realtime: bool = False) -> ScoreResult:
+        """Fetch, sniff, decode, preprocess, and wait for the batched forward pass.
+
+        Realtime images go first: while one is here, other images wait at their
+        next CPU stage (worker.priority).
+        """
+        if realtime:
+            with self.lanes.realtime():
+                return self._score(ref, yield_cpu=False)
+        return self._score(ref, yield_cpu=True)
+
+    def _score(self, ref: ObjectRef, *, yield_cpu: bool) -> ScoreResult:
         stage = metrics.STAGE_SECONDS.labels
+
+        def checkpoint() -> None:
+            if yield_cpu and (waited := self.lanes.checkpoint()):
+                stage("yield_to_realtime").observe(waited)
+
         with stage("fetch").time():
             fetched = self.storage.fetch(ref)
+        checkpoint()
         with stage("decode").time():
             decoded = decode_image(
                 fetched.data, max_pixels=self.settings.max_pixels, timeout_s=self.settings.decode_timeout_s
             )
         # Read beside the forward pass, from the bytes and pixels already in hand.
+        checkpoint()
         with stage("provenance").time():
             findings = read_provenance(fetched.data, decoded.format, decoded.image)
+        checkpoint()
         with stage("preprocess").time():
             tensor = self.detector.preprocess(decoded.image)
         try:
@@ -178,22 +199,23 @@ class Scorer:
 
     # --------------------------------------------------------------- database
 
-    def process_image(self, image_id: uuid.UUID) -> Outcome:
+    def process_image(self, image_id: uuid.UUID, *, realtime: bool = False) -> Outcome:
         """Take one image from ``queued``/``processing`` to ``done`` or ``failed``.
 
         Raises :class:`TransientError` when the caller should retry later (the
         image is back in ``queued``); after ``max_attempts`` the error is final
         and the image ``failed``. An image already terminal is left untouched.
+        ``realtime``: the image came from the realtime lane and goes first (see :meth:`score`).
         """
         try:
-            return self._process(image_id)
+            return self._process(image_id, realtime)
         except DBAPIError as exc:
             if not database_unavailable(exc):
                 raise
             # The database restarting or unreachable: the image keeps its state; try again later.
             raise TransientError(f"database unavailable: {exc.orig}", code=errors.DATABASE_UNAVAILABLE) from exc
 
-    def _process(self, image_id: uuid.UUID) -> Outcome:
+    def _process(self, image_id: uuid.UUID, realtime: bool = False) -> Outcome:
         claimed = self._claim(image_id)
         if claimed is None:
             return self._current(image_id)
@@ -203,7 +225,7 @@ class Scorer:
                 image_id, errors.ACCESS_DENIED, "local files are scored only by `synthguard scan`, not by workers"
             )
         try:
-            result = self.score(ref)
+            result = self.score(ref, realtime=realtime)
         except PermanentError as exc:
             return self._fail(image_id, exc.code, exc.message)
         except Exception as exc:

@@ -11,7 +11,7 @@ from celery.signals import task_postrun, task_prerun, worker_shutdown
 from celery.worker.control import inspect_command
 
 from . import logs, metrics
-from .celery_app import app
+from .celery_app import REALTIME_QUEUE, app
 from .errors import TransientError, backoff_delay
 from .outbox import due, send_delivery
 from .queueing import publish_deliveries, sweep_stale
@@ -83,8 +83,9 @@ def _clear_log_context(**_: object) -> None:
 def score_image(self: Task, image_id: str) -> str:
     """Score one image by id; transient failures come back later with backoff and jitter."""
     scorer = get_scorer()
+    realtime = (self.request.delivery_info or {}).get("routing_key") == REALTIME_QUEUE
     try:
-        outcome = scorer.process_image(uuid.UUID(image_id))
+        outcome = scorer.process_image(uuid.UUID(image_id), realtime=realtime)
     except TransientError as exc:
         settings = scorer.settings
         delay = backoff_delay(
