@@ -761,7 +761,7 @@ def render(res: dict) -> str:
                 "concurrent threads overlap, so they add up to more than 1/throughput.", ""]
     lv = res.get("levers")
     if lv:
-        rows = [[*(k.split(",") + ["default"])[:3], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
+        rows = [[*[*k.split(","), "default"][:3], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
                 for k, r in lv.items()]
         if sg.get("jpeg-1024"):
             r = sg["jpeg-1024"]
