@@ -7,6 +7,10 @@ thread, median of several runs, on synthetic photo-like images (1024 JPEG q90,
 (real, generated, c2pa, formats) when they are there. Decoding is timed too,
 as the yardstick. Prints a table of ms per image; asserts nothing.
 
+`--gil` measures instead how much of each stage's run time holds the GIL, which is
+what limits a worker's threads (see `gil_held`), and 1- vs 2-thread throughput of
+`read_provenance`; by default on the synthetic images only.
+
 `--dump FILE` writes each image's `read_provenance(...).to_json()`; `--compare
 FILE` reads such a dump back and lists every image whose findings differ, so a
 change to the readers can be checked for unchanged verdicts.
@@ -21,10 +25,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -132,6 +138,164 @@ def measure(data: bytes, runs: int) -> tuple[dict[str, float], dict[str, Any], s
     return ms, findings, f"{image.width}x{image.height}"
 
 
+# ---------------------------------------------------------------------------- GIL
+
+
+def _probe_rate(work: Callable[[float], int], seconds: float) -> tuple[float, int, float]:
+    """Run ``work(seconds)`` here while a pure-Python loop counts in a second thread.
+
+    Returns the loop's iterations per second, the calls ``work`` made, and the seconds it took.
+    """
+    stop = [False]
+    count = [0]
+
+    def spin() -> None:
+        n = 0
+        while not stop[0]:
+            n += 1
+        count[0] = n
+
+    probe = threading.Thread(target=spin)
+    started = time.perf_counter()
+    probe.start()
+    calls = work(seconds)
+    stop[0] = True
+    probe.join()
+    elapsed = time.perf_counter() - started
+    return count[0] / elapsed, calls, elapsed
+
+
+def _repeat(fn: Callable[[], object]) -> Callable[[float], int]:
+    def work(seconds: float) -> int:
+        deadline, calls = time.perf_counter() + seconds, 0
+        while calls == 0 or time.perf_counter() < deadline:
+            fn()
+            calls += 1
+        return calls
+
+    return work
+
+
+_CONTROL = np.random.default_rng(0).bytes(1 << 20)
+
+
+def _control() -> None:
+    hashlib.sha256(_CONTROL).digest()  # hashlib lets go of the GIL on large inputs
+
+
+def gil_held(
+    fn: Callable[[], object], single_ms: float, seconds: float = 0.4, rounds: int = 3
+) -> tuple[float, float]:
+    """The fraction of ``fn``'s single-thread run time during which it holds the GIL.
+
+    The probe loop only advances while it holds the GIL, so the iterations it loses while
+    ``fn`` runs beside it, times its iteration time, is the time ``fn`` held the GIL. The
+    reference rate is taken beside a C call that releases the GIL (not beside sleep), so that
+    two busy cores sharing caches and clocks do not count as GIL. Median of ``rounds``.
+
+    Also returns how often per call ``fn`` waited to get the GIL back: the probe never lets go
+    of it on its own, so each wait lasts a switch interval, and the extra time per call over
+    the interval counts them. Each is a hand-over that a worker's other threads make slow.
+    """
+    fractions, waits = [], []
+    for _ in range(rounds):
+        reference, _, _ = _probe_rate(_repeat(_control), seconds / 2)
+        rate, calls, elapsed = _probe_rate(_repeat(fn), seconds)
+        held_s = max(0.0, 1.0 - rate / reference) * elapsed / calls
+        fractions.append(held_s / (single_ms / 1000))
+        waits.append(max(0.0, elapsed / calls - single_ms / 1000) / sys.getswitchinterval())
+    return statistics.median(fractions), statistics.median(waits)
+
+
+def thread_rate(fn: Callable[[], object], threads: int, seconds: float = 1.0) -> float:
+    """Calls per second of ``fn`` run in a loop by ``threads`` threads at once."""
+    counts = [0] * threads
+    deadline = time.perf_counter() + seconds
+
+    def loop(index: int) -> None:
+        while time.perf_counter() < deadline:
+            fn()
+            counts[index] += 1
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def watermark_stages(image: Image.Image) -> dict[str, Callable[[], object]]:
+    """The watermark's steps one at a time, each over all of the image's strips, as the reader runs them."""
+    width, height = image.size
+    nbx, nby = (width // 4 * 2) // 4, (height // 4 * 2) // 4
+    rows_total = min(nby, max(1, provenance.WM_MAX_SCAN_PIXELS // (64 * nbx)))
+    strip = max(1, provenance.WM_STRIP_PIXELS // (64 * nbx))
+    tops = range(0, rows_total, strip)
+    n = 8 * min(strip, rows_total)
+    rgbx = np.empty((n, 8 * nbx, 4), np.uint8)
+    window = Image.frombuffer("RGBX", (8 * nbx, n), rgbx, "raw", "RGBX", 0, 1)
+    bgr = np.empty((3, n, 8 * nbx), np.float32)
+    u, tmp = (np.empty((2, n, 8 * nbx), np.float32) for _ in range(2))
+    bits = np.zeros((2, rows_total * nbx), np.uint8)
+
+    def paste() -> None:
+        for top in tops:
+            window.im.paste(image.im, (0, -8 * top, width, height - 8 * top))
+
+    def widen() -> None:
+        for _ in tops:
+            np.copyto(bgr, rgbx.transpose(2, 0, 1)[2::-1])
+
+    def planes() -> None:
+        for _ in tops:
+            provenance._u_planes(bgr[::2], bgr[1], u, tmp)
+
+    return {
+        "paste into numpy": paste,
+        "uint8 -> float32": widen,
+        "_u_planes": planes,
+        "_block_bits": lambda: [provenance._block_bits(u) for _ in tops],
+        "_vote": lambda: provenance._vote(bits),
+    }
+
+
+def gil_report(data: bytes, runs: int) -> list[list[str]]:
+    fmt = sniff_format(data)
+    image = decode_image(data, max_pixels=MAX_PIXELS).image
+    meta = provenance._collect(data, fmt, provenance._Budget(BUDGET_S))
+    exif, _ = provenance._exif_fields(meta)
+    stages: dict[str, Callable[[], object]] = {
+        "read_provenance": lambda: provenance.read_provenance(data, fmt, image),
+        "container (_collect)": lambda: provenance._collect(data, fmt, provenance._Budget(BUDGET_S)),
+        "exif fields": lambda: provenance._exif_fields(meta),
+        "c2pa": lambda: provenance._read_c2pa(data, fmt, meta, provenance._Budget(BUDGET_S)),
+        "iptc_xmp": lambda: provenance._read_xmp(meta, provenance._Budget(BUDGET_S)),
+        "generation_params": lambda: provenance._read_generation_params(
+            meta, exif, provenance._Budget(BUDGET_S)
+        ),
+        "sd_watermark": lambda: provenance._read_watermark(image, provenance._Budget(BUDGET_S)),
+    }
+    stages.update({f"  wm: {k}": v for k, v in watermark_stages(image).items()})
+    rows = []
+    for name, fn in stages.items():
+        single = median_ms(fn, runs)
+        held, waits = gil_held(fn, single)
+        rows.append([name, f"{single:.3f}", f"{held:.2f}", f"{held * single:.3f}", f"{waits:.1f}"])
+
+    def read() -> None:
+        provenance.read_provenance(data, fmt, image)
+
+    # The GIL-free control shows what two threads can gain on this machine right now.
+    for label, fn in (("read_provenance", read), ("control (no GIL)", _control)):
+        one, two = thread_rate(fn, 1), thread_rate(fn, 2)
+        rows.append(
+            [f"{label} calls/s", f"1 thread {one:.0f}", f"2 threads {two:.0f}", f"x{two / one:.2f}", ""]
+        )
+    return rows
+
+
 def table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
@@ -158,7 +322,19 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only images whose name contains this")
     parser.add_argument("--dump", type=Path, help="write every image's findings (to_json) here")
     parser.add_argument("--compare", type=Path, help="a --dump file to compare the findings with")
+    parser.add_argument("--gil", action="store_true", help="GIL-held fraction per stage, 1 vs 2 threads")
     args = parser.parse_args()
+
+    if args.gil:
+        print(f"GIL held while each stage runs (2-thread probe); numpy {np.__version__}, 1 core per thread")
+        for name, data in images():
+            if args.only not in name if args.only else not name.startswith("synthetic"):
+                continue
+            print(f"\n{name}")
+            print(
+                table(gil_report(data, args.runs), ["stage", "ms alone", "GIL held", "held ms", "GIL waits"])
+            )
+        return
 
     rows: list[list[str]] = []
     dump: dict[str, Any] = {}

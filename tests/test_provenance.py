@@ -688,6 +688,41 @@ def test_watermark_read_does_not_depend_on_the_strip_size(
     assert (whole.found, whole.evidence["payload"], whole.evidence["blocks"]) == (True, "SDXL", 128 * 128)
 
 
+def test_watermark_reads_the_pixels_of_odd_sized_images_as_the_image_holds_them() -> None:
+    """The pixels Pillow pastes into numpy are the image's own: columns past the blocks are left out."""
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, size=(301, 517, 3), dtype=np.uint8)
+    nbx, nby = (517 // 4 * 2) // 4, (301 // 4 * 2) // 4
+    planes = np.stack(
+        [
+            provenance._u_plane(rgb[: 8 * nby, : 8 * nbx], swapped=False),
+            provenance._u_plane(rgb[: 8 * nby, : 8 * nbx], swapped=True),
+        ]
+    )
+    expected = provenance._vote(provenance._block_bits(planes))[0]
+    sig = provenance._read_watermark(Image.fromarray(rgb), provenance._Budget(10.0))
+    assert sig.evidence["blocks"] == nby * nbx
+    assert sig.evidence["candidates"] == expected
+
+
+def test_votes_are_the_mean_bit_of_each_payload_position() -> None:
+    rng = np.random.default_rng(3)
+    for blocks in (48, 100, 4099):
+        bits = rng.integers(0, 2, size=(2, blocks), dtype=np.uint8)
+        candidates, _ = provenance._vote(bits)
+        for payload in provenance.WM_PAYLOADS:
+            n = len(payload.bits)
+            if blocks < n:
+                assert payload.name not in candidates
+                continue
+            position = np.arange(blocks) % n
+            matched = []
+            for row in bits:
+                votes = np.bincount(position, weights=row, minlength=n) / np.bincount(position, minlength=n)
+                matched.append(int(np.count_nonzero((votes > votes.mean()) == payload.bits.astype(bool))))
+            assert candidates[payload.name]["bits_matched"] == max(matched)
+
+
 def test_small_or_missing_images_are_not_checked() -> None:
     data = encode(gradient(), "PNG")
     assert signal(read_bytes(data), "sd_watermark").evidence["checked"] is False

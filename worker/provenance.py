@@ -1296,47 +1296,14 @@ def _block_bits(u: np.ndarray) -> np.ndarray:
     return bits.reshape(planes, nby * nbx)
 
 
-def _read_watermark(image: Image.Image | None, budget: _Budget) -> Signal:
-    if image is None:
-        return _missing("sd_watermark", checked=False, reason="no decoded image given")
-    width, height = image.size
-    if width * height < WM_MIN_PIXELS:
-        return _missing("sd_watermark", checked=False, reason="image smaller than 256x256 pixels")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    # Blocks are 8x8 pixels (4x4 in the half-size LL band) over the top-left
-    # multiple-of-4 crop that the encoder worked on.
-    nbx, nby = (width // 4 * 2) // 4, (height // 4 * 2) // 4
-    rows_total = min(nby, max(1, WM_MAX_SCAN_PIXELS // (64 * nbx)))
-    strip = max(1, WM_STRIP_PIXELS // (64 * nbx))
-    # "bgr": the encoder was handed BGR, as the Stability reference scripts and sgm do;
-    # "rgb": it was handed RGB as if it were BGR, as diffusers does. Both come from the
-    # same channel loads, as index 0 and 1 of the arrays below.
-    orders = ("bgr", "rgb")
-    shape = (2, 8 * min(strip, rows_total), 8 * nbx)
-    blue_red, u, tmp = (np.empty(shape, np.float32) for _ in range(3))
-    green = np.empty(shape[1:], np.float32)
-    bits = np.empty((2, rows_total * nbx), np.uint8)
-    error = None
-    rows_done = 0
-    for top in range(0, rows_total, strip):
-        if budget.expired:
-            error = f"time budget exceeded after {rows_done} of {rows_total} block rows"
-            break
-        bottom = min(rows_total, top + strip)
-        n = 8 * (bottom - top)
-        pixels = image.crop((0, 8 * top, 8 * nbx, 8 * bottom))
-        # Pillow packs one band straight out of its 4-byte pixels: cheaper than split() or
-        # slicing an (n, cols, 3) array.
-        for plane, band in ((blue_red[0], "B"), (blue_red[1], "R"), (green, "G")):
-            np.copyto(plane[:n], np.frombuffer(pixels.tobytes("raw", band), np.uint8).reshape(n, -1))
-        _u_planes(blue_red[:, :n], green[:n], u[:, :n], tmp[:, :n])
-        bits[:, top * nbx : bottom * nbx] = _block_bits(u[:, :n])
-        rows_done = bottom
-    if rows_done == 0:
-        return _missing("sd_watermark", error, checked=False)
-    blocks = rows_done * nbx
+def _vote(
+    bits: np.ndarray,
+) -> tuple[dict[str, dict[str, Any]], tuple[float, _Payload, dict[str, Any]] | None]:
+    """Each payload's best match over both channel orders, and the best payload found, if any.
 
+    ``bits``: (2, blocks), the block bits of the "bgr" and "rgb" channel orders.
+    """
+    blocks = bits.shape[1]
     candidates: dict[str, dict[str, Any]] = {}
     best: tuple[float, _Payload, dict[str, Any]] | None = None
     for payload in WM_PAYLOADS:
@@ -1344,10 +1311,15 @@ def _read_watermark(image: Image.Image | None, budget: _Budget) -> Signal:
         if blocks < n:  # some bit has no block
             continue
         needed = min_matching_bits(n)
-        position = np.arange(blocks) % n  # bit i sits in blocks i, i+n, i+2n, ...
-        counts = np.bincount(position, minlength=n).astype(np.float64)
-        for index, order in enumerate(orders):
-            votes = np.bincount(position, weights=bits[index, :blocks], minlength=n) / counts
+        # Bit i sits in blocks i, i+n, i+2n, ...: the columns of the blocks laid out n a row.
+        # Sums over whole rows (numpy lets go of the GIL there, not in bincount), then the rest.
+        full, rest = divmod(blocks, n)
+        sums = bits[:, : full * n].reshape(2, full, n).sum(axis=1, dtype=np.int64)
+        sums[:, :rest] += bits[:, full * n :]
+        counts = np.full(n, float(full))
+        counts[:rest] += 1
+        for index, order in enumerate(("bgr", "rgb")):
+            votes = sums[index] / counts
             # Threshold at the mean vote, not at 0.5: flat areas push every bit
             # the same way (the quantised value stops being the block's largest),
             # and that common bias cancels out here.
@@ -1366,6 +1338,55 @@ def _read_watermark(image: Image.Image | None, budget: _Budget) -> Signal:
             score = entry["bits_matched"] / n
             if best is None or score > best[0]:
                 best = (score, payload, entry)
+    return candidates, best
+
+
+def _read_watermark(image: Image.Image | None, budget: _Budget) -> Signal:
+    if image is None:
+        return _missing("sd_watermark", checked=False, reason="no decoded image given")
+    width, height = image.size
+    if width * height < WM_MIN_PIXELS:
+        return _missing("sd_watermark", checked=False, reason="image smaller than 256x256 pixels")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    # Blocks are 8x8 pixels (4x4 in the half-size LL band) over the top-left
+    # multiple-of-4 crop that the encoder worked on.
+    nbx, nby = (width // 4 * 2) // 4, (height // 4 * 2) // 4
+    rows_total = min(nby, max(1, WM_MAX_SCAN_PIXELS // (64 * nbx)))
+    strip = max(1, WM_STRIP_PIXELS // (64 * nbx))
+    # "bgr": the encoder was handed BGR, as the Stability reference scripts and sgm do;
+    # "rgb": it was handed RGB as if it were BGR, as diffusers does. Both come from the
+    # same pixel loads, as index 0 and 1 of the arrays below.
+    cols, window_rows = 8 * nbx, 8 * min(strip, rows_total)
+    # Pillow writes the pixels straight into this array (RGB and a pad byte, its own layout):
+    # its paste copies with the GIL released, where crop() and tobytes() hold it.
+    rgbx = np.empty((window_rows, cols, 4), np.uint8)
+    window = Image.frombuffer("RGBX", (cols, window_rows), rgbx, "raw", "RGBX", 0, 1)
+    image.load()
+    # Blue, green, red: one widening copy fills all three (per-band copies cost more), and
+    # planes 0 and 2 are the blue and red that _u_planes wants together.
+    bgr = np.empty((3, window_rows, cols), np.float32)
+    u, tmp = (np.empty((2, window_rows, cols), np.float32) for _ in range(2))
+    bits = np.empty((2, rows_total * nbx), np.uint8)
+    error = None
+    rows_done = 0
+    for top in range(0, rows_total, strip):
+        if budget.expired:
+            error = f"time budget exceeded after {rows_done} of {rows_total} block rows"
+            break
+        bottom = min(rows_total, top + strip)
+        n = 8 * (bottom - top)
+        # The whole image placed 8*top rows up: Pillow clips it to the window, which gets
+        # rows 8*top onwards of the image's left columns, with no intermediate image.
+        window.im.paste(image.im, (0, -8 * top, width, height - 8 * top))
+        np.copyto(bgr[:, :n], rgbx[:n, :, 2::-1].transpose(2, 0, 1))
+        _u_planes(bgr[::2, :n], bgr[1, :n], u[:, :n], tmp[:, :n])
+        bits[:, top * nbx : bottom * nbx] = _block_bits(u[:, :n])
+        rows_done = bottom
+    if rows_done == 0:
+        return _missing("sd_watermark", error, checked=False)
+    blocks = rows_done * nbx
+    candidates, best = _vote(bits[:, :blocks])
     evidence: dict[str, Any] = {
         "method": "dwtDct",
         "checked": True,
