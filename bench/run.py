@@ -63,10 +63,10 @@ SETS = {
 SIZES = {
     # images per set, unique images per set, backfill size, realtime probes, probe interval (s)
     "quick": {"n": {"jpeg-1024": 60, "png-1024": 40, "jpeg-12mp": 16}, "unique": 4, "backfill": 200,
-              "probes": 8, "interval": 0.3, "ceiling_s": 1.5, "levers": [(4, 32, None), (8, 32, 1)]},
+              "probes": 8, "interval": 0.3, "ceiling_s": 1.5, "levers": [(4, 32, None, 1), (4, 32, 1, 2)]},
     "full": {"n": {"jpeg-1024": 500, "png-1024": 240, "jpeg-12mp": 90}, "unique": 8, "backfill": 1000,
              "probes": 20, "interval": 0.3, "ceiling_s": 3.0,
-             "levers": [(4, 32, None), (16, 32, None), (8, 8, None), (8, 32, 1)]},
+             "levers": [(4, 32, None, 1), (16, 32, None, 1), (8, 32, 1, 1), (4, 32, None, 2), (4, 32, 1, 2)]},
 }
 
 LOG = print
@@ -350,7 +350,7 @@ def dct_lever(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
 
     def margin(x):  # type: ignore[no-untyped-def]
         with torch.inference_mode():
-            logits = det.model(x.unsqueeze(0))[0]
+            logits = det.model(det.normalise(x.unsqueeze(0)))[0]
         return float(logits[det.ai_index] - logits[1 - det.ai_index])
 
     for label, blob in samples:
@@ -443,13 +443,15 @@ class Api:
         return [float(r[0]) for r in rows]
 
 
-def start_worker(env: Env, concurrency: int, batch_size: int, torch_threads: int | None = None) -> Proc:
+def start_worker(env: Env, concurrency: int, batch_size: int, torch_threads: int | None = None,
+                 node: int = 0) -> Proc:
     port = free_port()
     proc_env = env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port)
     if torch_threads:
         # torch sizes its intra-op pool from OMP_NUM_THREADS at start (default: one per core).
         proc_env["OMP_NUM_THREADS"] = str(torch_threads)
-    proc = Proc(f"worker-c{concurrency}-b{batch_size}", [sys.executable, "-m", "worker.cli", "worker", "--loglevel=INFO"],
+    proc = Proc(f"worker{node}-c{concurrency}-b{batch_size}",
+                [sys.executable, "-m", "worker.cli", "worker", "--loglevel=INFO", f"--hostname=bench{node}@%h"],
                 proc_env, env.workdir, ready=" ready.")
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     env.procs.append(proc)
@@ -476,16 +478,25 @@ def scrape(worker: Proc) -> dict[str, float]:
     return out
 
 
-def run_synthguard(env: Env, api: Api, worker: Proc, keys: list[str], warm_keys: list[str]) -> dict:
+def scrape_all(workers: list[Proc]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for worker in workers:
+        for key, value in scrape(worker).items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def run_synthguard(env: Env, api: Api, worker: Proc | list[Proc], keys: list[str], warm_keys: list[str]) -> dict:
+    workers = worker if isinstance(worker, list) else [worker]
     ids = api.scan(warm_keys, "bulk").split(",")
     api.wait(ids, len(warm_keys))
-    before = scrape(worker)
-    meter = procstat.Meter([worker.pid])
+    before = scrape_all(workers)
+    meter = procstat.Meter([w.pid for w in workers])
     t0 = datetime.now(UTC)
     scan_ids = api.scan(keys, "bulk").split(",")
     failed, last = api.wait(scan_ids, len(keys))
     stats = meter.stop()
-    after = scrape(worker)
+    after = scrape_all(workers)
     elapsed = (last - t0).total_seconds() if last else float("nan")
     stages = {k: after[k] - before.get(k, 0.0) for k in after}
     return {"n": len(keys), "failed": failed, "seconds": elapsed, "rate": len(keys) / elapsed, "stages": stages, **stats}
@@ -671,15 +682,17 @@ def main() -> int:
             def levers() -> dict:
                 out = {}
                 lever_keys = keys["jpeg-1024"]
-                for conc, bs, threads in size["levers"]:
-                    worker = start_worker(env, conc, bs, threads)
+                for conc, bs, threads, procs in size["levers"]:
+                    workers = [start_worker(env, conc, bs, threads, node=i) for i in range(procs)]
                     try:
-                        r = run_synthguard(env, api, worker, lever_keys, warm)
+                        r = run_synthguard(env, api, workers, lever_keys, warm)
                     finally:
-                        worker.stop()
-                        env.procs.remove(worker)
-                    out[f"{conc},{bs},{threads or 'default'}"] = r
-                    LOG(f"  concurrency {conc} batch {bs} torch threads {threads or 'default'}: {r['rate']:.2f} img/s")
+                        for worker in workers:
+                            worker.stop()
+                            env.procs.remove(worker)
+                    out[f"{conc},{bs},{threads or 'default'},{procs}"] = r
+                    LOG(f"  {procs} worker(s), concurrency {conc} batch {bs} torch threads {threads or 'default'}: "
+                        f"{r['rate']:.2f} img/s")
                 return out
 
             res["levers"] = stage("levers", levers)
@@ -761,14 +774,14 @@ def render(res: dict) -> str:
                 "concurrent threads overlap, so they add up to more than 1/throughput.", ""]
     lv = res.get("levers")
     if lv:
-        rows = [[*[*k.split(","), "default"][:3], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
+        rows = [[*[*k.split(","), "default", "1"][:4], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
                 for k, r in lv.items()]
         if sg.get("jpeg-1024"):
             r = sg["jpeg-1024"]
-            rows.insert(0, ["8 (default)", "32 (default)", "default (one per core)", r["rate"],
+            rows.insert(0, ["8 (default)", "32 (default)", "default (one per core)", "1", r["rate"],
                             f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"])
         out += ["### Levers (jpeg-1024 set)", "", table(["SYNTHGUARD_CONCURRENCY", "SYNTHGUARD_BATCH_SIZE",
-                                                         "torch threads (OMP_NUM_THREADS)", "img/s",
+                                                         "torch threads (OMP_NUM_THREADS)", "worker processes", "img/s",
                                                          "worker CPU", "worker peak RSS MiB"], rows), ""]
     la = res.get("latency")
     if la:
@@ -799,7 +812,7 @@ def render(res: dict) -> str:
                     "(test checkpoint with random weights, scaled classifier; the published weights may drift differently).", ""]
     if res["errors"]:
         out += ["### Not measured", ""] + [f"- {k}: {v}" for k, v in res["errors"].items()] + [""]
-    out += ["GPU: not measured (no GPU lent to this session)."]
+    out += ["GPU: this script measures the CPU path; on a GPU machine run bench/gpu.py (bench/RESULTS.md, GPU section)."]
     return "\n".join(out)
 
 
