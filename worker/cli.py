@@ -661,8 +661,9 @@ def _checked_sessions(settings: Settings) -> sessionmaker[Session]:
 def worker(concurrency: int | None, queues: str | None, loglevel: str, hostname: str | None) -> None:
     """Run a queue worker: one process, one model, many threads feeding its micro-batcher.
 
-    Run one per GPU (pin it with SYNTHGUARD_DEVICE=cuda:N). The model is loaded
-    before any message is taken, so a bad checkpoint stops the worker at once.
+    Pin it to a GPU with SYNTHGUARD_DEVICE=cuda:N; on a many-core host run several
+    per GPU, each with its own --hostname (docs/operations.md, Sizing). The model
+    is loaded before any message is taken, so a bad checkpoint stops the worker at once.
     """
     from .celery_app import QUEUES, app
     from .metrics import start_metrics_server

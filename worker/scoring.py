@@ -75,6 +75,19 @@ class Outcome:
     # False when this call found the image already terminal (a redelivery).
     changed: bool = True
 
+    @classmethod
+    def unchanged(cls, image_id: uuid.UUID, row: Any) -> Outcome:
+        """The state ``row`` (an Image or a row with its columns) already holds; this call changed nothing."""
+        return cls(
+            image_id,
+            row.state,
+            score=row.score,
+            flagged=row.flagged,
+            error_code=row.error_code,
+            error_message=row.error_message,
+            changed=False,
+        )
+
 
 def database_unavailable(exc: BaseException) -> bool:
     """True for a database that is down, restarting or unreachable (retry later), not a bad statement."""
@@ -346,15 +359,7 @@ class Scorer:
                 if row is None or image_id in answers:
                     continue
                 if row.state not in (QUEUED, PROCESSING):
-                    answers[image_id] = Outcome(
-                        image_id,
-                        row.state,
-                        score=row.score,
-                        flagged=row.flagged,
-                        error_code=row.error_code,
-                        error_message=row.error_message,
-                        changed=False,
-                    )
+                    answers[image_id] = Outcome.unchanged(image_id, row)
                     continue
                 flagged = self._verdict(result, float(row.threshold))
                 writer_of[image_id] = index
@@ -480,15 +485,7 @@ class Scorer:
             image = session.get(Image, image_id)
             if image is None:
                 raise LookupError(f"image {image_id} does not exist")
-            return Outcome(
-                image_id,
-                image.state,
-                score=image.score,
-                flagged=image.flagged,
-                error_code=image.error_code,
-                error_message=image.error_message,
-                changed=False,
-            )
+            return Outcome.unchanged(image_id, image)
 
 
 def process_with_retries(scorer: Scorer, image_id: uuid.UUID) -> Outcome:
