@@ -680,6 +680,9 @@ class Detector:
         # ``transform`` is the reference (float out); ``pixel_transform`` its uint8 part.
         self.transform, self.pixel_transform, norm = _split_transform(data_config)
         self._mean_std = None if norm is None else (norm[0].to(device), norm[1].to(device))
+        # On CUDA a Python-number divisor becomes a multiplication by its reciprocal, one ulp off
+        # the reference; a 0-d tensor divisor keeps true division there (see normalise).
+        self._scale = torch.tensor(255.0, device=device)
         self._cuda = device.type == "cuda"
         self._amp_dtype = _AUTOCAST.get(self.precision)
         # On CUDA the first forward pass at each new batch size costs seconds (kernel selection
@@ -839,9 +842,8 @@ class Detector:
         if self._mean_std is None:
             raise ValueError("this detector's data config has no separate normalisation; pass float tensors")
         mean, std = (t.to(x.device) for t in self._mean_std)
-        # On CUDA a Python-number divisor becomes a multiplication by its reciprocal, one ulp off
-        # the reference; a 0-d tensor divisor keeps true division there (the CPU path is the reference's).
-        scale = 255 if x.device.type == "cpu" else torch.tensor(255.0, device=x.device)
+        # On the CPU, the reference's own division; elsewhere a 0-d tensor built once (see __init__).
+        scale = 255 if x.device.type == "cpu" else self._scale.to(x.device)
         return x.float().div_(scale).sub_(mean).div_(std)
 
     def predict(self, batch: Sequence[torch.Tensor]) -> list[float]:
