@@ -7,7 +7,8 @@ Same machine, same images, same run:
   3. synthguard: images in a moto S3 server, enqueued through a real `python -m worker.cli api`,
      scored by a real `python -m worker.cli worker`, stored in PostgreSQL;
   4. levers: SYNTHGUARD_CONCURRENCY, SYNTHGUARD_BATCH_SIZE and torch's thread count;
-  5. latency: realtime enqueue-to-stored p50/p95 idle and under a bulk backfill;
+  5. latency: realtime enqueue-to-stored p50/p95 idle and under a bulk backfill, with one
+     worker for all lanes and with a realtime worker beside a bulk one (LATENCY_LAYOUTS);
   6. JPEG DCT-scaled decode (Pillow draft): speed and score drift (not a service default).
 
 Services it needs: Redis (db 10), PostgreSQL (database synthguard_bench, created and
@@ -67,6 +68,13 @@ SIZES = {
     "full": {"n": {"jpeg-1024": 500, "png-1024": 240, "jpeg-12mp": 90}, "unique": 8, "backfill": 1000,
              "probes": 20, "interval": 0.3, "ceiling_s": 3.0,
              "levers": [(4, 32, None, 1), (16, 32, None, 1), (8, 32, 1, 1), (4, 32, None, 2), (4, 32, 1, 2)]},
+}
+
+# Worker processes per layout of the latency stage: (SYNTHGUARD_CONCURRENCY, --queues, nice).
+LATENCY_LAYOUTS = {
+    "one worker, all lanes": [(8, None, 0)],
+    "realtime worker + bulk worker": [(4, "realtime,webhooks", 0), (8, "bulk", 0)],
+    "realtime worker + bulk worker at nice 10": [(4, "realtime,webhooks", 0), (8, "bulk", 10)],
 }
 
 LOG = print
@@ -444,15 +452,18 @@ class Api:
 
 
 def start_worker(env: Env, concurrency: int, batch_size: int, torch_threads: int | None = None,
-                 node: int = 0) -> Proc:
+                 node: int = 0, queues: str | None = None, nice: int = 0) -> Proc:
     port = free_port()
     proc_env = env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port)
     if torch_threads:
         # torch sizes its intra-op pool from OMP_NUM_THREADS at start (default: one per core).
         proc_env["OMP_NUM_THREADS"] = str(torch_threads)
-    proc = Proc(f"worker{node}-c{concurrency}-b{batch_size}",
-                [sys.executable, "-m", "worker.cli", "worker", "--loglevel=INFO", f"--hostname=bench{node}@%h"],
-                proc_env, env.workdir, ready=" ready.")
+    args = [sys.executable, "-m", "worker.cli", "worker", "--loglevel=INFO", f"--hostname=bench{node}@%h"]
+    if queues:
+        args.append(f"--queues={queues}")
+    if nice:
+        args = ["nice", "-n", str(nice), *args]
+    proc = Proc(f"worker{node}-c{concurrency}-b{batch_size}", args, proc_env, env.workdir, ready=" ready.")
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     env.procs.append(proc)
     return proc
@@ -700,17 +711,25 @@ def main() -> int:
             def lat() -> dict:
                 rt = upload(env, "rt", images["jpeg-1024"], 2 * size["probes"], "jpeg")
                 backfill = upload(env, "backfill", images["jpeg-1024"], size["backfill"], "jpeg")
-                worker = start_worker(env, 8, 32)
-                try:
-                    ids = api.scan(warm, "bulk").split(",")
-                    api.wait(ids, len(warm))
-                    r = latency(env, api, worker, rt, backfill, size["probes"], size["interval"])
-                finally:
-                    worker.stop()
-                    env.procs.remove(worker)
-                LOG(f"  idle p50 {pct(r['idle'], .5):.3f}s p95 {pct(r['idle'], .95):.3f}s; under backfill "
-                    f"p50 {pct(r['busy'], .5):.3f}s p95 {pct(r['busy'], .95):.3f}s")
-                return r
+                out = {}
+                for layout, specs in LATENCY_LAYOUTS.items():
+                    workers = [start_worker(env, conc, 32, node=i, queues=queues, nice=nice)
+                               for i, (conc, queues, nice) in enumerate(specs)]
+                    try:
+                        ids = api.scan(warm, "bulk").split(",")
+                        api.wait(ids, len(warm))
+                        ids = [api.scan([key], "realtime") for key in warm[:4]]
+                        api.wait(ids, len(ids))
+                        r = latency(env, api, workers[0], rt, backfill, size["probes"], size["interval"])
+                    finally:
+                        for worker in workers:
+                            worker.stop()
+                            env.procs.remove(worker)
+                    out[layout] = r
+                    LOG(f"  {layout}: idle p50 {pct(r['idle'], .5):.3f}s p95 {pct(r['idle'], .95):.3f}s; "
+                        f"under backfill p50 {pct(r['busy'], .5):.3f}s p95 {pct(r['busy'], .95):.3f}s; "
+                        f"backfill {r['backfill_s']:.1f}s")
+                return out
 
             res["latency"] = stage("latency", lat)
     finally:
@@ -785,13 +804,17 @@ def render(res: dict) -> str:
                                                          "worker CPU", "worker peak RSS MiB"], rows), ""]
     la = res.get("latency")
     if la:
-        rows = [["idle", len(la["idle"]), pct(la["idle"], .5), pct(la["idle"], .95), max(la["idle"])],
-                [f"under a {la['backfill_n']}-image bulk backfill", len(la["busy"]), pct(la["busy"], .5),
-                 pct(la["busy"], .95), max(la["busy"])]]
+        rows = []
+        for layout, r in la.items():
+            idle95, busy95 = pct(r["idle"], .95), pct(r["busy"], .95)
+            rows.append([layout, len(r["idle"]), pct(r["idle"], .5), idle95, pct(r["busy"], .5), busy95,
+                         max(r["busy"]), f"{busy95 / idle95:.2f}x", f"{r['backfill_s']:.1f}",
+                         f"{r['backfill_done_at_last_probe']}/{r['backfill_n']}"])
         out += ["### Realtime latency, enqueue (row created) to stored (jpeg-1024)", "",
-                table(["condition", "probes", "p50 s", "p95 s", "max s"], rows), "",
-                f"Backfill: {la['backfill_done_at_last_probe']}/{la['backfill_n']} done when the last probe was sent; "
-                f"it took {la['backfill_s']:.1f}s. p95 busy/idle = {pct(la['busy'], .95) / pct(la['idle'], .95):.2f}x.", ""]
+                "Each layout: probes while idle, then the same number while a bulk backfill runs "
+                f"({next(iter(la.values()))['backfill_n']} images).", "",
+                table(["workers", "probes", "idle p50 s", "idle p95 s", "busy p50 s", "busy p95 s", "busy max s",
+                       "p95 busy/idle", "backfill s", "backfill done at last probe"], rows), ""]
     d = res.get("dct")
     if d:
         out += [f"### JPEG DCT-scaled decode (Pillow draft to >= {d['short_side']}px short side), not a service default", "",

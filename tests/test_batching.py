@@ -56,6 +56,24 @@ def test_a_lone_item_is_not_held_back_waiting_for_company() -> None:
         assert batcher.submit(7).result(timeout=5) == "7"
 
 
+def test_an_urgent_item_runs_without_waiting_for_company() -> None:
+    with MicroBatcher(lambda items: [str(i) for i in items], max_batch=1000, max_wait_s=3600) as batcher:
+        assert batcher.submit(7, urgent=True).result(timeout=30) == "7"
+
+
+def test_an_urgent_item_ends_the_wait_of_the_batch_it_joins() -> None:
+    fn = GatedDouble()
+    batcher = MicroBatcher(fn, max_batch=8, max_wait_s=3600)
+    first = batcher.submit(0, urgent=True)
+    assert fn.entered.wait(5)
+    # Queued during the call: the next batch starts with a patient item, then an urgent one arrives.
+    rest = [batcher.submit(1), batcher.submit(2), batcher.submit(3, urgent=True), batcher.submit(4)]
+    fn.gate.set()
+    assert [f.result(30) for f in [first, *rest]] == [0, 2, 4, 6, 8]
+    assert fn.batches == [[0], [1, 2, 3, 4]]
+    batcher.close()
+
+
 def test_a_failing_batch_fails_only_its_own_callers() -> None:
     fn = GatedDouble(fail_on="bad")
     batcher = MicroBatcher(fn, max_batch=2, max_wait_s=0.0)

@@ -1,10 +1,25 @@
-"""Realtime first inside a worker process: bulk work yields at its checkpoints, never for long."""
+"""Realtime first inside a worker process: bulk work yields at its checkpoints, never for long;
+a realtime image's result is written without waiting for bulk results. The scorer tests use
+real PostgreSQL and local fixture files."""
 
 from __future__ import annotations
 
 import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
+from sqlalchemy import select
+
+from worker.batching import MicroBatcher
+from worker.db import make_engine, make_sessionmaker
+from worker.detector import Detector
+from worker.intake import create_scan
+from worker.models import DONE, PROCESSING, Image
 from worker.priority import RealtimeFirst
+from worker.scoring import Scorer
+from worker.storage import ObjectRef
 
 
 def _checkpoint_in_thread(gate: RealtimeFirst) -> tuple[threading.Thread, threading.Event, list[float]]:
@@ -52,3 +67,44 @@ def test_a_failing_realtime_image_releases_the_gate() -> None:
     except ValueError:
         pass
     assert gate.in_flight == 0 and gate.checkpoint() == 0.0
+
+
+# ------------------------------------------------------------------ in the scorer
+
+
+def _scorer_with_images(settings_factory, pg_url: str, paths: list[Path]) -> tuple[Scorer, list[uuid.UUID]]:  # type: ignore[no-untyped-def]
+    settings = settings_factory(database_url=pg_url)
+    sessions = make_sessionmaker(make_engine(pg_url))
+    with sessions.begin() as session:
+        _, ids = create_scan(session, [ObjectRef(None, str(p)) for p in paths], origin="test", threshold=0.5)
+    scorer = Scorer(settings, Detector.from_settings(settings), sessions=sessions, allow_local=True)
+    return scorer, ids
+
+
+def test_a_realtime_result_is_stored_while_bulk_results_wait_for_their_write(
+    fixtures_dir, settings_factory, pg_url
+) -> None:
+    real = sorted((fixtures_dir / "real").iterdir())
+    scorer, (bulk_id, realtime_id) = _scorer_with_images(settings_factory, pg_url, real[:2])
+    write, entered, release = scorer._write_batch, threading.Event(), threading.Event()
+
+    def held_write(items: list[Any]) -> list[Any]:
+        entered.set()
+        assert release.wait(60), "the test never released the write"
+        return write(items)
+
+    scorer.writer.close()
+    scorer.writer = MicroBatcher(held_write, max_batch=8, max_wait_s=0.002)
+    with scorer, ThreadPoolExecutor(2) as pool:
+        bulk = pool.submit(scorer.process_image, bulk_id)
+        assert entered.wait(60)  # the bulk result sits at the writer, its transaction not begun
+        try:
+            realtime = pool.submit(scorer.process_image, realtime_id, realtime=True).result(timeout=60)
+            with scorer.sessions() as session:
+                query = select(Image.id, Image.state).where(Image.id.in_([bulk_id, realtime_id]))
+                states = dict(session.execute(query).all())
+        finally:
+            release.set()
+        assert bulk.result(timeout=60).state == DONE
+    assert realtime.state == DONE and realtime.changed
+    assert states == {realtime_id: DONE, bulk_id: PROCESSING}

@@ -265,6 +265,32 @@ def test_a_bulk_backlog_does_not_delay_realtime_images(
     assert ahead <= 2 * 8, ahead
 
 
+def test_workers_dedicated_to_lanes_by_their_short_names(
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url
+) -> None:
+    keys = _upload_copies(s3_client, bucket, fixtures_dir, 12, prefix="lanes")
+    bulk = _enqueue(service_settings, celery_app, bucket, keys[:10], priority="bulk")
+    realtime = _enqueue(service_settings, celery_app, bucket, keys[10:], priority="realtime")
+    start_service("worker", args=("--queues=realtime,webhooks",))
+    wait_until(lambda: _all_terminal(sessions, realtime.image_ids), message="the realtime images")
+    # The realtime worker leaves the backlog alone: every bulk message is still on its queue.
+    assert redis.Redis.from_url(redis_url).llen("synthguard.bulk") == 10
+    assert _states(sessions, bulk.image_ids) == {QUEUED: 10}
+    start_service("worker", args=("--queues=bulk", "--hostname=bulk@%h"))
+    wait_until(lambda: _all_terminal(sessions, bulk.image_ids), message="the backfill")
+    assert _states(sessions, bulk.image_ids + realtime.image_ids) == {DONE: 12}
+
+
+def test_a_worker_refuses_an_unknown_queue_before_loading_anything(service_env) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    result = CliRunner().invoke(main, ["worker", "--queues", "realtime,bluk"], env=service_env)
+    assert result.exit_code == 2
+    assert "unknown queue 'bluk'" in result.output and "realtime, webhooks, bulk" in result.output
+
+
 def test_the_sweeper_republishes_only_stale_queue_work_to_its_lane(
     service_settings, celery_app, sessions, redis_url
 ) -> None:

@@ -3,7 +3,7 @@
 Many threads each submit one item (a preprocessed image) and wait for its
 result; one batching thread gathers up to ``max_batch`` items, or whatever has
 arrived ``max_wait_s`` after the first of them, and makes one call for the
-lot. While that call runs, the submitting threads are free to fetch and decode
+lot. An urgent item ends the wait: its batch runs with what is already queued. While that call runs, the submitting threads are free to fetch and decode
 the next images, so I/O and decoding overlap the forward pass.
 
 A failing call fails exactly the callers of that batch, each with the same
@@ -69,19 +69,23 @@ class MicroBatcher(Generic[T, R]):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, item: T) -> Future[R]:
-        """Queue one item; the future resolves with its result or its batch's error."""
+    def submit(self, item: T, *, urgent: bool = False) -> Future[R]:
+        """Queue one item; the future resolves with its result or its batch's error.
+
+        ``urgent``: run its batch as soon as the batching thread is free, with
+        whatever is queued by then, instead of waiting up to ``max_wait_s`` for more.
+        """
         future: Future[R] = Future()
         # The lock orders submit against close: nothing slips in behind the stop marker.
         with self._lock:
             if self._closed:
                 raise BatcherClosed("the batcher is closed")
-            self._queue.put((item, future, time.monotonic()))
+            self._queue.put((item, future, time.monotonic(), urgent))
         return future
 
-    def __call__(self, item: T, timeout: float | None = None) -> R:
+    def __call__(self, item: T, timeout: float | None = None, *, urgent: bool = False) -> R:
         """Submit one item and wait for its result."""
-        return self.submit(item).result(timeout)
+        return self.submit(item, urgent=urgent).result(timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Run everything already submitted, then stop the batching thread."""
@@ -106,8 +110,8 @@ class MicroBatcher(Generic[T, R]):
             if first is _STOP:
                 return
             batch = [first]
-            _, _, first_arrival = first  # type: ignore[misc]
-            deadline = first_arrival + self._max_wait_s
+            _, _, first_arrival, urgent = first  # type: ignore[misc]
+            deadline = first_arrival if urgent else first_arrival + self._max_wait_s
             while len(batch) < self._max_batch:
                 remaining = deadline - time.monotonic()
                 try:
@@ -118,11 +122,13 @@ class MicroBatcher(Generic[T, R]):
                     stopping = True
                     break
                 batch.append(entry)
+                if entry[3]:  # type: ignore[index]
+                    deadline = 0.0  # urgent: take only what is already queued
             self._run_batch(batch, first_arrival)  # type: ignore[arg-type]
         # Anything queued between the stop marker and here cannot exist (see submit).
 
-    def _run_batch(self, batch: list[tuple[T, Future[R], float]], first_arrival: float) -> None:
-        live = [(item, fut) for item, fut, _ in batch if fut.set_running_or_notify_cancel()]
+    def _run_batch(self, batch: list[tuple[T, Future[R], float, bool]], first_arrival: float) -> None:
+        live = [(item, fut) for item, fut, _, _ in batch if fut.set_running_or_notify_cancel()]
         if not live:
             return
         started = time.monotonic()

@@ -647,6 +647,26 @@ def _checked_sessions(settings: Settings) -> sessionmaker[Session]:
     return sessions
 
 
+def _queue_names(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--queues``: lanes by short name (``realtime``) or queue name (``synthguard.realtime``)."""
+    if value is None:
+        return None
+    from .celery_app import QUEUES
+
+    by_name = {name: name for name in QUEUES} | {name.removeprefix("synthguard."): name for name in QUEUES}
+    names = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [name for name in names if name not in by_name]
+    if unknown or not names:
+        # A typo would otherwise start a worker that listens on a queue nothing publishes to.
+        raise click.BadParameter(
+            f"unknown queue {', '.join(map(repr, unknown)) or '(none given)'}; choose from "
+            f"{', '.join(name.removeprefix('synthguard.') for name in QUEUES)} (or {', '.join(QUEUES)})",
+            ctx=ctx,
+            param=param,
+        )
+    return ",".join(dict.fromkeys(by_name[name] for name in names))
+
+
 @main.command()
 @click.option(
     "--concurrency", type=click.IntRange(1), help="Threads feeding the model [SYNTHGUARD_CONCURRENCY]."
@@ -654,7 +674,10 @@ def _checked_sessions(settings: Settings) -> sessionmaker[Session]:
 @click.option(
     "--queues",
     default=None,
-    help="Comma-separated queues, polled in this order (default: realtime, webhooks, bulk).",
+    callback=_queue_names,
+    help="Comma-separated lanes to consume, polled in this order: realtime, webhooks, bulk "
+    "(the default: all three; queue names such as synthguard.bulk work too). A worker of its "
+    "own for realtime,webhooks keeps realtime latency low under a backfill (docs/operations.md).",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", help="Celery node name, unique per worker process (default: celery@HOST).")

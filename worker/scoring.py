@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Self
 
@@ -158,18 +159,17 @@ class Scorer:
         """Fetch, sniff, decode, preprocess, and wait for the batched forward pass.
 
         Realtime images go first: while one is here, other images wait at their
-        next CPU stage (worker.priority).
+        next CPU stage (worker.priority), and its forward pass starts as soon as
+        the model is free, without waiting for a batch to fill.
         """
-        if realtime:
-            with self.lanes.realtime():
-                return self._score(ref, yield_cpu=False)
-        return self._score(ref, yield_cpu=True)
+        with self.lanes.realtime() if realtime else nullcontext():
+            return self._score(ref, realtime=realtime)
 
-    def _score(self, ref: ObjectRef, *, yield_cpu: bool) -> ScoreResult:
+    def _score(self, ref: ObjectRef, *, realtime: bool) -> ScoreResult:
         stage = metrics.STAGE_SECONDS.labels
 
         def checkpoint() -> None:
-            if yield_cpu and (waited := self.lanes.checkpoint()):
+            if not realtime and (waited := self.lanes.checkpoint()):
                 stage("yield_to_realtime").observe(waited)
 
         with stage("fetch").time():
@@ -188,7 +188,7 @@ class Scorer:
             tensor = self.detector.preprocess(decoded.image)
         try:
             submitted = time.monotonic()
-            score, forward_started = self.batcher(tensor)
+            score, forward_started = self.batcher(tensor, urgent=realtime)
             stage("queue_wait").observe(max(0.0, forward_started - submitted))
         except SynthguardError:
             raise
@@ -218,17 +218,18 @@ class Scorer:
         Raises :class:`TransientError` when the caller should retry later (the
         image is back in ``queued``); after ``max_attempts`` the error is final
         and the image ``failed``. An image already terminal is left untouched.
-        ``realtime``: the image came from the realtime lane and goes first (see :meth:`score`).
+        ``realtime``: the image came from the realtime lane and goes first (see
+        :meth:`score`); its result is written at once, not batched with others.
         """
         try:
-            return self._process(image_id, realtime)
+            return self._process(image_id, realtime=realtime)
         except DBAPIError as exc:
             if not database_unavailable(exc):
                 raise
             # The database restarting or unreachable: the image keeps its state; try again later.
             raise TransientError(f"database unavailable: {exc.orig}", code=errors.DATABASE_UNAVAILABLE) from exc
 
-    def _process(self, image_id: uuid.UUID, realtime: bool = False) -> Outcome:
+    def _process(self, image_id: uuid.UUID, *, realtime: bool) -> Outcome:
         claimed = self._claim(image_id)
         if claimed is None:
             return self._current(image_id)
@@ -253,7 +254,7 @@ class Scorer:
             if transient is not None:
                 raise
             raise TransientError(message, code=code) from exc
-        return self._store(image_id, result)
+        return self._store(image_id, result, alone=realtime)
 
     def _claim(self, image_id: uuid.UUID) -> tuple[ObjectRef, int] | None:
         with self.sessions.begin() as session:
@@ -269,14 +270,21 @@ class Scorer:
         logs.bind(image_id=image_id, scan_id=row.scan_id, bucket=row.bucket, object_key=row.key)
         return ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id), int(row.attempts)
 
-    def _store(self, image_id: uuid.UUID, result: ScoreResult) -> Outcome:
-        """Store one result through the writer and wait for its transaction to commit."""
+    def _store(self, image_id: uuid.UUID, result: ScoreResult, *, alone: bool = False) -> Outcome:
+        """Store one result and wait for its transaction to commit.
+
+        Through the writer, batched with other images' results; ``alone``: in
+        this thread, in a transaction of its own, without waiting for a batch.
+        """
         with metrics.STAGE_SECONDS.labels("store").time():
-            try:
-                answer = self.writer((image_id, result))
-            except BatcherClosed:
-                # Closed under a late caller: the result is in hand, so store it alone rather than retry.
+            if alone:
                 (answer,) = self._write_batch([(image_id, result)])
+            else:
+                try:
+                    answer = self.writer((image_id, result))
+                except BatcherClosed:
+                    # Closed under a late caller: the result is in hand, so store it alone rather than retry.
+                    (answer,) = self._write_batch([(image_id, result)])
         if isinstance(answer, Exception):
             raise answer
         if answer.changed:
