@@ -71,9 +71,10 @@ SIZES = {
 }
 
 # Worker processes per layout of the latency stage: (SYNTHGUARD_CONCURRENCY, --queues, nice).
+# The second is docker/compose.yaml's: a realtime worker beside one for every lane.
 LATENCY_LAYOUTS = {
     "one worker, all lanes": [(8, None, 0)],
-    "realtime worker + bulk worker": [(4, "realtime,webhooks", 0), (8, "bulk", 0)],
+    "realtime worker + all-lanes worker": [(4, "realtime,webhooks", 0), (8, None, 0)],
     "realtime worker + bulk worker at nice 10": [(4, "realtime,webhooks", 0), (8, "bulk", 10)],
 }
 

@@ -203,6 +203,22 @@ def test_worker_reserves_one_gpu_and_says_how_to_run_on_cpu(services: dict[str, 
     assert "SYNTHGUARD_DEVICE=cpu" in COMPOSE_FILE.read_text(encoding="utf-8")
 
 
+def test_every_lane_has_a_worker_and_realtime_one_of_its_own(services: dict[str, dict[str, Any]]) -> None:
+    lanes: dict[str, set[str]] = {}
+    for name, service in services.items():
+        argv = service.get("command") or []
+        if argv[:1] == ["worker"]:
+            given = argv[argv.index("--queues") + 1] if "--queues" in argv else "realtime,webhooks,bulk"
+            lanes[name] = set(given.split(","))
+    assert set().union(*lanes.values()) == {"realtime", "webhooks", "bulk"}, lanes
+    dedicated = [name for name, consumed in lanes.items() if "realtime" in consumed and "bulk" not in consumed]
+    assert dedicated, f"no worker keeps realtime images away from a backfill: {lanes}"
+    for name in dedicated:
+        assert services[name]["image"] == services["worker"]["image"]
+        assert services[name]["deploy"] == services["worker"]["deploy"], "the same GPU reservation"
+        assert "inspect ping" in " ".join(services[name]["healthcheck"]["test"])
+
+
 def test_model_weights_come_from_a_named_volume(compose: dict[str, Any]) -> None:
     assert "model-weights" in compose["volumes"]
     worker = compose["services"]["worker"]
