@@ -11,6 +11,11 @@ as the yardstick. Prints a table of ms per image; asserts nothing.
 what limits a worker's threads (see `gil_held`), and 1- vs 2-thread throughput of
 `read_provenance`; by default on the synthetic images only.
 
+`--threads` measures how `read_provenance` and the watermark alone scale with
+threads in one process: calls/s at 1, 2, the core count, 8 and 16 threads, and at
+each count with at most one call per core inside at once (a semaphore), the
+remedy to try where threads scale badly; by default on the synthetic images only.
+
 `--dump FILE` writes each image's `read_provenance(...).to_json()`; `--compare
 FILE` reads such a dump back and lists every image whose findings differ, so a
 change to the readers can be checked for unchanged verdicts.
@@ -296,6 +301,30 @@ def gil_report(data: bytes, runs: int) -> list[list[str]]:
     return rows
 
 
+def thread_scaling(data: bytes, seconds: float) -> list[list[str]]:
+    """Calls/s of read_provenance and the watermark at several thread counts, free and limited to the cores."""
+    fmt = sniff_format(data)
+    image = decode_image(data, max_pixels=MAX_PIXELS).image
+    cores = len(os.sched_getaffinity(0))
+    counts = sorted({1, 2, cores, 8, 16})
+    stages: dict[str, Callable[[], object]] = {
+        "read_provenance": lambda: provenance.read_provenance(data, fmt, image),
+        "sd_watermark": lambda: provenance._read_watermark(image, provenance._Budget(BUDGET_S)),
+    }
+    rows = []
+    slots = threading.BoundedSemaphore(cores)
+    for name, fn in stages.items():
+
+        def limited(fn: Callable[[], object] = fn) -> None:
+            with slots:
+                fn()
+
+        for label, call in ((name, fn), (f"{name}, <= {cores} at once", limited)):
+            rates = [thread_rate(call, threads, seconds) for threads in counts]
+            rows.append([label, *(f"{rate:.0f}" for rate in rates)])
+    return [["threads", *map(str, counts)], *rows]
+
+
 def table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
@@ -323,7 +352,18 @@ def main() -> None:
     parser.add_argument("--dump", type=Path, help="write every image's findings (to_json) here")
     parser.add_argument("--compare", type=Path, help="a --dump file to compare the findings with")
     parser.add_argument("--gil", action="store_true", help="GIL-held fraction per stage, 1 vs 2 threads")
+    parser.add_argument("--threads", action="store_true", help="calls/s at several thread counts, free and limited")
     args = parser.parse_args()
+
+    if args.threads:
+        print(f"calls/s with N threads in one process, {len(os.sched_getaffinity(0))} cores; numpy {np.__version__}")
+        for name, data in images():
+            if args.only not in name if args.only else not name.startswith("synthetic"):
+                continue
+            header, *rows = thread_scaling(data, 2.0)
+            print(f"\n{name}")
+            print(table(rows, ["stage", *header[1:]]))
+        return
 
     if args.gil:
         print(f"GIL held while each stage runs (2-thread probe); numpy {np.__version__}, 1 core per thread")
