@@ -675,9 +675,9 @@ def _queue_names(ctx: click.Context, param: click.Parameter, value: str | None) 
     "--queues",
     default=None,
     callback=_queue_names,
-    help="Comma-separated lanes to consume, polled in this order: realtime, webhooks, bulk "
-    "(the default: all three; queue names such as synthguard.bulk work too). A worker of its "
-    "own for realtime,webhooks keeps realtime latency low under a backfill (docs/operations.md).",
+    help="Comma-separated lanes to consume, polled in the order given (default: realtime,webhooks,bulk; "
+    "queue names such as synthguard.bulk work too). One worker with realtime,webhooks beside the "
+    "backfill's keeps realtime latency low (docs/operations.md).",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", help="Celery node name, unique per worker process (default: celery@HOST).")
