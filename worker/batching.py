@@ -3,8 +3,10 @@
 Many threads each submit one item (a preprocessed image) and wait for its
 result; one batching thread gathers up to ``max_batch`` items, or whatever has
 arrived ``max_wait_s`` after the first of them, and makes one call for the
-lot. An urgent item ends the wait: its batch runs with what is already queued. While that call runs, the submitting threads are free to fetch and decode
-the next images, so I/O and decoding overlap the forward pass.
+lot. An urgent item (a realtime image) ends that wait: its batch runs with
+whatever is already queued. While that call runs, the submitting threads are
+free to fetch and decode the next images, so I/O and decoding overlap the
+forward pass.
 
 A failing call fails exactly the callers of that batch, each with the same
 exception; the next batch is unaffected. Nothing waits forever: ``close()``
@@ -122,8 +124,9 @@ class MicroBatcher(Generic[T, R]):
                     stopping = True
                     break
                 batch.append(entry)
-                if entry[3]:  # type: ignore[index]
-                    deadline = 0.0  # urgent: take only what is already queued
+                *_, entry_urgent = entry  # type: ignore[misc]
+                if entry_urgent:
+                    deadline = 0.0  # take only what is already queued
             self._run_batch(batch, first_arrival)  # type: ignore[arg-type]
         # Anything queued between the stop marker and here cannot exist (see submit).
 
