@@ -2,7 +2,8 @@
 """synthguard benchmark: `python bench/run.py [--quick]`. Prints tables; asserts nothing.
 
 Same machine, same images, same run:
-  1. ceilings: the model alone (ready tensors, best batch size) and decoding alone;
+  1. ceilings: the model alone (ready tensors, best batch size) and decoding alone; S3 fetches
+     with the service's shared client against a new client per object;
   2. naive baseline: one Celery task per image (bench/naive.py, prefork, one process per core);
   3. synthguard: images in a moto S3 server, enqueued through a real `python -m worker.cli api`,
      scored by a real `python -m worker.cli worker`, stored in PostgreSQL;
@@ -310,6 +311,49 @@ def ceilings(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
         LOG(f"  {name}: decode {out['decode'][name]:.1f} img/s, decode+preprocess {out['decode_pre'][name]:.1f} img/s")
     out["model_best"] = max(out["model"].values())
     out["model_best_batch"] = max(out["model"], key=out["model"].get)
+    return out
+
+
+# ------------------------------------------------------------------ S3 lever
+
+
+def s3_lever(env: Env, keys: dict[str, list[str]], min_s: float) -> dict:
+    """Fetch rate from the S3 server: the service's one shared client vs a new client per object."""
+    import threading
+
+    import boto3
+
+    from worker.settings import Settings
+    from worker.storage import ObjectRef, Storage
+
+    settings = Settings(s3_endpoint_url=env.s3_url, database_url="sqlite://")
+    shared = Storage(settings)
+    # A session per thread (sessions are not thread-safe), its service models loaded once:
+    # what is left per object is the client and its connection.
+    local = threading.local()
+
+    def new_client_per_object(ref: ObjectRef) -> bytes:
+        if not hasattr(local, "session"):
+            local.session = boto3.session.Session()
+        client = local.session.client("s3", endpoint_url=env.s3_url)
+        try:
+            return client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"].read()
+        finally:
+            client.close()
+
+    ways = {
+        "one shared client, pooled connections (the service)": shared.fetch,
+        "a new client and connection per object": new_client_per_object,
+    }
+    out: dict = {"threads": 8}
+    for name in ("jpeg-1024", "jpeg-12mp"):
+        refs = [ObjectRef("bench", key) for key in keys[name][:64]]
+        out[name] = {}
+        for way, fetch in ways.items():
+            with ThreadPoolExecutor(out["threads"]) as pool:
+                list(pool.map(fetch, refs[:8]))
+                out[name][way] = timed_rate(lambda f=fetch, r=refs: list(pool.map(f, r)), len(refs), min_s)
+            LOG(f"  {name}, {way}: {out[name][way]:.1f} objects/s")
     return out
 
 
@@ -636,7 +680,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few images: a smoke run of every stage")
     parser.add_argument("--output", default=str(REPO / "bench" / "last_run.md"), help="markdown tables written here")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: ceilings,naive,synthguard,levers,latency,dct")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: ceilings,s3,naive,synthguard,levers,latency,dct")
     args = parser.parse_args()
     size = SIZES["quick" if args.quick else "full"]
     skip = set(filter(None, args.skip.split(",")))
@@ -672,6 +716,7 @@ def main() -> int:
         keys = {name: upload(env, name, images[name], size["n"][name], SETS[name][2].lower()) for name in SETS}
         warm = upload(env, "warm", images["jpeg-1024"], 8, "jpeg")
         res["ceilings"] = stage("ceilings", lambda: ceilings(env, images, size["ceiling_s"]))
+        res["s3"] = stage("s3", lambda: s3_lever(env, keys, size["ceiling_s"]))
         res["dct"] = stage("dct", lambda: dct_lever(env, images, size["ceiling_s"]))
         res["naive"] = stage("naive", lambda: run_naive(env, keys, warm[:2]))
         api = stage("api", lambda: Api(env))
@@ -754,6 +799,11 @@ def render(res: dict) -> str:
                                            for bs, r in c["model"].items()]), "",
                 table(["set", "decode img/s", "decode+preprocess img/s", "bound = 1/(1/model+1/(decode+pre)) img/s"],
                       [[n, c["decode"][n], c["decode_pre"][n], bound(c, n)] for n in c["decode"]]), ""]
+    s3 = res.get("s3")
+    if s3:
+        ways = list(next(v for k, v in s3.items() if k != "threads"))
+        out += [f"### S3 fetch from the moto server (bench process, {s3['threads']} threads), objects/s", "",
+                table(["set", *ways], [[n, *(s3[n][w] for w in ways)] for n in s3 if n != "threads"]), ""]
     sg, nv = res.get("synthguard") or {}, res.get("naive") or {}
     if sg or nv:
         rows = []
