@@ -11,7 +11,9 @@ Run on a machine with a CUDA GPU; asserts nothing. What it measures, in one run:
      threads in one process, one process per core;
   5. the worker's path without broker, database and S3: threads that decode, read provenance and
      preprocess, feeding the service's MicroBatcher and `Detector.predict` on the GPU, in one process
-     and in several processes sharing the GPU.
+     and in several processes sharing the GPU;
+  6. a lever the service does not use: JPEGs decoded by nvJPEG (torchvision) and resized on the GPU,
+     its rate and its score drift against the CPU reference (section `gpujpeg`).
 Nothing is downloaded: the checkpoint is built with timm (pretrained=False) and saved as safetensors.
 """
 
@@ -291,6 +293,74 @@ def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, c
     return out
 
 
+# ------------------------------------------------------------------ 6: GPU JPEG decoding
+
+
+def gpu_jpeg(checkpoint: Path, images: dict[str, list[bytes]], fixtures: Path | None, min_s: float,
+             device: str = "cuda") -> dict:
+    """Lever: JPEGs decoded on the GPU (torchvision's nvJPEG), resized and cropped there by the
+    model's own timm transform, against the service's CPU path: rate and score drift.
+
+    The rate counts decode + resize/crop + normalise + forward for a batch of 64 bytes objects;
+    the drift compares each image's score with the float32 CPU reference (decode_image +
+    Detector.preprocess + the CPU model).
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from worker.imaging import decode_image
+
+    det, ref = detector(checkpoint, device), detector(checkpoint, "cpu")
+    if det.pixel_transform is None:
+        return {"error": "the model's data config has no uint8 pixel transform"}
+    ai = ref.ai_index
+
+    def on_device(blobs: list[bytes]) -> torch.Tensor:
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        return torch.stack([det.pixel_transform(x) for x in decoded])
+
+    def scores(model, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        with torch.inference_mode():
+            return model._forward(model.normalise(pixels.to(model.device))).float().softmax(-1)[:, ai].cpu()
+
+    out: dict[str, Any] = {"rate": {}, "drift": {}}
+    for name, blobs in images.items():
+        if not name.startswith("jpeg"):
+            continue
+        batch = (blobs * (64 // len(blobs) + 1))[:64]
+
+        def run(batch: list[bytes] = batch) -> None:
+            scores(det, on_device(batch))
+
+        if device.startswith("cuda"):
+            out["rate"][name] = cuda_rate(run, len(batch), min_s)[0]
+        else:
+            run()
+            t0 = time.perf_counter()
+            run()
+            out["rate"][name] = len(batch) / (time.perf_counter() - t0)
+        LOG(f"  GPU JPEG {name}: {out['rate'][name]:.0f} img/s")
+    samples = [(f"synthetic {n} #{i}", b) for n, blobs in images.items() if n.startswith("jpeg")
+               for i, b in enumerate(blobs)]
+    if fixtures is not None:
+        samples += [(f"{p.parent.name}/{p.name}", p.read_bytes()) for folder in ("real", "c2pa", "generated")
+                    for p in sorted((fixtures / folder).glob("*")) if p.suffix.lower() in (".jpg", ".jpeg")]
+    for label, blob in samples:
+        try:
+            want = scores(ref, ref.preprocess(decode_image(blob, max_pixels=100_000_000).image).unsqueeze(0))
+            got = scores(det, on_device([blob]))
+        except Exception as exc:  # noqa: BLE001 - a JPEG nvJPEG refuses is listed, not fatal
+            out["drift"][label] = f"{type(exc).__name__}: {exc}"
+            continue
+        out["drift"][label] = [float(want[0]), float(got[0])]
+    drifts = [abs(a - b) for a, b in (v for v in out["drift"].values() if isinstance(v, list))]
+    if drifts:
+        LOG(f"  GPU JPEG drift over {len(drifts)} images: max {max(drifts):.2e}, mean {statistics.mean(drifts):.2e}")
+    return out
+
+
+# ------------------------------------------------------------------ 5: the worker's path
 # ------------------------------------------------------------------ 5: the worker's path
 
 
@@ -417,6 +487,22 @@ def render(res: dict[str, Any]) -> str:
     lines += ["", "### Worker path without broker, database and S3 (processes x threads), img/s (mean batch)", ""]
     lines.append(table(["set", *cols],
                        [[n, *[f"{r[c]['img_s']:.0f} ({r[c]['mean_batch']:.0f})" for c in cols]] for n, r in pipe.items()]))
+    jpeg = res.get("gpujpeg")
+    if jpeg:
+        lines += ["", "### Lever, not the service's path: JPEG decoded and resized on the GPU (nvJPEG), batch 64", ""]
+        if "error" in jpeg:
+            lines.append(f"Not measured: {jpeg['error']}")
+        else:
+            lines.append(table(["set", "img/s (decode + resize + model)"],
+                               [[n, f"{r:.0f}"] for n, r in jpeg["rate"].items()]))
+            pairs = [v for v in jpeg["drift"].values() if isinstance(v, list)]
+            refused = [k for k, v in jpeg["drift"].items() if not isinstance(v, list)]
+            if pairs:
+                drifts = [abs(a - b) for a, b in pairs]
+                flips = sum((a >= 0.5) != (b >= 0.5) for a, b in pairs)
+                lines += ["", f"Score drift against the CPU reference over {len(pairs)} JPEGs: max {max(drifts):.2e}, "
+                          f"mean {statistics.mean(drifts):.2e}; {flips} verdicts flip at 0.5"
+                          + (f"; refused: {', '.join(refused)}" if refused else "") + "."]
     return "\n".join(lines)
 
 
@@ -427,7 +513,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per CPU-stage measurement")
     parser.add_argument(
-        "--sections", default="model,parity,decoding,pipeline", help="comma-separated subset to run"
+        "--sections", default="model,parity,decoding,pipeline,gpujpeg", help="comma-separated subset to run"
     )
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     args = parser.parse_args()
@@ -473,6 +559,14 @@ def main() -> int:
             layouts = [(1, cores, False), (1, cores, True), (1, 2 * cores, True), (max(1, cores // 2), 4, True)]
             res["pipeline"] = {}
             pipeline(checkpoint, images, seconds, layouts, res["pipeline"], save)
+        if "gpujpeg" in sections:
+            LOG("GPU JPEG decoding")
+            try:
+                res["gpujpeg"] = gpu_jpeg(checkpoint, images, args.fixtures, min_s)
+            except Exception as exc:  # noqa: BLE001 - e.g. no torchvision, or nvJPEG missing
+                res["gpujpeg"] = {"error": f"{type(exc).__name__}: {exc}"}
+                LOG(f"  not measured: {res['gpujpeg']['error']}")
+            save()
     save()
     if {"model", "parity", "decoding", "pipeline"} <= set(res):
         text = render(res)
