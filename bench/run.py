@@ -180,20 +180,11 @@ class Env:
 
     def start(self) -> None:
         import boto3
-        import redis
-        from sqlalchemy import create_engine
         from sqlalchemy.engine import make_url
 
         from worker.db import upgrade
 
-        r = redis.Redis.from_url(REDIS_URL)
-        r.flushdb()
-        r.close()
-        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
-            conn.exec_driver_sql(f'CREATE DATABASE "{PG_DB}"')
-        admin.dispose()
+        self._reset(create=True)
         self.pg_url = make_url(PG_ADMIN).set(database=PG_DB).render_as_string(hide_password=False)
         upgrade(self.pg_url)
 
@@ -252,18 +243,25 @@ class Env:
                 LOG(f"  (could not stop {proc.name}: {exc})")
         self.procs.clear()
         try:
-            import redis
-            from sqlalchemy import create_engine
-
-            r = redis.Redis.from_url(REDIS_URL)
-            r.flushdb()
-            r.close()
-            admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
-            admin.dispose()
+            self._reset(create=False)
         except Exception as exc:  # noqa: BLE001
             LOG(f"  (cleanup: {exc})")
+
+    @staticmethod
+    def _reset(create: bool) -> None:
+        """Empty the bench's Redis db and drop its database (then create it afresh if ``create``)."""
+        import redis
+        from sqlalchemy import create_engine
+
+        r = redis.Redis.from_url(REDIS_URL)
+        r.flushdb()
+        r.close()
+        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+            if create:
+                conn.exec_driver_sql(f'CREATE DATABASE "{PG_DB}"')
+        admin.dispose()
 
 
 # --------------------------------------------------------------------- ceilings
