@@ -244,6 +244,26 @@ def _decode_worker(args: tuple[str, list[bytes], float, bool, str]) -> tuple[int
     return done, time.perf_counter() - t0
 
 
+def _round_robin(work: Any, blobs: list[bytes], threads: int, seconds: float) -> tuple[int, float]:
+    """``threads`` threads call ``work`` on ``blobs`` round-robin for ``seconds``: (calls done, seconds)."""
+    stop = time.perf_counter() + seconds
+    counter = [0]
+    lock = threading.Lock()
+
+    def loop(offset: int) -> None:
+        i = offset
+        while time.perf_counter() < stop:
+            work(blobs[i % len(blobs)])
+            i += 1
+            with lock:
+                counter[0] += 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(loop, range(threads)))
+    return counter[0], time.perf_counter() - t0
+
+
 def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, cores: int) -> dict:
     """Images/s of the CPU stages alone: one process, threads in one process, one process per core."""
     from worker.imaging import decode_image
@@ -266,30 +286,69 @@ def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, c
                 det.preprocess(decoded.image)
 
             for threads in (1, cores):
-                stop = time.perf_counter() + seconds
-                counter = [0]
-                lock = threading.Lock()
-
-                def loop(  # type: ignore[no-untyped-def]
-                    offset: int, one=one, stop=stop, counter=counter, lock=lock, blobs=blobs
-                ) -> None:
-                    i = offset
-                    while time.perf_counter() < stop:
-                        one(blobs[i % len(blobs)])
-                        i += 1
-                        with lock:
-                            counter[0] += 1
-
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(loop, range(threads)))
-                row[f"threads{threads}{tag}"] = counter[0] / (time.perf_counter() - t0)
+                done, elapsed = _round_robin(one, blobs, threads, seconds)
+                row[f"threads{threads}{tag}"] = done / elapsed
             results = procs.map(_decode_worker, [(str(checkpoint), blobs, seconds, with_prov, "cpu")] * cores)
             row[f"procs{cores}{tag}"] = sum(n / s for n, s in results)
         out[name] = row
         LOG(f"  {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items()))
     procs.close()
     procs.join()
+    return out
+
+
+# ------------------------------------------------------------------ 5: the worker's path
+
+
+def _pipeline(args: tuple[str, list[bytes], float, int, int, float, bool]) -> tuple[int, float, list[int]]:
+    """The worker's scoring path minus fetch and store, ``threads`` threads into one MicroBatcher.
+
+    Returns (images done, seconds, batch sizes seen).
+    """
+    checkpoint, blobs, seconds, threads, max_batch, wait_ms, with_prov = args
+    from worker.batching import MicroBatcher
+    from worker.imaging import decode_image
+    from worker.provenance import read_provenance
+
+    det = detector(Path(checkpoint), os.environ.get("BENCH_PIPELINE_DEVICE", "cuda"), batch_size=max_batch)
+    sizes: list[int] = []
+    batcher = MicroBatcher(
+        det.predict, max_batch=max_batch, max_wait_s=wait_ms / 1000.0, on_batch=lambda s: sizes.append(s.size)
+    )
+
+    def score(blob: bytes) -> None:
+        decoded = decode_image(blob, max_pixels=100_000_000)
+        if with_prov:
+            read_provenance(blob, decoded.format, decoded.image)
+        batcher(det.preprocess(decoded.image))
+
+    done, elapsed = _round_robin(score, blobs, threads, seconds)
+    batcher.close()
+    return done, elapsed, sizes
+
+
+def pipeline(
+    checkpoint: Path,
+    images: dict[str, list[bytes]],
+    seconds: float,
+    layouts: list[tuple[int, int, bool]],
+    out: dict[str, Any],
+    save: Any,
+) -> dict:
+    """Fill ``out`` per image set (saving after each): img/s and mean batch per layout."""
+    ctx = mp.get_context("spawn")
+    for name, blobs in images.items():
+        row: dict[str, Any] = {}
+        for procs, threads, with_prov in layouts:
+            with ctx.Pool(procs) as pool:
+                results = pool.map(_pipeline, [(str(checkpoint), blobs, seconds, threads, 256, 5.0, with_prov)] * procs)
+            rate = sum(n / s for n, s, _ in results)
+            sizes = [b for _, _, s in results for b in s]
+            key = f"{procs}x{threads}" + ("" if with_prov else " no provenance")
+            row[key] = {"img_s": rate, "mean_batch": statistics.fmean(sizes) if sizes else 0.0}
+            LOG(f"  {name} {key}: {rate:.0f} img/s, mean batch {row[key]['mean_batch']:.1f}")
+        out[name] = row
+        save()
     return out
 
 
@@ -357,74 +416,6 @@ def gpu_jpeg(checkpoint: Path, images: dict[str, list[bytes]], fixtures: Path | 
     drifts = [abs(a - b) for a, b in (v for v in out["drift"].values() if isinstance(v, list))]
     if drifts:
         LOG(f"  GPU JPEG drift over {len(drifts)} images: max {max(drifts):.2e}, mean {statistics.mean(drifts):.2e}")
-    return out
-
-
-# ------------------------------------------------------------------ 5: the worker's path
-# ------------------------------------------------------------------ 5: the worker's path
-
-
-def _pipeline(args: tuple[str, list[bytes], float, int, int, float, bool]) -> tuple[int, float, list[int]]:
-    """The worker's scoring path minus fetch and store, ``threads`` threads into one MicroBatcher.
-
-    Returns (images done, seconds, batch sizes seen).
-    """
-    checkpoint, blobs, seconds, threads, max_batch, wait_ms, with_prov = args
-    from worker.batching import MicroBatcher
-    from worker.imaging import decode_image
-    from worker.provenance import read_provenance
-
-    det = detector(Path(checkpoint), os.environ.get("BENCH_PIPELINE_DEVICE", "cuda"), batch_size=max_batch)
-    sizes: list[int] = []
-    batcher = MicroBatcher(
-        det.predict, max_batch=max_batch, max_wait_s=wait_ms / 1000.0, on_batch=lambda s: sizes.append(s.size)
-    )
-    counter = [0]
-    lock = threading.Lock()
-    stop = time.perf_counter() + seconds
-
-    def loop(offset: int) -> None:
-        i = offset
-        while time.perf_counter() < stop:
-            blob = blobs[i % len(blobs)]
-            decoded = decode_image(blob, max_pixels=100_000_000)
-            if with_prov:
-                read_provenance(blob, decoded.format, decoded.image)
-            batcher(det.preprocess(decoded.image))
-            i += 1
-            with lock:
-                counter[0] += 1
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(loop, range(threads)))
-    elapsed = time.perf_counter() - t0
-    batcher.close()
-    return counter[0], elapsed, sizes
-
-
-def pipeline(
-    checkpoint: Path,
-    images: dict[str, list[bytes]],
-    seconds: float,
-    layouts: list[tuple[int, int, bool]],
-    out: dict[str, Any],
-    save: Any,
-) -> dict:
-    """Fill ``out`` per image set (saving after each): img/s and mean batch per layout."""
-    ctx = mp.get_context("spawn")
-    for name, blobs in images.items():
-        row: dict[str, Any] = {}
-        for procs, threads, with_prov in layouts:
-            with ctx.Pool(procs) as pool:
-                results = pool.map(_pipeline, [(str(checkpoint), blobs, seconds, threads, 256, 5.0, with_prov)] * procs)
-            rate = sum(n / s for n, s, _ in results)
-            sizes = [b for _, _, s in results for b in s]
-            key = f"{procs}x{threads}" + ("" if with_prov else " no provenance")
-            row[key] = {"img_s": rate, "mean_batch": statistics.fmean(sizes) if sizes else 0.0}
-            LOG(f"  {name} {key}: {rate:.0f} img/s, mean batch {row[key]['mean_batch']:.1f}")
-        out[name] = row
-        save()
     return out
 
 
