@@ -343,15 +343,16 @@ def s3_lever(env: Env, keys: dict[str, list[str]], min_s: float) -> dict:
         "one shared client, pooled connections (the service)": shared.fetch,
         "a new client and connection per object": new_client_per_object,
     }
-    out: dict = {"threads": 8}
+    out: dict = {"threads": 8, "rates": {}}
     for name in ("jpeg-1024", "jpeg-12mp"):
         refs = [ObjectRef("bench", key) for key in keys[name][:64]]
-        out[name] = {}
+        rates = out["rates"][name] = {}
         for way, fetch in ways.items():
             with ThreadPoolExecutor(out["threads"]) as pool:
                 list(pool.map(fetch, refs[:8]))
-                out[name][way] = timed_rate(lambda f=fetch, r=refs: list(pool.map(f, r)), len(refs), min_s)
-            LOG(f"  {name}, {way}: {out[name][way]:.1f} objects/s")
+                rates[way] = timed_rate(lambda f=fetch, r=refs: list(pool.map(f, r)), len(refs), min_s)
+            LOG(f"  {name}, {way}: {rates[way]:.1f} objects/s")
+    shared.close()
     return out
 
 
@@ -804,9 +805,9 @@ def render(res: dict) -> str:
                       [[n, c["decode"][n], c["decode_pre"][n], bound(c, n)] for n in c["decode"]]), ""]
     s3 = res.get("s3")
     if s3:
-        ways = list(next(v for k, v in s3.items() if k != "threads"))
+        ways = list(next(iter(s3["rates"].values())))
         out += [f"### S3 fetch from the moto server (bench process, {s3['threads']} threads), objects/s", "",
-                table(["set", *ways], [[n, *(s3[n][w] for w in ways)] for n in s3 if n != "threads"]), ""]
+                table(["set", *ways], [[n, *(r[w] for w in ways)] for n, r in s3["rates"].items()]), ""]
     sg, nv = res.get("synthguard") or {}, res.get("naive") or {}
     if sg or nv:
         rows = []
