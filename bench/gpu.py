@@ -327,6 +327,16 @@ def _pipeline(args: tuple[str, list[bytes], float, int, int, float, bool]) -> tu
     return done, elapsed, sizes
 
 
+def parse_layouts(text: str) -> list[tuple[int, int, bool]]:
+    """'8x4,1x16-noprov' as [(processes, threads, with provenance)]."""
+    out = []
+    for item in text.split(","):
+        shape, _, flag = item.partition("-")
+        procs, threads = (int(n) for n in shape.split("x"))
+        out.append((procs, threads, flag != "noprov"))
+    return out
+
+
 def pipeline(
     checkpoint: Path,
     images: dict[str, list[bytes]],
@@ -506,6 +516,13 @@ def main() -> int:
         "--sections", default="model,parity,decoding,pipeline,gpujpeg", help="comma-separated subset to run"
     )
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
+    parser.add_argument("--sets", default=",".join(SETS), help="comma-separated image sets")
+    parser.add_argument(
+        "--layouts",
+        default=None,
+        help="worker-path layouts as PROCESSESxTHREADS, '-noprov' to skip provenance "
+        "(default: 1xC-noprov,1xC,1x2C,C/2x4,Cx2 for C cores)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -521,7 +538,7 @@ def main() -> int:
     t0 = time.perf_counter()
     res: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "machine": machine()}
     LOG(json.dumps(res["machine"]))
-    images = {name: make_set(name, 4 if quick else 8) for name in SETS}
+    images = {name: make_set(name, 4 if quick else 8) for name in args.sets.split(",")}
 
     def save() -> None:  # after every section, so a run cut short keeps what it measured
         res["wall_s"] = time.perf_counter() - t0
@@ -546,7 +563,9 @@ def main() -> int:
             save()
         if "pipeline" in sections:
             LOG("pipeline")
-            layouts = [(1, cores, False), (1, cores, True), (1, 2 * cores, True), (max(1, cores // 2), 4, True)]
+            layouts = parse_layouts(args.layouts) if args.layouts else [
+                (1, cores, False), (1, cores, True), (1, 2 * cores, True), (max(1, cores // 2), 4, True), (cores, 2, True)
+            ]
             res["pipeline"] = {}
             pipeline(checkpoint, images, seconds, layouts, res["pipeline"], save)
         if "gpujpeg" in sections:

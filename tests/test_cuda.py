@@ -15,7 +15,7 @@ import torch
 
 from conftest import good_fixture_files
 from worker.batching import MicroBatcher
-from worker.detector import CUDA_AUTO_PRECISION, Detector, batch_buckets
+from worker.detector import CHANNELS_LAST_MIN_BATCH, CUDA_AUTO_PRECISION, Detector, batch_buckets
 from worker.imaging import decode_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
@@ -48,12 +48,34 @@ def pixels(fixtures_dir: Path, cpu_detector: Detector) -> list[torch.Tensor]:
     return out
 
 
+def _conv_weight(detector: Detector) -> torch.Tensor:
+    return next(p for p in detector.model.parameters() if p.ndim == 4)
+
+
 def test_default_precision_on_cuda(settings_factory) -> None:
-    detector = _gpu(settings_factory)
+    settings = settings_factory(device="cuda")
+    detector = Detector.from_settings(settings)
     assert detector.device.type == "cuda" and detector.precision == CUDA_AUTO_PRECISION
-    assert detector.buckets == batch_buckets(32)  # warmed at load, every batch padded to one of them
-    weight = next(p for p in detector.model.parameters() if p.ndim == 4)
-    assert weight.is_contiguous(memory_format=torch.channels_last)
+    # warmed at load, every batch padded to one of them
+    assert detector.buckets == batch_buckets(settings.batch_size)
+    # float32 keeps the default layout: channels_last made each batch size's first pass seconds long
+    assert not detector.channels_last and _conv_weight(detector).is_contiguous()
+
+
+def test_channels_last_only_for_large_reduced_precision_batches(
+    settings_factory, cpu_detector: Detector, pixels
+) -> None:
+    small = Detector.from_settings(settings_factory(device="cuda", precision="float16", batch_size=32))
+    assert not small.channels_last and _conv_weight(small).is_contiguous()
+    large = Detector.from_settings(
+        settings_factory(device="cuda", precision="float16", batch_size=CHANNELS_LAST_MIN_BATCH)
+    )
+    assert large.channels_last and _conv_weight(large).is_contiguous(memory_format=torch.channels_last)
+    # The layout changes the kernels, not the verdicts: confident ones agree with the reference.
+    reference = torch.tensor(cpu_detector.predict(pixels))
+    confident = (reference - 0.5).abs() > 0.25
+    scores = torch.tensor(large.predict(pixels))
+    assert torch.equal((scores >= 0.5)[confident], (reference >= 0.5)[confident])
 
 
 @pytest.mark.parametrize(("precision", "bound"), [("float32", FLOAT32_PARITY), ("auto", DEFAULT_PARITY)])

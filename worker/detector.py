@@ -522,6 +522,9 @@ def resolve_device(name: str) -> torch.device:
 # 1e-3 bar a default must meet (bench/RESULTS.md, GPU section): the faster precisions are opt-in.
 CUDA_AUTO_PRECISION = "float32"
 _AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# The smallest batch at which channels_last measured faster than the default layout on an H100
+# (tf32, float16, bfloat16; never float32); at batch 32 it was slower in every precision.
+CHANNELS_LAST_MIN_BATCH = 256
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -685,9 +688,9 @@ class Detector:
         self._scale = torch.tensor(255.0, device=device)
         self._cuda = device.type == "cuda"
         self._amp_dtype = _AUTOCAST.get(self.precision)
-        # On CUDA the first forward pass at each new batch size costs seconds (kernel selection
-        # and loading; 2.6-3.5 s per size measured on an H100). Padding every batch up to one of
-        # a few sizes, all run once at load (warm_up), keeps that out of image latency.
+        # On CUDA the first forward pass at each new batch size costs extra (cuDNN plan selection:
+        # 0.12 s per size in contiguous float32 on an H100, 3.4 s in channels_last). Padding every
+        # batch up to one of a few sizes, all run once at load (warm_up), keeps that out of latency.
         pad = self._cuda if pad_batches is None else pad_batches
         self.buckets: tuple[int, ...] = batch_buckets(max_batch) if pad and max_batch else ()
         # One pinned staging buffer for host-to-device copies, reused under this lock.
@@ -699,10 +702,17 @@ class Detector:
             # The CPU only stacks and copies here; an OpenMP team per process would spin against
             # the worker's decoding threads for the same cores (measured on a 16-core GPU host).
             torch.set_num_threads(1)
+        # channels_last made every batch size's first pass ~2.5 s (against 0.1 s) on an H100, and
+        # paid back only in tf32/half precision at large batches (bench/RESULTS.md, memory format).
+        self.channels_last = (
+            self._cuda and self.precision != "float32" and (max_batch or 0) >= CHANNELS_LAST_MIN_BATCH
+        )
+        if self.channels_last:
             try:
                 model = model.to(memory_format=torch.channels_last)
             except (RuntimeError, AttributeError, TypeError) as exc:  # some TorchScript modules refuse
                 log.info("model stays in contiguous memory format: %s", exc)
+                self.channels_last = False
         self.model = model
 
     def __repr__(self) -> str:
@@ -814,9 +824,8 @@ class Detector:
 
     def _forward(self, x: torch.Tensor) -> Any:
         """The model on a float batch already on the device and normalised."""
-        if not self._cuda:
-            return self.model(x)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self._amp_dtype is None:
             return self.model(x)
         with torch.autocast("cuda", dtype=self._amp_dtype):
