@@ -2,12 +2,14 @@
 """synthguard benchmark: `python bench/run.py [--quick]`. Prints tables; asserts nothing.
 
 Same machine, same images, same run:
-  1. ceilings: the model alone (ready tensors, best batch size) and decoding alone; S3 fetches
+  1. ceilings: the model alone (ready tensors, best batch size; frozen, the CPU default, and
+     eager) and decoding alone; S3 fetches
      with the service's shared client against a new client per object;
   2. naive baseline: one Celery task per image (bench/naive.py, prefork, one process per core);
   3. synthguard: images in a moto S3 server, enqueued through a real `python -m worker.cli api`,
      scored by a real `python -m worker.cli worker`, stored in PostgreSQL;
-  4. levers: SYNTHGUARD_CONCURRENCY, SYNTHGUARD_BATCH_SIZE and torch's thread count;
+  4. levers: SYNTHGUARD_CONCURRENCY, SYNTHGUARD_BATCH_SIZE, torch's thread count, worker
+     processes, and the eager model (SYNTHGUARD_MODEL_FREEZE_CPU=false);
   5. latency: realtime enqueue-to-stored p50/p95 idle and under a bulk backfill, with one
      worker for all lanes and with a realtime worker beside a bulk one (LATENCY_LAYOUTS);
   6. JPEG DCT-scaled decode (Pillow draft): speed and score drift (not a service default).
@@ -63,12 +65,15 @@ SETS = {
     "jpeg-12mp": (4000, 3000, "JPEG"),
 }
 SIZES = {
-    # images per set, unique images per set, backfill size, realtime probes, probe interval (s)
+    # images per set, unique images per set, backfill size, realtime probes, probe interval (s);
+    # levers: (SYNTHGUARD_CONCURRENCY, SYNTHGUARD_BATCH_SIZE, torch threads, processes, frozen CPU model)
     "quick": {"n": {"jpeg-1024": 60, "png-1024": 40, "jpeg-12mp": 16}, "unique": 4, "backfill": 200,
-              "probes": 8, "interval": 0.3, "ceiling_s": 1.5, "levers": [(4, 32, None, 1), (4, 32, 1, 2)]},
+              "probes": 8, "interval": 0.3, "ceiling_s": 1.5,
+              "levers": [(8, 32, None, 1, False), (4, 32, 1, 2, True)]},
     "full": {"n": {"jpeg-1024": 500, "png-1024": 240, "jpeg-12mp": 90}, "unique": 8, "backfill": 1000,
              "probes": 20, "interval": 0.3, "ceiling_s": 3.0,
-             "levers": [(4, 32, None, 1), (16, 32, None, 1), (8, 32, 1, 1), (4, 32, None, 2), (4, 32, 1, 2)]},
+             "levers": [(8, 32, None, 1, False), (4, 32, None, 1, True), (16, 32, None, 1, True),
+                        (8, 32, 1, 1, True), (8, 8, None, 1, True), (4, 32, None, 2, True), (4, 32, 1, 2, True)]},
 }
 
 # Worker processes per layout of the latency stage: (SYNTHGUARD_CONCURRENCY, --queues, nice).
@@ -287,12 +292,16 @@ def ceilings(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
 
     settings = Settings(model_checkpoint=str(env.checkpoint), device="cpu", database_url="sqlite://")
     det = Detector.from_settings(settings)
-    out: dict = {"model": {}, "decode": {}, "decode_pre": {}, "torch_threads": torch.get_num_threads()}
+    eager = Detector.from_settings(settings.model_copy(update={"model_freeze_cpu": False}))
+    out: dict = {"model": {}, "model_eager": {}, "decode": {}, "decode_pre": {},
+                 "torch_threads": torch.get_num_threads()}
     x = torch.randn(3, 224, 224)
-    for bs in (1, 8, 32, 64):
+    for bs in (1, 4, 8, 32, 64):
         batch = [x] * bs
+        # Alternated per batch size, so a slow spell of a shared VM hits both forms alike.
         out["model"][bs] = timed_rate(lambda b=batch: det.predict(b), bs, min_s)
-        LOG(f"  model batch {bs}: {out['model'][bs]:.1f} img/s")
+        out["model_eager"][bs] = timed_rate(lambda b=batch: eager.predict(b), bs, min_s)
+        LOG(f"  model batch {bs}: {out['model'][bs]:.1f} img/s frozen, {out['model_eager'][bs]:.1f} eager")
     cores = os.cpu_count() or 1
     for name, blobs in images.items():
         def dec(b: bytes) -> None:
@@ -496,9 +505,10 @@ class Api:
 
 
 def start_worker(env: Env, concurrency: int, batch_size: int, torch_threads: int | None = None,
-                 node: int = 0, queues: str | None = None, nice: int = 0) -> Proc:
+                 node: int = 0, queues: str | None = None, nice: int = 0, frozen: bool = True) -> Proc:
     port = free_port()
-    proc_env = env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port)
+    proc_env = env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port,
+                               model_freeze_cpu=str(frozen).lower())
     if torch_threads:
         # torch sizes its intra-op pool from OMP_NUM_THREADS at start (default: one per core).
         proc_env["OMP_NUM_THREADS"] = str(torch_threads)
@@ -743,17 +753,17 @@ def main() -> int:
             def levers() -> dict:
                 out = {}
                 lever_keys = keys["jpeg-1024"]
-                for conc, bs, threads, procs in size["levers"]:
-                    workers = [start_worker(env, conc, bs, threads, node=i) for i in range(procs)]
+                for conc, bs, threads, procs, frozen in size["levers"]:
+                    workers = [start_worker(env, conc, bs, threads, node=i, frozen=frozen) for i in range(procs)]
                     try:
                         r = run_synthguard(env, api, workers, lever_keys, warm)
                     finally:
                         for worker in workers:
                             worker.stop()
                             env.procs.remove(worker)
-                    out[f"{conc},{bs},{threads or 'default'},{procs}"] = r
-                    LOG(f"  {procs} worker(s), concurrency {conc} batch {bs} torch threads {threads or 'default'}: "
-                        f"{r['rate']:.2f} img/s")
+                    out[f"{conc},{bs},{threads or 'default'},{procs},{'frozen' if frozen else 'eager'}"] = r
+                    LOG(f"  {procs} worker(s), concurrency {conc} batch {bs} torch threads {threads or 'default'}, "
+                        f"{'frozen' if frozen else 'eager'} model: {r['rate']:.2f} img/s")
                 return out
 
             res["levers"] = stage("levers", levers)
@@ -798,9 +808,12 @@ def render(res: dict) -> str:
     out = [f"Run: `{res['size']}`, {res['date']}, {res['total_s']:.0f}s. Machine: {res['machine']}.", ""]
     c = res.get("ceilings")
     if c:
+        eager = c.get("model_eager", {})
         out += ["### Ceilings (bench process alone, all cores)", "",
-                table(["stage", "img/s"], [[f"model forward, batch {bs} (ready 224x224 tensors)", r]
-                                           for bs, r in c["model"].items()]), "",
+                table(["model forward (Detector.predict, ready 224x224 tensors)", "frozen img/s (the CPU default)",
+                       "eager img/s (SYNTHGUARD_MODEL_FREEZE_CPU=false)", "frozen/eager"],
+                      [[f"batch {bs}", r, eager.get(bs, "-"), r / eager[bs] if bs in eager else "-"]
+                       for bs, r in c["model"].items()]), "",
                 table(["set", "decode img/s", "decode+preprocess img/s", "bound = 1/(1/model+1/(decode+pre)) img/s"],
                       [[n, c["decode"][n], c["decode_pre"][n], bound(c, n)] for n in c["decode"]]), ""]
     s3 = res.get("s3")
@@ -848,14 +861,15 @@ def render(res: dict) -> str:
                 "concurrent threads overlap, so they add up to more than 1/throughput.", ""]
     lv = res.get("levers")
     if lv:
-        rows = [[*[*k.split(","), "default", "1"][:4], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
-                for k, r in lv.items()]
+        rows = [[*[*k.split(","), "default", "1", "frozen"][:5], r["rate"], f"{r['proc_cpu_pct']:.0f}%",
+                 f"{r['peak_rss_mib']:.0f}"] for k, r in lv.items()]
         if sg.get("jpeg-1024"):
             r = sg["jpeg-1024"]
-            rows.insert(0, ["8 (default)", "32 (default)", "default (one per core)", "1", r["rate"],
+            rows.insert(0, ["8 (default)", "32 (default)", "default (one per core)", "1", "frozen (default)", r["rate"],
                             f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"])
         out += ["### Levers (jpeg-1024 set)", "", table(["SYNTHGUARD_CONCURRENCY", "SYNTHGUARD_BATCH_SIZE",
-                                                         "torch threads (OMP_NUM_THREADS)", "worker processes", "img/s",
+                                                         "torch threads (OMP_NUM_THREADS)", "worker processes",
+                                                         "CPU model (SYNTHGUARD_MODEL_FREEZE_CPU)", "img/s",
                                                          "worker CPU", "worker peak RSS MiB"], rows), ""]
     la = res.get("latency")
     if la:

@@ -22,9 +22,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
-from conftest import make_test_model
+from conftest import good_fixture_files, make_test_model
 from worker.detector import UNTRAINED_VERSION, Detector, batch_buckets, resolve_checkpoint
 from worker.errors import CheckpointError, ConfigError
+from worker.imaging import decode_image
 from worker.settings import Settings
 
 ARCH = "tf_mobilenetv3_large_100"
@@ -185,6 +186,8 @@ def test_every_form_loads_and_scores_like_the_model(
     assert detector.name == ARCH and not detector.untrained
     assert detector.device == torch.device("cpu") and not detector.model.training
     assert detector.ai_index == 0
+    # On a CPU every module runs frozen; a TorchScript archive runs as it was saved.
+    assert detector.frozen == (form != "torchscript-trace")
     torch.testing.assert_close(_scores(detector, tensors), reference, atol=1e-6, rtol=0)
 
 
@@ -510,6 +513,54 @@ def test_padded_batches_score_like_exact_ones(detector: Detector, test_model, im
     finally:
         hook.remove()
     assert not Detector.from_settings(Settings(model_checkpoint=str(detector.source), device="cpu")).buckets
+
+
+def test_frozen_cpu_model_scores_the_fixtures_like_the_eager_one(
+    fixtures_dir: Path, checkpoint: Path, settings_factory
+) -> None:
+    frozen = Detector.from_settings(settings_factory(model_checkpoint=str(checkpoint)))
+    eager = Detector.from_settings(settings_factory(model_checkpoint=str(checkpoint), model_freeze_cpu=False))
+    assert frozen.frozen and not eager.frozen
+    pixels = [
+        frozen.preprocess(decode_image(path.read_bytes(), max_pixels=100_000_000).image)
+        for path in good_fixture_files()
+    ]
+    assert len(pixels) >= 15
+    for size in (1, 5, len(pixels)):  # batch sizes it was not traced at, too
+        got = torch.tensor([s for i in range(0, len(pixels), size) for s in frozen.predict(pixels[i : i + size])])
+        want = torch.tensor(eager.predict(pixels))
+        assert float((got - want).abs().max()) <= 1e-5, size
+    assert float(want.max() - want.min()) > 1e-2  # the fixtures really score differently
+
+
+class _BatchSizeBranch(torch.nn.Module):
+    """Answers differently for one image than for several: a trace at batch 1 keeps only that branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x.mean((2, 3)))
+        return logits if x.shape[0] == 1 else -logits
+
+
+def test_a_model_its_trace_misrepresents_runs_eagerly(detector: Detector, tensors, caplog) -> None:
+    model = _BatchSizeBranch().eval()
+    with caplog.at_level("WARNING", logger="worker.detector"):
+        guarded = Detector(
+            name="branchy",
+            version="v",
+            model=model,
+            data_config=detector.data_config,
+            device=torch.device("cpu"),
+            freeze_cpu=True,
+        )
+    assert not guarded.frozen
+    assert "runs eagerly" in caplog.text and "moves probabilities" in caplog.text
+    with torch.inference_mode():
+        want = model(torch.stack(tensors)).softmax(-1)[:, 0]
+    torch.testing.assert_close(_scores(guarded, tensors), want, atol=1e-6, rtol=0)
 
 
 def test_float_precision_only_on_cpu(settings_factory) -> None:

@@ -410,5 +410,6 @@ def test_models_lists_what_each_worker_has_loaded_and_the_stored_versions(
     doc = json.loads(result.stdout)
     (answer,) = doc["workers"]
     assert (answer["name"], answer["version"], answer["device"]) == ("tf_mobilenetv3_large_100", version, "cpu")
+    assert answer["precision"] == "float32" and answer["frozen"] is True  # the CPU default: frozen graph
     stored = {v["version"]: v["scores"] for v in doc["stored_versions"]}
     assert stored[version] >= 2

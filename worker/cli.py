@@ -797,7 +797,8 @@ def models(timeout: float, as_json: bool) -> None:
         table.add_column(column)
     for w in workers:
         version = str(w.get("version", "-")) + (" (UNTRAINED)" if w.get("untrained") else "")
-        table.add_row(str(w["worker"]), str(w.get("name", "-")), version, str(w.get("device", "-")),
+        device = str(w.get("device", "-")) + (" (frozen)" if w.get("frozen") else "")
+        table.add_row(str(w["worker"]), str(w.get("name", "-")), version, device,
                       str(w.get("batch_size", "-")), str(w.get("concurrency", "-")))
     console.print(table)
     stored_table = Table(title="stored scores by model version", title_justify="left")

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         "move scores by more than 1e-3 (see bench/RESULTS.md), so they are opt-in and need CUDA.",
     )
 
+    model_freeze_cpu: bool = Field(
+        True,
+        description="On a CPU, run the model traced and frozen by TorchScript (batch norm folded into the "
+        "convolutions) in channels_last: about twice the eager rate. Checked at load against the eager "
+        "model, which runs instead when probabilities differ by more than 1e-5 or the model cannot be "
+        "traced. No effect on CUDA.",
+    )
+
     batch_size: int = Field(32, ge=1, description="Most images in one forward pass.")
     batch_wait_ms: float = Field(
         10.0, ge=0, description="Longest wait for a batch to fill after its first image arrives."

@@ -144,6 +144,8 @@ def synthguard_model(state: object) -> dict[str, object]:
         "version": detector.version,
         "untrained": detector.untrained,
         "device": str(detector.device),
+        "precision": detector.precision,
+        "frozen": detector.frozen,
         "source": detector.source,
         "ai_index": detector.ai_index,
         "batch_size": scorer.settings.batch_size,
