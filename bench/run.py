@@ -302,6 +302,9 @@ def ceilings(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
         out["model"][bs] = timed_rate(lambda b=batch: det.predict(b), bs, min_s)
         out["model_eager"][bs] = timed_rate(lambda b=batch: eager.predict(b), bs, min_s)
         LOG(f"  model batch {bs}: {out['model'][bs]:.1f} img/s frozen, {out['model_eager'][bs]:.1f} eager")
+    out["frozen_drift"] = frozen_drift(det, eager, images)
+    LOG(f"  frozen vs eager p(synthetic): max drift {out['frozen_drift']['max']:.2g} "
+        f"over {out['frozen_drift']['images']} images")
     cores = os.cpu_count() or 1
     for name, blobs in images.items():
         def dec(b: bytes) -> None:
@@ -319,6 +322,24 @@ def ceilings(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
     out["model_best"] = max(out["model"].values())
     out["model_best_batch"] = max(out["model"], key=out["model"].get)
     return out
+
+
+def frozen_drift(det, eager, images: dict[str, list[bytes]]) -> dict:  # type: ignore[no-untyped-def]
+    """How far the frozen CPU model's scores are from the eager model's: the fixtures that decode and the sets."""
+    from worker.errors import PermanentError
+    from worker.imaging import decode_image
+
+    blobs = [p.read_bytes() for p in sorted(FIXTURES.glob("*/*"))
+             if p.parent.name in ("real", "generated", "formats", "c2pa") and p.suffix.lower() not in (".md", "")]
+    blobs += [b for bs in images.values() for b in bs]
+    pixels = []
+    for blob in blobs:
+        try:
+            pixels.append(det.preprocess(decode_image(blob, max_pixels=100_000_000).image))
+        except PermanentError:
+            continue  # licence files and the like
+    drift = [abs(a - b) for a, b in zip(det.predict(pixels), eager.predict(pixels), strict=True)]
+    return {"images": len(drift), "max": max(drift), "mean": statistics.mean(drift)}
 
 
 # ------------------------------------------------------------------ S3 lever
@@ -813,8 +834,12 @@ def render(res: dict) -> str:
                 table(["model forward (Detector.predict, ready 224x224 tensors)", "frozen img/s (the CPU default)",
                        "eager img/s (SYNTHGUARD_MODEL_FREEZE_CPU=false)", "frozen/eager"],
                       [[f"batch {bs}", r, eager.get(bs, "-"), r / eager[bs] if bs in eager else "-"]
-                       for bs, r in c["model"].items()]), "",
-                table(["set", "decode img/s", "decode+preprocess img/s", "bound = 1/(1/model+1/(decode+pre)) img/s"],
+                       for bs, r in c["model"].items()]), ""]
+        if c.get("frozen_drift"):
+            fd = c["frozen_drift"]
+            out += [f"Frozen against eager p(synthetic), {fd['images']} images (fixtures that decode, and the sets): "
+                    f"max drift {fd['max']:.2g}, mean {fd['mean']:.2g}.", ""]
+        out += [table(["set", "decode img/s", "decode+preprocess img/s", "bound = 1/(1/model+1/(decode+pre)) img/s"],
                       [[n, c["decode"][n], c["decode_pre"][n], bound(c, n)] for n in c["decode"]]), ""]
     s3 = res.get("s3")
     if s3:
