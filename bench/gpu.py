@@ -3,10 +3,12 @@
 
 Run on a machine with a CUDA GPU; asserts nothing. What it measures, in one run:
   1. model ceiling: the service's model on ready, normalised tensors already on the GPU, per
-     precision (SYNTHGUARD_PRECISION) and batch size; channels_last; torch.compile with --compile;
+     precision (SYNTHGUARD_PRECISION), memory format (the detector's own, and channels_last) and
+     batch size, with each size's first call timed; torch.compile with --compile;
   2. the service's `Detector.predict` from CPU tensors (uint8 pixels through a pinned buffer and
      normalised on the GPU, against float tensors normalised on the CPU);
-  3. score parity of each precision against the float32 CPU reference (fixtures and synthetic images);
+  3. score parity of each precision against the float32 CPU reference, the eager model (fixtures
+     and synthetic images);
   4. decoding: `decode_image` + `Detector.preprocess` (and + `read_provenance`), 1 process, 16
      threads in one process, one process per core;
   5. the worker's path without broker, database and S3: threads that decode, read provenance and
@@ -42,6 +44,8 @@ from bench.run import SETS, make_set, table  # noqa: E402
 
 ARCH = "tf_mobilenetv3_large_100"
 PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
+# "default": the memory format the detector picks itself (contiguous at SYNTHGUARD_BATCH_SIZE 32).
+LAYOUTS = ("default", "channels_last")
 LOG = print
 
 
@@ -60,7 +64,9 @@ def build_checkpoint(folder: Path) -> Path:
     return path
 
 
-def detector(checkpoint: Path, device: str, precision: str = "auto", batch_size: int = 32):  # type: ignore[no-untyped-def]
+def detector(checkpoint: Path, device: str, precision: str = "auto", batch_size: int = 32,  # type: ignore[no-untyped-def]
+             frozen: bool = True):
+    """The service's detector; ``frozen=False`` on a CPU is the eager model, the float32 reference."""
     from worker.detector import Detector
     from worker.settings import Settings
 
@@ -70,6 +76,7 @@ def detector(checkpoint: Path, device: str, precision: str = "auto", batch_size:
             device=device,
             precision=precision,
             batch_size=batch_size,
+            model_freeze_cpu=frozen,
             database_url="sqlite://",
         )
     )
@@ -103,21 +110,31 @@ def model_ceiling(checkpoint: Path, batches: list[int], min_s: float, compile_mo
 
     out: dict[str, Any] = {"eager": {}, "compiled": {}, "predict": {}}
     for precision in PRECISIONS:
-        det = detector(checkpoint, "cuda", precision)
-        for bs in batches:
-            # Three input sets in rotation, so repeated calls do not just re-read the L2 cache.
-            inputs = [torch.randn(bs, 3, 224, 224, device="cuda") for _ in range(3)]
-            turn = iter(range(1 << 30))
+        for layout in LAYOUTS:
+            det = detector(checkpoint, "cuda", precision)
+            if layout == "channels_last" and not det.channels_last:
+                det.model = det.model.to(memory_format=torch.channels_last)
+                det.channels_last = True
+            for bs in batches:
+                # Three input sets in rotation, so repeated calls do not just re-read the L2 cache.
+                inputs = [torch.randn(bs, 3, 224, 224, device="cuda") for _ in range(3)]
+                turn = iter(range(1 << 30))
 
-            def run(det=det, inputs=inputs, turn=turn) -> None:  # type: ignore[no-untyped-def]
-                with torch.inference_mode():
-                    det._forward(inputs[next(turn) % 3])
+                def run(det=det, inputs=inputs, turn=turn) -> None:  # type: ignore[no-untyped-def]
+                    with torch.inference_mode():
+                        det._forward(inputs[next(turn) % 3])
 
-            rate, ms = cuda_rate(run, bs, min_s)
-            out["eager"][f"{precision}/{bs}"] = {"img_s": rate, "ms": ms}
-            LOG(f"  eager {precision:8s} batch {bs:5d}: {rate:9.0f} img/s ({ms:.2f} ms)")
-        del det, inputs
-        torch.cuda.empty_cache()
+                # The first call at a new batch size: what an image would wait if it were not warmed up.
+                t0 = time.perf_counter()
+                run()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                rate, ms = cuda_rate(run, bs, min_s)
+                out["eager"][f"{precision}/{layout}/{bs}"] = {"img_s": rate, "ms": ms, "first_s": first}
+                LOG(f"  eager {precision:8s} {layout:13s} batch {bs:5d}: {rate:9.0f} img/s ({ms:.2f} ms; "
+                    f"first call {first:.2f} s)")
+            del det, inputs
+            torch.cuda.empty_cache()
 
     # The service's predict, from CPU tensors: uint8 pixels (pinned, normalised on the GPU) vs float.
     det = detector(checkpoint, "cuda", "auto")
@@ -185,7 +202,7 @@ def parity(checkpoint: Path, fixtures: Path | None, images: dict[str, list[bytes
             x = det.normalise(pixels.to(det.device))
             return det._forward(x).float().cpu()
 
-    ref_det = detector(checkpoint, "cpu")
+    ref_det = detector(checkpoint, "cpu", frozen=False)
     pixels: list[torch.Tensor] = []
     names: list[str] = []
     for name, blob in samples:
@@ -379,7 +396,7 @@ def gpu_jpeg(checkpoint: Path, images: dict[str, list[bytes]], fixtures: Path | 
 
     from worker.imaging import decode_image
 
-    det, ref = detector(checkpoint, device), detector(checkpoint, "cpu")
+    det, ref = detector(checkpoint, device), detector(checkpoint, "cpu", frozen=False)
     if det.pixel_transform is None:
         return {"error": "the model's data config has no uint8 pixel transform"}
     ai = ref.ai_index
@@ -457,13 +474,14 @@ def render(res: dict[str, Any]) -> str:
         f"Run {res['started']} ({res['wall_s']:.0f} s). {m['gpu']} ({m['sms']} SMs, {m['gpu_mem_gib']} GiB), "
         f"{m['cpus']} CPU cores, Python {m['python']}, torch {m['torch']}, timm {m['timm']}, Pillow {m['pillow']}.",
         "",
-        "### Model ceiling (ready normalised tensors on the GPU, channels_last)",
+        "### Model ceiling (ready normalised tensors on the GPU), img/s (first call at that batch size, s)",
         "",
     ]
     eager = res["model"]["eager"]
-    batches = sorted({int(k.split("/")[1]) for k in eager})
-    lines.append(table(["precision"] + [f"batch {b} img/s" for b in batches],
-                       [[p] + [f"{eager[f'{p}/{b}']['img_s']:.0f}" for b in batches] for p in PRECISIONS]))
+    batches = sorted({int(k.split("/")[2]) for k in eager})
+    lines.append(table(["precision", "memory format"] + [f"batch {b}" for b in batches],
+                       [[p, lay] + [f"{eager[f'{p}/{lay}/{b}']['img_s']:.0f} ({eager[f'{p}/{lay}/{b}']['first_s']:.2f})"
+                                    for b in batches] for p in PRECISIONS for lay in LAYOUTS]))
     if res["model"]["compiled"]:
         lines += ["", "torch.compile (dynamic=False; first call includes compilation):", ""]
         lines.append(table(["precision / mode / batch", "img/s", "first call s"],
