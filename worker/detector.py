@@ -757,12 +757,18 @@ class Detector:
         # ``model`` stays the eager module; on a CPU the forward pass may run its frozen form instead.
         self.model = model
         self._frozen: torch.nn.Module | None = None
-        if freeze_cpu and device.type == "cpu":
-            self._frozen, why = freeze_for_cpu(model, data_config["input_size"])
-            if self._frozen is None:
-                log.warning("the model runs eagerly on the CPU (slower): %s", why)
-            else:
-                log.info("the model runs frozen by TorchScript in channels_last on the CPU: %s", why)
+        if freeze_cpu:
+            self._freeze()
+
+    def _freeze(self) -> None:
+        """On a CPU, run forward passes through the model's frozen form, where it matches the eager model."""
+        if self.device.type != "cpu":
+            return
+        self._frozen, why = freeze_for_cpu(self.model, self.data_config["input_size"])
+        if self._frozen is None:
+            log.warning("the model runs eagerly on the CPU (slower): %s", why)
+        else:
+            log.info("the model runs frozen by TorchScript in channels_last on the CPU: %s", why)
 
     @property
     def frozen(self) -> bool:
@@ -817,9 +823,11 @@ class Detector:
             source=spec,
             precision=settings.precision,
             max_batch=settings.batch_size,
-            freeze_cpu=settings.model_freeze_cpu,
         )
         detector._probe(weights)
+        # After the probe: a model that cannot run at all fails with the probe's error, not a freezing warning.
+        if settings.model_freeze_cpu:
+            detector._freeze()
         detector.warm_up()
         log.info(
             "loaded %s %s from %s (%s) on %s; 'by AI' is output %d%s",
