@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from bench.run import SETS, make_set, table  # noqa: E402
+from bench.run import SETS, fixture_files, make_set, table  # noqa: E402
 
 ARCH = "tf_mobilenetv3_large_100"
 PRECISIONS = ("float32", "tf32", "float16", "bfloat16")
@@ -190,10 +190,7 @@ def parity(checkpoint: Path, fixtures: Path | None, images: dict[str, list[bytes
 
     samples: list[tuple[str, bytes]] = []
     if fixtures is not None:
-        for folder in ("real", "generated", "c2pa", "formats"):
-            for path in sorted((fixtures / folder).glob("*")):
-                if path.suffix.lower() not in ("", ".md") and not path.name.startswith("LICENSE"):
-                    samples.append((f"{folder}/{path.name}", path.read_bytes()))
+        samples += [(f"{path.parent.name}/{path.name}", path.read_bytes()) for path in fixture_files(fixtures)]
     for name, blobs in images.items():
         samples += [(f"synthetic {name} #{i}", b) for i, b in enumerate(blobs)]
 

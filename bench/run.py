@@ -324,20 +324,25 @@ def ceilings(env: Env, images: dict[str, list[bytes]], min_s: float) -> dict:
     return out
 
 
+def fixture_files(fixtures: Path) -> list[Path]:
+    """The shared fixtures that are images meant to score (not the broken ones, READMEs or licences)."""
+    return [path for folder in ("real", "generated", "c2pa", "formats") for path in sorted((fixtures / folder).glob("*"))
+            if path.suffix.lower() not in ("", ".md") and not path.name.startswith("LICENSE")]
+
+
 def frozen_drift(det, eager, images: dict[str, list[bytes]]) -> dict:  # type: ignore[no-untyped-def]
     """How far the frozen CPU model's scores are from the eager model's: the fixtures that decode and the sets."""
     from worker.errors import PermanentError
     from worker.imaging import decode_image
 
-    blobs = [p.read_bytes() for p in sorted(FIXTURES.glob("*/*"))
-             if p.parent.name in ("real", "generated", "formats", "c2pa") and p.suffix.lower() not in (".md", "")]
+    blobs = [p.read_bytes() for p in fixture_files(FIXTURES)]
     blobs += [b for bs in images.values() for b in bs]
     pixels = []
     for blob in blobs:
         try:
             pixels.append(det.preprocess(decode_image(blob, max_pixels=100_000_000).image))
         except PermanentError:
-            continue  # licence files and the like
+            continue  # a format this build cannot decode
     drift = [abs(a - b) for a, b in zip(det.predict(pixels), eager.predict(pixels), strict=True)]
     return {"images": len(drift), "max": max(drift), "mean": statistics.mean(drift)}
 

@@ -526,9 +526,9 @@ def test_frozen_cpu_model_scores_the_fixtures_like_the_eager_one(
         for path in good_fixture_files()
     ]
     assert len(pixels) >= 15
+    want = torch.tensor(eager.predict(pixels))
     for size in (1, 5, len(pixels)):  # batch sizes it was not traced at, too
         got = torch.tensor([s for i in range(0, len(pixels), size) for s in frozen.predict(pixels[i : i + size])])
-        want = torch.tensor(eager.predict(pixels))
         assert float((got - want).abs().max()) <= 1e-5, size
     assert float(want.max() - want.min()) > 1e-2  # the fixtures really score differently
 

@@ -743,8 +743,8 @@ class Detector:
             # The CPU only stacks and copies here; an OpenMP team per process would spin against
             # the worker's decoding threads for the same cores (measured on a 16-core GPU host).
             torch.set_num_threads(1)
-        # channels_last made every batch size's first pass ~2.5 s (against 0.1 s) on an H100, and
-        # paid back only in tf32/half precision at large batches (bench/RESULTS.md, memory format).
+        # channels_last, with its slow first passes (above), paid back only in tf32/half precision
+        # at large batches (bench/RESULTS.md, "Memory format").
         self.channels_last = (
             self._cuda and self.precision != "float32" and (max_batch or 0) >= CHANNELS_LAST_MIN_BATCH
         )
