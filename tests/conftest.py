@@ -60,6 +60,16 @@ def good_fixture_files() -> list[Path]:
     return [p for p in files if not p.name.startswith("LICENSE")]
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    """A CPU scorer with preparing processes lowers torch's intra-op threads for its process; not for the next test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():

@@ -151,3 +151,25 @@ def test_many_threads_through_the_batcher(settings_factory, cpu_detector: Detect
     assert max(sizes) > 1
     for i, score in enumerate(expected):
         assert abs(results[i] - score) <= FLOAT32_PARITY, i
+
+
+def test_a_cuda_scorer_prepares_images_in_one_process_per_core(
+    fixtures_dir: Path, checkpoint: Path, cpu_detector: Detector, pixels
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.preparing import usable_cores
+    from worker.scoring import Scorer
+    from worker.settings import Settings
+    from worker.storage import ObjectRef
+
+    # SYNTHGUARD_PREPARE_PROCESSES and SYNTHGUARD_CONCURRENCY left unset, as on a GPU host by default.
+    settings = Settings(model_checkpoint=str(checkpoint), device="cuda", database_url="sqlite://")
+    files = good_fixture_files()
+    with Scorer(settings, Detector.from_settings(settings), allow_local=True) as scorer:
+        assert scorer.preparer.processes == usable_cores()
+        assert scorer.concurrency == max(8, 2 * usable_cores())
+        with ThreadPoolExecutor(scorer.concurrency) as threads:
+            scores = list(threads.map(lambda p: scorer.score(ObjectRef(None, str(p))).score, files))
+    reference = cpu_detector.predict(pixels)
+    assert scores == pytest.approx(reference, abs=FLOAT32_PARITY)

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from conftest import BAD_FIXTURES, good_fixture_files, wait_until
 from worker.db import get_sessionmaker
 from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan
+from worker.preparing import usable_cores
 from worker.queueing import enqueue, publish
 
 SMALL_IMAGE = "real/earth_apollo17.jpg"
@@ -68,15 +69,17 @@ def _enqueue(service_settings, celery_app, bucket: str, keys: list[str], priorit
 # ------------------------------------------------------------------- end to end
 
 
+@pytest.mark.parametrize("prepare_processes", [0, 2], ids=["prepared-in-threads", "prepared-in-processes"])
 def test_every_fixture_folder_through_a_real_worker(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, prepare_processes
 ) -> None:
     keys: dict[str, str] = {}
     for path in [*good_fixture_files(), *(fixtures_dir / "bad" / name for name in BAD_FIXTURES)]:
         key = f"{path.parent.name}/{path.name}"
         s3_client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
         keys[key] = BAD_FIXTURES.get(path.name, "")
-    start_service("worker")
+    worker = start_service("worker", prepare_processes=prepare_processes)
+    assert ("in 2 preparing processes" in worker.log()) == (prepare_processes == 2)
     queued = _enqueue(service_settings, celery_app, bucket, list(keys))
     wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="every image terminal")
     rows = _rows(sessions, queued.image_ids)
@@ -230,11 +233,18 @@ def test_transient_errors_retry_and_permanent_ones_fail_at_once(
     assert rows["missing.jpg"].attempts == 1
 
 
+# SIGTERM goes to the worker's whole process group (as a service manager's stop may), its
+# preparing processes and their fork server included: the worker still stores the batch in
+# flight and exits cleanly.
+@pytest.mark.parametrize("prepare_processes", [0, 2], ids=["prepared-in-threads", "prepared-in-processes"])
 def test_sigterm_finishes_the_batch_in_flight_and_keeps_the_rest(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url
+    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url,
+    prepare_processes,
 ) -> None:
     keys = _upload_copies(s3_client, bucket, fixtures_dir, 9)
-    worker = start_service("worker", batch_size=64, batch_wait_ms=3000, concurrency=3)
+    worker = start_service(
+        "worker", batch_size=64, batch_wait_ms=3000, concurrency=3, prepare_processes=prepare_processes
+    )
     queued = _enqueue(service_settings, celery_app, bucket, keys)
     wait_until(lambda: _states(sessions, queued.image_ids).get(PROCESSING) == 3, message="a batch in flight")
     worker.signal(signal.SIGTERM)
@@ -411,5 +421,6 @@ def test_models_lists_what_each_worker_has_loaded_and_the_stored_versions(
     (answer,) = doc["workers"]
     assert (answer["name"], answer["version"], answer["device"]) == ("tf_mobilenetv3_large_100", version, "cpu")
     assert answer["precision"] == "float32" and answer["frozen"] is True  # the CPU default: frozen graph
+    assert answer["prepare_processes"] == usable_cores()  # auto: one preparing process per core
     stored = {v["version"]: v["scores"] for v in doc["stored_versions"]}
     assert stored[version] >= 2

@@ -33,10 +33,13 @@ def reference_score(model: torch.nn.Module, path: Path) -> float:
         return float(model(transform(image).unsqueeze(0)).softmax(-1)[0, 0])
 
 
-def test_batched_scores_equal_the_one_at_a_time_reference(fixtures_dir, settings_factory, test_model) -> None:
+@pytest.mark.parametrize("prepare_processes", [0, 2], ids=["prepared-in-threads", "prepared-in-processes"])
+def test_batched_scores_equal_the_one_at_a_time_reference(
+    fixtures_dir, settings_factory, test_model, prepare_processes
+) -> None:
     files = good_fixture_files()
     assert len(files) >= 20
-    settings = settings_factory(batch_size=8, batch_wait_ms=20.0)
+    settings = settings_factory(batch_size=8, batch_wait_ms=20.0, prepare_processes=prepare_processes)
     with Scorer(settings, Detector.from_settings(settings), allow_local=True) as scorer, ThreadPoolExecutor(8) as pool:
         batched = list(pool.map(lambda p: scorer.score(ObjectRef(None, str(p))).score, files))
     reference = [reference_score(test_model, path) for path in files]

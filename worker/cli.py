@@ -189,7 +189,7 @@ def _run_scan(
     )
     with Scorer(settings, detector, sessions=sessions, allow_local=True) as scorer, progress:
         task = progress.add_task("scan", total=len(image_ids))
-        with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="synthguard-scan") as pool:
+        with ThreadPoolExecutor(scorer.concurrency, thread_name_prefix="synthguard-scan") as pool:
             futures = [pool.submit(process_with_retries, scorer, image_id) for image_id in image_ids]
             for future in as_completed(futures):
                 future.result()
@@ -684,9 +684,10 @@ def _queue_names(ctx: click.Context, param: click.Parameter, value: str | None) 
 def worker(concurrency: int | None, queues: str | None, loglevel: str, hostname: str | None) -> None:
     """Run a queue worker: one process, one model, many threads feeding its micro-batcher.
 
-    Pin it to a GPU with SYNTHGUARD_DEVICE=cuda:N; on a many-core host run several
-    per GPU, each with its own --hostname (docs/operations.md, Sizing). The model
-    is loaded before any message is taken, so a bad checkpoint stops the worker at once.
+    Pin it to a GPU with SYNTHGUARD_DEVICE=cuda:N, one worker per GPU, each with its
+    own --hostname; it decodes in one preparing process per core
+    (SYNTHGUARD_PREPARE_PROCESSES, docs/operations.md, Sizing). The model is loaded
+    before any message is taken, so a bad checkpoint stops the worker at once.
     """
     from .celery_app import QUEUES, app
     from .metrics import start_metrics_server
@@ -696,13 +697,17 @@ def worker(concurrency: int | None, queues: str | None, loglevel: str, hostname:
     settings = _settings(concurrency=concurrency)
     sessions = _checked_sessions(settings)
     detector = _load_detector(settings, allow_untrained=False)
-    install_scorer(Scorer(settings, detector, sessions=sessions))
+    try:
+        scorer = Scorer(settings, detector, sessions=sessions)
+    except ConfigError as exc:  # e.g. preparing processes that cannot start
+        raise _fail(exc.message) from exc
+    install_scorer(scorer)
     # Started before consuming: a port already taken stops the worker here, not mid-flight.
     start_metrics_server(settings, QUEUES)
     argv = [
         "worker",
         "--pool=threads",
-        f"--concurrency={settings.concurrency}",
+        f"--concurrency={scorer.concurrency}",
         f"--queues={queues or ','.join(QUEUES)}",
         f"--loglevel={loglevel}",
         "--without-gossip",
@@ -793,13 +798,14 @@ def models(timeout: float, as_json: bool) -> None:
         return
     console = Console(width=None if Console().is_terminal else 1000)
     table = Table(title=f"{len(workers)} worker(s) answered", title_justify="left")
-    for column in ("worker", "model", "version", "device", "batch", "threads"):
+    for column in ("worker", "model", "version", "device", "batch", "threads", "preparing processes"):
         table.add_column(column)
     for w in workers:
         version = str(w.get("version", "-")) + (" (UNTRAINED)" if w.get("untrained") else "")
         device = str(w.get("device", "-")) + (" (frozen)" if w.get("frozen") else "")
         table.add_row(str(w["worker"]), str(w.get("name", "-")), version, device,
-                      str(w.get("batch_size", "-")), str(w.get("concurrency", "-")))
+                      str(w.get("batch_size", "-")), str(w.get("concurrency", "-")),
+                      str(w.get("prepare_processes", "-")))
     console.print(table)
     stored_table = Table(title="stored scores by model version", title_justify="left")
     for column in ("model", "version", "scores", "last scored"):

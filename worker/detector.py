@@ -907,9 +907,12 @@ class Detector:
         """
         if image.mode != "RGB":
             image = image.convert("RGB")
-        if self.pixel_transform is None:
-            return self.transform(image)
-        return self.pixel_transform(image)
+        return self.image_transform(image)  # type: ignore[no-any-return]
+
+    @property
+    def image_transform(self) -> Any:
+        """What :meth:`preprocess` runs on an RGB image; picklable, for preparing processes."""
+        return self.transform if self.pixel_transform is None else self.pixel_transform
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NxCxHxW pixels to the model's float input, in the reference transform's order of operations."""

@@ -59,6 +59,13 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+PREPARE_PROCESSES_LOST = Counter(
+    "synthguard_prepare_processes_lost_total",
+    "Preparing processes (SYNTHGUARD_PREPARE_PROCESSES) that died or were killed while working on an "
+    "image, by reason: crashed (the image fails as corrupt_image), timeout (killed; decode_timeout) or "
+    "died (killed from outside; the image retries). Each is replaced.",
+    ["reason"],
+)
 WEBHOOK_ATTEMPTS = Counter(
     "synthguard_webhook_attempts_total",
     "Webhook delivery attempts, by outcome (delivered, retrying, failed, skipped).",

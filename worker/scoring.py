@@ -11,6 +11,7 @@ forward pass) are written in one transaction, one commit for the lot.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -19,20 +20,19 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Self
 
+import torch
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import errors, logs, metrics, outbox
+from . import errors, logs, metrics, outbox, preparing
 from .batching import BatcherClosed, MicroBatcher
 from .db import make_engine, make_sessionmaker
 from .detector import Detector
 from .errors import PermanentError, SynthguardError, TransientError
-from .imaging import decode_image
 from .intake import release_pending
 from .models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan, utcnow
 from .priority import RealtimeFirst
-from .provenance import read_provenance
 from .settings import Settings
 from .storage import ObjectRef, Storage
 
@@ -120,6 +120,23 @@ class Scorer:
         self.detector = detector
         self.storage = storage or Storage(settings)
         self.sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
+        # First: it may start child processes, and when it cannot, nothing else has started yet.
+        self.preparer = preparing.make_preparer(
+            settings,
+            preparing.PrepareSpec(
+                max_pixels=settings.max_pixels,
+                decode_timeout_s=settings.decode_timeout_s,
+                transform=detector.image_transform,
+            ),
+            on_replace=lambda reason: metrics.PREPARE_PROCESSES_LOST.labels(reason).inc(),
+        )
+        if self.preparer.processes and detector.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # The children take most cores; the model gets what they leave (an operator's OMP_NUM_THREADS wins).
+            threads = preparing.cpu_model_threads(self.preparer.processes)
+            torch.set_num_threads(threads)
+            log.info("the CPU model runs %d intra-op thread(s) beside the preparing processes", threads)
+        # Threads to feed this scorer with (the worker's pool, scan's): enough to keep the children busy.
+        self.concurrency = preparing.feeding_threads(settings, self.preparer.processes)
         # Each score comes back with its forward pass's start, to time the image's queue wait.
         self.batcher: MicroBatcher[Any, tuple[float, float]] = MicroBatcher(
             metrics.stamp_start(detector.predict),
@@ -146,6 +163,7 @@ class Scorer:
             self.batcher.close()
             # After the forward batcher: the results of its last batch still get written.
             self.writer.close()
+            self.preparer.close()
 
     def __enter__(self) -> Self:
         return self
@@ -175,17 +193,11 @@ class Scorer:
         with stage("fetch").time():
             fetched = self.storage.fetch(ref)
         checkpoint()
-        with stage("decode").time():
-            decoded = decode_image(
-                fetched.data, max_pixels=self.settings.max_pixels, timeout_s=self.settings.decode_timeout_s
-            )
-        # Read beside the forward pass, from the bytes and pixels already in hand.
-        checkpoint()
-        with stage("provenance").time():
-            findings = read_provenance(fetched.data, decoded.format, decoded.image)
-        checkpoint()
-        with stage("preprocess").time():
-            tensor = self.detector.preprocess(decoded.image)
+        # Decode, provenance, preprocess: in this thread, or in a preparing process (worker.preparing).
+        prepared = self.preparer.prepare(fetched.data, urgent=realtime, checkpoint=checkpoint)
+        for name, seconds in zip(preparing.STAGES, prepared.seconds, strict=True):
+            stage(name).observe(seconds)
+        tensor = torch.from_numpy(prepared.pixels)
         try:
             submitted = time.monotonic()
             score, forward_started = self.batcher(tensor, urgent=realtime)
@@ -202,12 +214,12 @@ class Scorer:
             version_id=fetched.version_id,
             sha256=fetched.sha256,
             size_bytes=fetched.size,
-            format=decoded.format,
-            width=decoded.width,
-            height=decoded.height,
+            format=prepared.format,
+            width=prepared.width,
+            height=prepared.height,
             score=float(score),
-            provenance=findings.to_json(),
-            provenance_ai=findings.ai_strong,
+            provenance=prepared.provenance,
+            provenance_ai=prepared.provenance_ai,
         )
 
     # --------------------------------------------------------------- database

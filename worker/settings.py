@@ -75,7 +75,20 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Longest wait for a batch to fill after its first image arrives."
     )
     concurrency: int = Field(
-        8, ge=1, description="Threads fetching and decoding images for one model (scan and worker)."
+        8,
+        ge=1,
+        description="Threads fetching and decoding images for one model (scan and worker). Left unset "
+        "beside preparing processes: two per process, at least 8.",
+    )
+    prepare_processes: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Child processes that decode, read provenance and preprocess images for this worker's "
+        "model, one image each at a time; 0 runs those stages in the worker's own threads. The provenance "
+        "readers hold Python's GIL, so threads spread them over about one core; processes use them all. "
+        "auto: one per usable core (affinity and cgroup CPU quota); a CPU model then runs on the cores "
+        "they leave (at least one intra-op thread) unless OMP_NUM_THREADS is set. Children also isolate "
+        "the decoders: a crash fails only the image it was reading (corrupt_image), and one that overruns "
+        "twice SYNTHGUARD_DECODE_TIMEOUT_S is killed (decode_timeout).",
     )
     threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="Default flag threshold on p(synthetic)."

@@ -149,5 +149,6 @@ def synthguard_model(state: object) -> dict[str, object]:
         "source": detector.source,
         "ai_index": detector.ai_index,
         "batch_size": scorer.settings.batch_size,
-        "concurrency": scorer.settings.concurrency,
+        "concurrency": scorer.concurrency,
+        "prepare_processes": scorer.preparer.processes,
     }

@@ -1,0 +1,465 @@
+"""The CPU stages of one image: decode, read provenance, preprocess; in a thread or in child processes.
+
+:func:`prepare_image` is the plain function. The worker's threads hand it to
+child processes (:class:`ProcessPreparer`; ``SYNTHGUARD_PREPARE_PROCESSES=auto``
+starts one per usable core), or call it themselves (:class:`InlinePreparer`,
+``SYNTHGUARD_PREPARE_PROCESSES=0``). The provenance readers hold the GIL for
+most of their time, so one process's threads cannot spread this work over more
+than about one core; children can, while the model stays in the parent, where
+its batches fill from every child's images.
+
+Children also fence the parent off from its decoders. Each child handles one
+image at a time, so when one dies the image it held is known: a crash
+(segmentation fault, abort) fails that image with ``corrupt_image``, a child
+that overruns its hard time limit is killed and the image fails with
+``decode_timeout``, and any other death (the kernel's OOM killer, an operator)
+is a transient error that retries. The worker and the other images go on; the
+dead child is replaced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from . import errors
+from .errors import ConfigError, PermanentError, SynthguardError, TransientError
+from .imaging import decode_image
+from .provenance import read_provenance
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Stage names, in order, as the worker's metrics label them.
+STAGES = ("decode", "provenance", "preprocess")
+
+# Signals that mean the child's own code crashed on its input, not that someone stopped it.
+_CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL})
+
+# Seconds a starting child may take to import its modules and say it is ready.
+START_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """What the CPU stages need; picklable, so that a child process gets its own copy."""
+
+    max_pixels: int
+    decode_timeout_s: float
+    # The detector's per-image transform (PIL image to tensor), as :meth:`Detector.preprocess` runs it.
+    transform: Callable[[Image.Image], Any]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image, ready for the model's batch, with what the stages found on the way."""
+
+    format: str
+    width: int
+    height: int
+    pixels: np.ndarray  # the model's input for this image, as the transform made it (uint8 CxHxW, usually)
+    provenance: dict[str, Any]
+    provenance_ai: bool  # a strong signal says generative AI
+    seconds: tuple[float, float, float]  # time in each of STAGES
+
+
+def prepare_image(
+    data: bytes, spec: PrepareSpec, *, checkpoint: Callable[[], None] | None = None
+) -> Prepared:
+    """Decode ``data``, read its provenance and preprocess it; raises what :func:`decode_image` raises.
+
+    ``checkpoint`` runs between stages (the worker's realtime-first yield point).
+    """
+    started = time.perf_counter()
+    decoded = decode_image(data, max_pixels=spec.max_pixels, timeout_s=spec.decode_timeout_s)
+    decoded_at = time.perf_counter()
+    if checkpoint is not None:
+        checkpoint()
+        decoded_at = time.perf_counter()
+    # Read from the bytes and pixels already in hand.
+    findings = read_provenance(data, decoded.format, decoded.image)
+    read_at = time.perf_counter()
+    if checkpoint is not None:
+        checkpoint()
+        read_at = time.perf_counter()
+    image = decoded.image if decoded.image.mode == "RGB" else decoded.image.convert("RGB")
+    pixels = np.asarray(spec.transform(image))
+    done_at = time.perf_counter()
+    return Prepared(
+        format=decoded.format,
+        width=decoded.width,
+        height=decoded.height,
+        pixels=pixels,
+        provenance=findings.to_json(),
+        provenance_ai=findings.ai_strong,
+        seconds=(decoded_at - started, read_at - decoded_at, done_at - read_at),
+    )
+
+
+# A job for a child: bytes and the spec in, a Prepared out. Module-level, so that it pickles by name.
+Job = Callable[[bytes, PrepareSpec], Prepared]
+
+
+class Preparer(Protocol):
+    """Runs :func:`prepare_image` for the worker's threads, somewhere."""
+
+    processes: int
+
+    def prepare(
+        self, data: bytes, *, urgent: bool = False, checkpoint: Callable[[], None] | None = None
+    ) -> Prepared: ...
+
+    def close(self) -> None: ...
+
+
+class InlinePreparer:
+    """The stages in the calling thread (``SYNTHGUARD_PREPARE_PROCESSES=0``)."""
+
+    processes = 0
+
+    def __init__(self, spec: PrepareSpec) -> None:
+        self.spec = spec
+
+    def prepare(
+        self, data: bytes, *, urgent: bool = False, checkpoint: Callable[[], None] | None = None
+    ) -> Prepared:
+        return prepare_image(data, self.spec, checkpoint=checkpoint)
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------- child
+
+
+def _keep_freed_memory() -> None:
+    """Keep freed image buffers in this process's heap rather than giving them back after every image.
+
+    In a fresh process glibc returns each multi-megabyte buffer to the kernel when it is freed, and
+    the next image faults the pages in again: about 2,300 page faults and a third more time per
+    1024x1024 JPEG, measured. Buffers over 32 MiB (the most glibc allows here) are still mapped
+    and returned one by one; up to 256 MiB of freed heap is kept.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def _child_main(conn: Connection, spec: PrepareSpec, job: Job) -> None:
+    """A child's loop: one image in, one reply out, until the parent closes the pipe."""
+    _keep_freed_memory()
+    # Ctrl-C, and a service manager's SIGTERM, reach the whole process group, but the parent decides
+    # when children stop: it finishes its images in flight (warm shutdown), then closes their pipes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import torch
+
+        # One image at a time per child: an OpenMP team each would fight the other children.
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: tuple[Any, ...] = ("ok", job(data, spec))
+        except SynthguardError as exc:
+            # Rebuilt by the parent from these fields: an exception's pickle would lose its code.
+            reply = ("error", exc.transient, exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a bug, reported to the parent as one
+            reply = ("bug", f"{type(exc).__name__}: {exc}")
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+
+
+# -------------------------------------------------------------------- parent
+
+
+class _ChildGone(Exception):
+    """The child died or stopped answering; ``reason`` says how."""
+
+    def __init__(self, reason: str, how: str, error: SynthguardError) -> None:
+        super().__init__(how)
+        self.reason = reason  # crashed, timeout or died: the replacement metric's label
+        self.error = error
+
+
+class _Child:
+    """One child process and the parent's end of its pipe."""
+
+    def __init__(self, context: Any, spec: PrepareSpec, job: Job, name: str) -> None:
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(
+            target=_child_main, args=(child_conn, spec, job), name=name, daemon=True
+        )
+        self.process.start()
+        child_conn.close()
+        if not self.conn.poll(START_TIMEOUT_S):
+            self.kill()
+            raise ConfigError(f"the preparing process {name} did not start within {START_TIMEOUT_S:g}s")
+        try:
+            self.conn.recv()
+        except (EOFError, OSError) as exc:
+            self.kill()
+            raise ConfigError(
+                f"the preparing process {name} died while starting (exit code {self.exitcode()}; a script "
+                "that starts preparing processes needs the `if __name__ == '__main__':` guard)"
+            ) from exc
+
+    def exitcode(self) -> int | None:
+        self.process.join(timeout=1.0)
+        return self.process.exitcode
+
+    def run(self, data: bytes, hard_timeout_s: float) -> tuple[Any, ...]:
+        """Send one image and wait for its reply; :class:`_ChildGone` when the child did not give one."""
+        try:
+            self.conn.send_bytes(data)
+            if self.conn.poll(hard_timeout_s):
+                return self.conn.recv()  # type: ignore[no-any-return]
+        except (EOFError, OSError):
+            raise self._gone() from None
+        self.kill()
+        raise _ChildGone(
+            "timeout",
+            "overran its time limit and was killed",
+            PermanentError(
+                f"preparing the image (decode, provenance, preprocess) took longer than {hard_timeout_s:g}s; "
+                "the process working on it was stopped",
+                code=errors.DECODE_TIMEOUT,
+            ),
+        )
+
+    def _gone(self) -> _ChildGone:
+        code = self.exitcode()
+        if code is not None and code < 0 and -code in _CRASH_SIGNALS:
+            name = signal.Signals(-code).name
+            return _ChildGone(
+                "crashed",
+                f"crashed ({name})",
+                PermanentError(
+                    f"the decoder crashed ({name}) on this image's data", code=errors.CORRUPT_IMAGE
+                ),
+            )
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return _ChildGone(
+            "died",
+            f"died ({how})",
+            TransientError(
+                f"the process preparing this image died ({how}); retrying", code=errors.INTERNAL_ERROR
+            ),
+        )
+
+    def kill(self) -> None:
+        self.conn.close()
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5.0)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Close the pipe (the child's loop ends) and wait for it; kill it if it lingers."""
+        self.conn.close()
+        self.process.join(timeout=timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=timeout_s)
+
+
+class ProcessPreparer:
+    """``processes`` child processes, one image each at a time; the calling thread waits for its reply.
+
+    Children start at construction (a bad environment fails the worker's start,
+    not its first image) from a fork server that has already imported the
+    stages' modules, so a replacement starts in a fraction of a second.
+    ``urgent`` callers (realtime images) are handed the next free child before
+    any other waiting caller; ``checkpoint`` is not called, since a child runs
+    its image's stages without pausing.
+    """
+
+    def __init__(
+        self,
+        processes: int,
+        spec: PrepareSpec,
+        *,
+        hard_timeout_s: float,
+        job: Job = prepare_image,
+        on_replace: Callable[[str], None] | None = None,
+    ) -> None:
+        if processes < 1:
+            raise ValueError("processes must be at least 1")
+        self.processes = processes
+        self.spec = spec
+        self.job = job
+        self.hard_timeout_s = hard_timeout_s
+        self.on_replace = on_replace
+        self._context = multiprocessing.get_context("forkserver")
+        # The fork server imports these once; every child forked from it starts with them loaded.
+        self._context.set_forkserver_preload(["worker.preparing", "torch", "timm"])
+        self._cond = threading.Condition()
+        self._idle: list[_Child | None] = []  # None: a slot whose child must be (re)started
+        self._urgent_waiting = 0
+        self._closed = False
+        self._numbers = itertools.count(1)  # names children; next() is atomic under the GIL
+        try:
+            for _ in range(processes):
+                self._idle.append(self._start())
+        except BaseException:
+            self.close()
+            raise
+        log.info("decoding, provenance and preprocessing run in %d preparing processes", processes)
+
+    def _start(self) -> _Child:
+        return _Child(self._context, self.spec, self.job, name=f"synthguard-prepare-{next(self._numbers)}")
+
+    def prepare(
+        self, data: bytes, *, urgent: bool = False, checkpoint: Callable[[], None] | None = None
+    ) -> Prepared:
+        """Run the job for ``data`` in a free child; re-raises the job's error, or the child's death as one."""
+        child = self._take(urgent)
+        try:
+            if child is None:
+                try:
+                    child = self._start()
+                except ConfigError as exc:
+                    raise TransientError(
+                        f"no preparing process: {exc.message}", code=errors.INTERNAL_ERROR
+                    ) from exc
+            try:
+                reply = child.run(data, self.hard_timeout_s)
+            except _ChildGone as gone:
+                log.warning("preparing process %s %s", child.process.name, gone)
+                child = None
+                if self.on_replace is not None:
+                    self.on_replace(gone.reason)
+                raise gone.error from None
+            except BaseException:
+                # Interrupted between request and reply: its late reply must never answer another image.
+                child.kill()
+                child = None
+                raise
+        finally:
+            self._give_back(child)
+        return _unpack(reply)
+
+    def _take(self, urgent: bool) -> _Child | None:
+        with self._cond:
+            if urgent:
+                self._urgent_waiting += 1
+            try:
+                while not self._closed and not (self._idle and (urgent or self._urgent_waiting == 0)):
+                    self._cond.wait()
+                if self._closed:
+                    raise TransientError("the worker is shutting down", code=errors.INTERNAL_ERROR)
+                return self._idle.pop()
+            finally:
+                if urgent:
+                    self._urgent_waiting -= 1
+                    self._cond.notify_all()
+
+    def _give_back(self, child: _Child | None) -> None:
+        with self._cond:
+            if not self._closed:
+                self._idle.append(child)
+                self._cond.notify_all()
+                return
+        if child is not None:
+            child.stop()
+
+    def close(self) -> None:
+        """Stop the idle children now and each busy one when its image is done."""
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for child in idle:
+            if child is not None:
+                child.stop()
+
+
+def _unpack(reply: tuple[Any, ...]) -> Prepared:
+    kind = reply[0]
+    if kind == "ok":
+        return reply[1]  # type: ignore[no-any-return]
+    if kind == "error":
+        _, transient, code, message = reply
+        raise (TransientError if transient else PermanentError)(message, code=code)
+    raise RuntimeError(f"preparing process: {reply[1]}")
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity, capped by its cgroup v2 CPU quota (a container's limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to honour
+    return cores
+
+
+def resolve_processes(setting: int | str) -> int:
+    """``SYNTHGUARD_PREPARE_PROCESSES`` as a number: ``auto`` is one per usable core."""
+    return usable_cores() if setting == "auto" else int(setting)
+
+
+def cpu_model_threads(processes: int) -> int:
+    """Intra-op threads for a CPU model beside ``processes`` preparing processes: the cores they leave, at least 1.
+
+    torch's default (one per core) would have its threads spin against the children for the same
+    cores; on 2 cores, 2 children and 1 model thread stored 1.2-1.4x the images/s of the model's
+    default beside them (bench/RESULTS.md, levers).
+    """
+    return max(1, usable_cores() - processes)
+
+
+def feeding_threads(settings: Settings, processes: int) -> int:
+    """Threads to run beside ``processes`` preparing processes: ``SYNTHGUARD_CONCURRENCY`` when it is set,
+    else two per process (at least its default), since each thread also fetches and stores its image
+    and one per process would leave children idle."""
+    if processes <= 0 or "concurrency" in settings.model_fields_set:
+        return settings.concurrency
+    return max(settings.concurrency, 2 * processes)
+
+
+def make_preparer(settings: Settings, spec: PrepareSpec, **kwargs: Any) -> Preparer:
+    """In-thread, or child processes (:func:`resolve_processes`) with a hard limit of twice the decode timeout."""
+    processes = resolve_processes(settings.prepare_processes)
+    if processes <= 0:
+        return InlinePreparer(spec)
+    # Decoding has its own soft deadline; the hard one also covers provenance, preprocessing and C
+    # decoders that cannot be interrupted.
+    return ProcessPreparer(processes, spec, hard_timeout_s=2 * settings.decode_timeout_s, **kwargs)
