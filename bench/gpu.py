@@ -10,10 +10,11 @@ Run on a machine with a CUDA GPU; asserts nothing. What it measures, in one run:
   3. score parity of each precision against the float32 CPU reference, the eager model (fixtures
      and synthetic images);
   4. decoding: `decode_image` + `Detector.preprocess` (and + `read_provenance`), 1 process, 16
-     threads in one process, one process per core;
+     threads in one process, one process per core, and one process's threads handing the stages to
+     one preparing process per core (SYNTHGUARD_PREPARE_PROCESSES);
   5. the worker's path without broker, database and S3: threads that decode, read provenance and
-     preprocess, feeding the service's MicroBatcher and `Detector.predict` on the GPU, in one process
-     and in several processes sharing the GPU;
+     preprocess (themselves or through preparing processes), feeding the service's MicroBatcher and
+     `Detector.predict` on the GPU, in one process and in several processes sharing the GPU;
   6. a lever the service does not use: JPEGs decoded by nvJPEG (torchvision) and resized on the GPU,
      its rate and its score drift against the CPU reference (section `gpujpeg`).
 Nothing is downloaded: the checkpoint is built with timm (pretrained=False) and saved as safetensors.
@@ -278,9 +279,21 @@ def _round_robin(work: Any, blobs: list[bytes], threads: int, seconds: float) ->
     return counter[0], time.perf_counter() - t0
 
 
+def prepare_spec(det: Any) -> Any:
+    """The worker's PrepareSpec for ``det`` at the service's default caps."""
+    from worker.preparing import PrepareSpec
+    from worker.settings import Settings
+
+    defaults = Settings()
+    return PrepareSpec(max_pixels=defaults.max_pixels, decode_timeout_s=defaults.decode_timeout_s,
+                       transform=det.image_transform)
+
+
 def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, cores: int) -> dict:
-    """Images/s of the CPU stages alone: one process, threads in one process, one process per core."""
+    """Images/s of the CPU stages alone: one process, threads in one process, one process per core, and
+    one process whose threads hand the stages to ``cores`` preparing processes (SYNTHGUARD_PREPARE_PROCESSES)."""
     from worker.imaging import decode_image
+    from worker.preparing import ProcessPreparer
     from worker.provenance import read_provenance
 
     det = detector(checkpoint, "cpu")
@@ -288,6 +301,7 @@ def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, c
     # One pool for every set: spawned processes import torch once; a short run warms them.
     procs = mp.get_context("spawn").Pool(cores)
     procs.map(_decode_worker, [(str(checkpoint), next(iter(images.values())), 0.5, True, "cpu")] * cores)
+    preparer = ProcessPreparer(cores, prepare_spec(det), hard_timeout_s=60.0)
     for name, blobs in images.items():
         row: dict[str, float] = {}
         for with_prov in (False, True):
@@ -304,8 +318,12 @@ def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, c
                 row[f"threads{threads}{tag}"] = done / elapsed
             results = procs.map(_decode_worker, [(str(checkpoint), blobs, seconds, with_prov, "cpu")] * cores)
             row[f"procs{cores}{tag}"] = sum(n / s for n, s in results)
+        # The worker's own path to all cores: its threads wait on preparing processes (provenance included).
+        done, elapsed = _round_robin(lambda blob: preparer.prepare(blob), blobs, 2 * cores, seconds)
+        row[f"preparing{cores}+prov"] = done / elapsed
         out[name] = row
         LOG(f"  {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items()))
+    preparer.close()
     procs.close()
     procs.join()
     return out
@@ -314,40 +332,63 @@ def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, c
 # ------------------------------------------------------------------ 5: the worker's path
 
 
-def _pipeline(args: tuple[str, list[bytes], float, int, int, float, bool]) -> tuple[int, float, list[int]]:
+def _pipeline(args: tuple[str, list[bytes], float, int, int, float, bool, int]) -> tuple[int, float, list[int]]:
     """The worker's scoring path minus fetch and store, ``threads`` threads into one MicroBatcher.
 
+    With ``prepare`` > 0 the threads hand decode, provenance and preprocess to that many
+    preparing processes (worker.preparing), as SYNTHGUARD_PREPARE_PROCESSES does.
     Returns (images done, seconds, batch sizes seen).
     """
-    checkpoint, blobs, seconds, threads, max_batch, wait_ms, with_prov = args
+    checkpoint, blobs, seconds, threads, max_batch, wait_ms, with_prov, prepare = args
+    import torch
+
     from worker.batching import MicroBatcher
     from worker.imaging import decode_image
+    from worker.preparing import ProcessPreparer
     from worker.provenance import read_provenance
 
-    det = detector(Path(checkpoint), os.environ.get("BENCH_PIPELINE_DEVICE", "cuda"), batch_size=max_batch)
+    det = detector(Path(checkpoint), pipeline_device(), batch_size=max_batch)
     sizes: list[int] = []
     batcher = MicroBatcher(
         det.predict, max_batch=max_batch, max_wait_s=wait_ms / 1000.0, on_batch=lambda s: sizes.append(s.size)
     )
+    preparer = ProcessPreparer(prepare, prepare_spec(det), hard_timeout_s=60.0) if prepare else None
 
     def score(blob: bytes) -> None:
+        if preparer is not None:
+            batcher(torch.from_numpy(preparer.prepare(blob).pixels))
+            return
         decoded = decode_image(blob, max_pixels=100_000_000)
         if with_prov:
             read_provenance(blob, decoded.format, decoded.image)
         batcher(det.preprocess(decoded.image))
 
-    done, elapsed = _round_robin(score, blobs, threads, seconds)
-    batcher.close()
+    try:
+        done, elapsed = _round_robin(score, blobs, threads, seconds)
+    finally:
+        batcher.close()
+        if preparer is not None:
+            preparer.close()
     return done, elapsed, sizes
 
 
-def parse_layouts(text: str) -> list[tuple[int, int, bool]]:
-    """'8x4,1x16-noprov' as [(processes, threads, with provenance)]."""
+def pipeline_device() -> str:
+    """Where the pipeline section runs the model: BENCH_PIPELINE_DEVICE, else the GPU (the CPU without one)."""
+    import torch
+
+    return os.environ.get("BENCH_PIPELINE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_layouts(text: str) -> list[tuple[int, int, bool, int]]:
+    """'8x4,1x16-noprov,1x32-prep16' as [(processes, threads, with provenance, preparing processes)]."""
     out = []
     for item in text.split(","):
-        shape, _, flag = item.partition("-")
+        shape, *flags = item.split("-")
         procs, threads = (int(n) for n in shape.split("x"))
-        out.append((procs, threads, flag != "noprov"))
+        prepare = next((int(f[4:]) for f in flags if f.startswith("prep")), 0)
+        if prepare and procs != 1:
+            raise SystemExit(f"layout {item}: preparing processes need a single worker process (1xT-prepN)")
+        out.append((procs, threads, "noprov" not in flags, prepare))
     return out
 
 
@@ -363,12 +404,18 @@ def pipeline(
     ctx = mp.get_context("spawn")
     for name, blobs in images.items():
         row: dict[str, Any] = {}
-        for procs, threads, with_prov in layouts:
-            with ctx.Pool(procs) as pool:
-                results = pool.map(_pipeline, [(str(checkpoint), blobs, seconds, threads, 256, 5.0, with_prov)] * procs)
+        for procs, threads, with_prov, prepare in layouts:
+            job = (str(checkpoint), blobs, seconds, threads, 256, 5.0, with_prov, prepare)
+            if prepare:
+                # Here, not in a pool: a pool's daemonic processes may not start preparing processes.
+                results = [_pipeline(job)]
+            else:
+                with ctx.Pool(procs) as pool:
+                    results = pool.map(_pipeline, [job] * procs)
             rate = sum(n / s for n, s, _ in results)
             sizes = [b for _, _, s in results for b in s]
-            key = f"{procs}x{threads}" + ("" if with_prov else " no provenance")
+            key = f"{procs}x{threads}" + ("" if with_prov else " no provenance") + (
+                f" + {prepare} preparing" if prepare else "")
             row[key] = {"img_s": rate, "mean_batch": statistics.fmean(sizes) if sizes else 0.0}
             LOG(f"  {name} {key}: {rate:.0f} img/s, mean batch {row[key]['mean_batch']:.1f}")
         out[name] = row
@@ -451,11 +498,12 @@ def machine() -> dict[str, Any]:
     import timm
     import torch
 
-    props = torch.cuda.get_device_properties(0)
+    gpu = torch.cuda.is_available()
+    props = torch.cuda.get_device_properties(0) if gpu else None
     return {
-        "gpu": torch.cuda.get_device_name(0),
-        "sms": props.multi_processor_count,
-        "gpu_mem_gib": round(props.total_memory / 2**30, 1),
+        "gpu": torch.cuda.get_device_name(0) if gpu else "no GPU",
+        "sms": props.multi_processor_count if props else 0,
+        "gpu_mem_gib": round(props.total_memory / 2**30, 1) if props else 0,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -535,15 +583,17 @@ def main() -> int:
     parser.add_argument(
         "--layouts",
         default=None,
-        help="worker-path layouts as PROCESSESxTHREADS, '-noprov' to skip provenance "
-        "(default: 1xC-noprov,1xC,1x2C,C/2x4,Cx2 for C cores)",
+        help="worker-path layouts as PROCESSESxTHREADS, '-noprov' to skip provenance, '-prepN' for N "
+        "preparing processes (default: 1xC-noprov,1xC,1x2C,C/2x4,Cx2,1x2C-prepC for C cores)",
     )
     args = parser.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench/gpu.py needs a CUDA GPU", file=sys.stderr)
+    sections = set(args.sections.split(","))
+    if not torch.cuda.is_available() and sections - {"decoding", "pipeline"}:
+        print("bench/gpu.py needs a CUDA GPU (without one, only --sections decoding,pipeline run, on the CPU)",
+              file=sys.stderr)
         return 2
     quick = args.quick
     min_s = 0.5 if quick else 2.0
@@ -563,7 +613,6 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = build_checkpoint(Path(tmp))
-        sections = set(args.sections.split(","))
         if "model" in sections:
             LOG("model ceiling")
             res["model"] = model_ceiling(checkpoint, [64, 256, 1024], min_s, args.compile)
@@ -579,7 +628,8 @@ def main() -> int:
         if "pipeline" in sections:
             LOG("pipeline")
             layouts = parse_layouts(args.layouts) if args.layouts else [
-                (1, cores, False), (1, cores, True), (1, 2 * cores, True), (max(1, cores // 2), 4, True), (cores, 2, True)
+                (1, cores, False, 0), (1, cores, True, 0), (1, 2 * cores, True, 0), (max(1, cores // 2), 4, True, 0),
+                (cores, 2, True, 0), (1, 2 * cores, True, cores),
             ]
             res["pipeline"] = {}
             pipeline(checkpoint, images, seconds, layouts, res["pipeline"], save)

@@ -7,7 +7,10 @@ set (`pip install py-spy`; it reads the process's memory, so it needs ptrace rig
 CAP_SYS_PTRACE), and prints each stage's share of the samples taken in running Python threads.
 
 py-spy sees Python threads only: torch's intra-op threads (OpenMP) are not sampled, so
-`forward` is the calling thread's share, not the model's whole cost. Sampling slows the
+`forward` is the calling thread's share, not the model's whole cost. It samples the worker
+process alone, so the worker runs its CPU stages in its own threads
+(SYNTHGUARD_PREPARE_PROCESSES=0) unless --prepare says otherwise; with preparing processes those
+stages happen in children that are not sampled. Sampling slows the
 worker by a few percent (--nonblocking); the rate it prints is not a benchmark figure.
 """
 
@@ -34,7 +37,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("fetch (boto3)", ("Storage.fetch",)),
     ("decode", ("decode_image",)),
     ("provenance", ("read_provenance",)),
-    ("preprocess", ("Detector.preprocess",)),
+    ("preprocess", ("Detector.preprocess", "prepare_image")),
     ("database: claim", ("Scorer._claim",)),
     ("database: store results", ("Scorer._store", "Scorer._write_batch", "Scorer._fail", "Scorer._requeue")),
     ("celery and kombu", ("celery/", "kombu/")),
@@ -68,6 +71,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=500, help="images scored while sampling")
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--concurrency", type=int, default=8, help="SYNTHGUARD_CONCURRENCY of the worker")
+    parser.add_argument("--prepare", default="0",
+                        help="SYNTHGUARD_PREPARE_PROCESSES of the worker (default 0: every stage in the sampled process)")
     args = parser.parse_args()
     spy = shutil.which("py-spy")
     if spy is None:
@@ -82,7 +87,8 @@ def main() -> int:
         keys = upload(env, "p", blobs, args.images, ext)
         warm = upload(env, "warm", blobs, 8, ext)
         api = Api(env)
-        worker = start_worker(env, args.concurrency, 32)
+        worker = start_worker(env, args.concurrency, 32,
+                              prepare=None if args.prepare == "auto" else int(args.prepare))
         ids = api.scan(warm, "bulk").split(",")
         api.wait(ids, len(warm))
         raw = workdir / "profile.txt"

@@ -9,7 +9,8 @@ Same machine, same images, same run:
   3. synthguard: images in a moto S3 server, enqueued through a real `python -m worker.cli api`,
      scored by a real `python -m worker.cli worker`, stored in PostgreSQL;
   4. levers: SYNTHGUARD_CONCURRENCY, SYNTHGUARD_BATCH_SIZE, torch's thread count, worker
-     processes, and the eager model (SYNTHGUARD_MODEL_FREEZE_CPU=false);
+     processes, the eager model (SYNTHGUARD_MODEL_FREEZE_CPU=false) and preparing processes
+     (SYNTHGUARD_PREPARE_PROCESSES);
   5. latency: realtime enqueue-to-stored p50/p95 idle and under a bulk backfill, with one
      worker for all lanes and with a realtime worker beside a bulk one (LATENCY_LAYOUTS);
   6. JPEG DCT-scaled decode (Pillow draft): speed and score drift (not a service default).
@@ -38,6 +39,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,6 +60,41 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
 ARCH = "tf_mobilenetv3_large_100"
 FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
+
+class Lever(NamedTuple):
+    """One worker configuration of the levers stage; the defaults are the service's."""
+
+    concurrency: int = 8  # SYNTHGUARD_CONCURRENCY
+    batch_size: int = 32  # SYNTHGUARD_BATCH_SIZE
+    # torch intra-op threads (OMP_NUM_THREADS); None: the worker's choice (the cores its preparing
+    # processes leave, at least 1; one per core without them)
+    threads: int | None = None
+    processes: int = 1  # worker processes
+    frozen: bool = True  # SYNTHGUARD_MODEL_FREEZE_CPU
+    prepare: int | None = None  # SYNTHGUARD_PREPARE_PROCESSES; None: auto (one per core)
+
+    @property
+    def key(self) -> str:
+        prepare = "auto" if self.prepare is None else self.prepare
+        return (f"{self.concurrency},{self.batch_size},{self.threads or 'default'},{self.processes},"
+                f"{'frozen' if self.frozen else 'eager'},{prepare}")
+
+
+def parse_lever(text: str) -> Lever:
+    """'prepare=2,threads=1' as a Lever; fields not named keep the service's defaults."""
+    fields: dict[str, object] = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in Lever._fields:
+            raise SystemExit(f"--levers: unknown field {name!r}; fields: {', '.join(Lever._fields)}")
+        flag = isinstance(Lever._field_defaults[name], bool)
+        if flag:
+            fields[name] = value.lower() in ("1", "true", "yes")
+        else:
+            fields[name] = None if value in ("auto", "default") else int(value)
+    return Lever(**fields)  # type: ignore[arg-type]
+
+
 # name -> (width, height, format)
 SETS = {
     "jpeg-1024": (1024, 1024, "JPEG"),
@@ -65,15 +102,15 @@ SETS = {
     "jpeg-12mp": (4000, 3000, "JPEG"),
 }
 SIZES = {
-    # images per set, unique images per set, backfill size, realtime probes, probe interval (s);
-    # levers: (SYNTHGUARD_CONCURRENCY, SYNTHGUARD_BATCH_SIZE, torch threads, processes, frozen CPU model)
+    # images per set, unique images per set, backfill size, realtime probes, probe interval (s), levers
     "quick": {"n": {"jpeg-1024": 60, "png-1024": 40, "jpeg-12mp": 16}, "unique": 4, "backfill": 200,
               "probes": 8, "interval": 0.3, "ceiling_s": 1.5,
-              "levers": [(8, 32, None, 1, False), (4, 32, 1, 2, True)]},
+              "levers": [Lever(frozen=False), Lever(prepare=0), Lever(4, threads=1, processes=2, prepare=0)]},
     "full": {"n": {"jpeg-1024": 500, "png-1024": 240, "jpeg-12mp": 90}, "unique": 8, "backfill": 1000,
              "probes": 20, "interval": 0.3, "ceiling_s": 3.0,
-             "levers": [(8, 32, None, 1, False), (4, 32, None, 1, True), (16, 32, None, 1, True),
-                        (8, 32, 1, 1, True), (8, 8, None, 1, True), (4, 32, None, 2, True), (4, 32, 1, 2, True)]},
+             "levers": [Lever(frozen=False), Lever(16), Lever(batch_size=8), Lever(prepare=1),
+                        Lever(threads=2), Lever(prepare=0), Lever(4, prepare=0), Lever(threads=1, prepare=0),
+                        Lever(4, processes=2, prepare=0), Lever(4, threads=1, processes=2, prepare=0)]},
 }
 
 # Worker processes per layout of the latency stage: (SYNTHGUARD_CONCURRENCY, --queues, nice).
@@ -531,10 +568,12 @@ class Api:
 
 
 def start_worker(env: Env, concurrency: int, batch_size: int, torch_threads: int | None = None,
-                 node: int = 0, queues: str | None = None, nice: int = 0, frozen: bool = True) -> Proc:
+                 node: int = 0, queues: str | None = None, nice: int = 0, frozen: bool = True,
+                 prepare: int | None = None) -> Proc:
     port = free_port()
     proc_env = env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port,
-                               model_freeze_cpu=str(frozen).lower())
+                               model_freeze_cpu=str(frozen).lower(),
+                               prepare_processes="auto" if prepare is None else prepare)
     if torch_threads:
         # torch sizes its intra-op pool from OMP_NUM_THREADS at start (default: one per core).
         proc_env["OMP_NUM_THREADS"] = str(torch_threads)
@@ -719,10 +758,16 @@ def main() -> int:
     parser.add_argument("--backfill", type=int, default=0,
                         help="images in the latency stage's bulk backfill (default 1000; the issue's 10000 takes "
                              "about 5 minutes per layout on 2 cores)")
+    parser.add_argument("--levers", default=None,
+                        help="the levers stage's worker configurations instead of the size's own: ';'-separated, "
+                             "each ','-separated Lever fields, e.g. 'prepare=0;prepare=2,threads=1' (repeat one to "
+                             "alternate runs)")
     args = parser.parse_args()
     size = dict(SIZES["quick" if args.quick else "full"])
     if args.backfill:
         size["backfill"] = args.backfill
+    if args.levers:
+        size["levers"] = [parse_lever(text) for text in args.levers.split(";")]
     skip = set(filter(None, args.skip.split(",")))
     started = time.monotonic()
     res: dict = {"size": "quick" if args.quick else "full", "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -779,17 +824,23 @@ def main() -> int:
             def levers() -> dict:
                 out = {}
                 lever_keys = keys["jpeg-1024"]
-                for conc, bs, threads, procs, frozen in size["levers"]:
-                    workers = [start_worker(env, conc, bs, threads, node=i, frozen=frozen) for i in range(procs)]
+                for lever in size["levers"]:
+                    workers = [start_worker(env, lever.concurrency, lever.batch_size, lever.threads, node=i,
+                                            frozen=lever.frozen, prepare=lever.prepare)
+                               for i in range(lever.processes)]
                     try:
                         r = run_synthguard(env, api, workers, lever_keys, warm)
                     finally:
                         for worker in workers:
                             worker.stop()
                             env.procs.remove(worker)
-                    out[f"{conc},{bs},{threads or 'default'},{procs},{'frozen' if frozen else 'eager'}"] = r
-                    LOG(f"  {procs} worker(s), concurrency {conc} batch {bs} torch threads {threads or 'default'}, "
-                        f"{'frozen' if frozen else 'eager'} model: {r['rate']:.2f} img/s")
+                    # A configuration listed again (alternating runs) keeps every run.
+                    key, run = lever.key, 1
+                    while key in out:
+                        run += 1
+                        key = f"{lever.key} (run {run})"
+                    out[key] = r
+                    LOG(f"  {lever}: {r['rate']:.2f} img/s")
                 return out
 
             res["levers"] = stage("levers", levers)
@@ -891,16 +942,19 @@ def render(res: dict) -> str:
                 "concurrent threads overlap, so they add up to more than 1/throughput.", ""]
     lv = res.get("levers")
     if lv:
-        rows = [[*[*k.split(","), "default", "1", "frozen"][:5], r["rate"], f"{r['proc_cpu_pct']:.0f}%",
-                 f"{r['peak_rss_mib']:.0f}"] for k, r in lv.items()]
+        rows = [[*k.split(",")[:6], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
+                for k, r in lv.items()]
         if sg.get("jpeg-1024"):
             r = sg["jpeg-1024"]
-            rows.insert(0, ["8 (default)", "32 (default)", "default (one per core)", "1", "frozen (default)", r["rate"],
-                            f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"])
+            rows.insert(0, ["8 (default)", "32 (default)", "default (the worker's choice)", "1", "frozen (default)",
+                            "auto (default: one per core)", r["rate"], f"{r['proc_cpu_pct']:.0f}%",
+                            f"{r['peak_rss_mib']:.0f}"])
         out += ["### Levers (jpeg-1024 set)", "", table(["SYNTHGUARD_CONCURRENCY", "SYNTHGUARD_BATCH_SIZE",
                                                          "torch threads (OMP_NUM_THREADS)", "worker processes",
-                                                         "CPU model (SYNTHGUARD_MODEL_FREEZE_CPU)", "img/s",
-                                                         "worker CPU", "worker peak RSS MiB"], rows), ""]
+                                                         "CPU model (SYNTHGUARD_MODEL_FREEZE_CPU)",
+                                                         "SYNTHGUARD_PREPARE_PROCESSES", "img/s",
+                                                         "worker CPU (process tree)",
+                                                         "worker peak RSS MiB (sum of processes)"], rows), ""]
     la = res.get("latency")
     if la:
         rows = []
