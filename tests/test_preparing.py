@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BAD_FIXTURES, good_fixture_files
+from conftest import BAD_FIXTURES, good_fixture_files, wait_until
 from worker import errors
 from worker.detector import Detector
 from worker.errors import PermanentError, SynthguardError, TransientError
@@ -34,13 +34,21 @@ from worker.settings import Settings
 
 
 def misbehaving_job(data: bytes, spec: PrepareSpec) -> Prepared:
-    """The service's job, except for three payloads that make the child crash, die or hang."""
+    """The service's job, except for payloads that make the child crash, die, hang, or wait.
+
+    ``wait:PATH\0IMAGE`` opens the named pipe PATH, which blocks until the test opens its other
+    end, then prepares IMAGE.
+    """
     if data == b"segfault":
         os.kill(os.getpid(), signal.SIGSEGV)
     if data == b"sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
     if data == b"hang":
         threading.Event().wait()
+    if data.startswith(b"wait:"):
+        path, _, data = data[5:].partition(b"\0")
+        with open(path, "rb") as gate:
+            gate.read()
     return prepare_image(data, spec)
 
 
@@ -168,3 +176,34 @@ def test_unset_concurrency_gives_two_threads_per_preparing_process() -> None:
     assert feeding_threads(Settings(), 2) == 8  # never fewer than the default
     assert feeding_threads(Settings(), 0) == 8
     assert feeding_threads(Settings(concurrency=6), 16) == 6  # a value the operator set is kept
+
+
+def test_a_realtime_image_gets_the_next_free_child_before_waiting_bulk_ones(
+    fixtures_dir: Path, spec: PrepareSpec, tmp_path: Path
+) -> None:
+    good = (fixtures_dir / "real" / "earth_apollo17.jpg").read_bytes()
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    finished: list[str] = []
+    pool = ProcessPreparer(1, spec, hard_timeout_s=60.0, job=misbehaving_job)
+
+    def prepare(name: str, data: bytes, urgent: bool = False) -> None:
+        pool.prepare(data, urgent=urgent)
+        finished.append(name)
+
+    try:
+        with ThreadPoolExecutor(3) as threads:
+            # The only child is held until the gate opens; then two images wait for it, bulk first.
+            held = threads.submit(prepare, "held", b"wait:" + str(gate).encode() + b"\0" + good)
+            wait_until(lambda: pool.busy == 1, timeout=60, message="the child held")
+            bulk = threads.submit(prepare, "bulk", good)
+            wait_until(lambda: pool.waiting == 1, timeout=60, message="the bulk image waiting")
+            realtime = threads.submit(prepare, "realtime", good, True)
+            wait_until(lambda: pool.waiting == 2, timeout=60, message="both images waiting")
+            with open(gate, "wb"):
+                pass  # opening the write end releases the child; closing it ends its read
+            for future in (held, bulk, realtime):
+                future.result(timeout=60)
+    finally:
+        pool.close()
+    assert finished == ["held", "realtime", "bulk"]

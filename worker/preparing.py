@@ -328,6 +328,7 @@ class ProcessPreparer:
         self._cond = threading.Condition()
         self._idle: list[_Child | None] = []  # None: a slot whose child must be (re)started
         self._urgent_waiting = 0
+        self._waiting = 0
         self._closed = False
         self._numbers = itertools.count(1)  # names children; next() is atomic under the GIL
         try:
@@ -371,8 +372,19 @@ class ProcessPreparer:
             self._give_back(child)
         return _unpack(reply)
 
+    @property
+    def busy(self) -> int:
+        """Children working on an image right now."""
+        return self.processes - len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a child right now: more than zero means every child is busy."""
+        return self._waiting
+
     def _take(self, urgent: bool) -> _Child | None:
         with self._cond:
+            self._waiting += 1
             if urgent:
                 self._urgent_waiting += 1
             try:
@@ -382,6 +394,7 @@ class ProcessPreparer:
                     raise TransientError("the worker is shutting down", code=errors.INTERNAL_ERROR)
                 return self._idle.pop()
             finally:
+                self._waiting -= 1
                 if urgent:
                     self._urgent_waiting -= 1
                     self._cond.notify_all()
