@@ -18,6 +18,7 @@ from worker.celery_app import QUEUES
 from worker.db import get_sessionmaker
 from worker.metrics import STAGES, QueueDepthCollector, stamp_start
 from worker.models import DONE, FAILED, Image
+from worker.preparing import usable_cores
 from worker.queueing import enqueue
 
 GOOD = "real/earth_apollo17.jpg"
@@ -104,6 +105,9 @@ def test_a_real_worker_exports_metrics_that_move(
     assert [i["version"] for i in info] == [model_version] and info[0]["device"] == "cpu"
     for queue in QUEUES:
         assert ("synthguard_queue_depth", frozenset({("queue", queue)})) in after, queue
+    # The default: one preparing process per core, all idle again once every image is stored.
+    assert value(after, "synthguard_prepare_processes", state="idle") == usable_cores()
+    assert value(after, "synthguard_prepare_processes", state="busy") == 0
 
 
 def test_queue_depth_skips_brokers_it_cannot_ask() -> None:

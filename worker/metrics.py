@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, Counter, Histogram, Info, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis, RedisError
 
 from .batching import BatchStats
+from .preparing import Preparer, ProcessPreparer
 
 if TYPE_CHECKING:
     from .detector import Detector
@@ -66,6 +67,12 @@ PREPARE_PROCESSES_LOST = Counter(
     "died (killed from outside; the image retries). Each is replaced.",
     ["reason"],
 )
+PREPARE_PROCESSES = Gauge(
+    "synthguard_prepare_processes",
+    "This worker's preparing processes, by state: busy (working on an image) or idle. All busy while "
+    "images wait for one means the CPU stages are the limit. Absent with SYNTHGUARD_PREPARE_PROCESSES=0.",
+    ["state"],
+)
 WEBHOOK_ATTEMPTS = Counter(
     "synthguard_webhook_attempts_total",
     "Webhook delivery attempts, by outcome (delivered, retrying, failed, skipped).",
@@ -110,6 +117,14 @@ def webhook_attempt(outcome: str) -> str:
 def set_model(detector: Detector) -> None:
     """Record which checkpoint this process scores with."""
     MODEL.info({"name": str(detector.name), "version": str(detector.version), "device": str(detector.device)})
+
+
+def watch_preparer(preparer: Preparer) -> None:
+    """Export how many of ``preparer``'s children are busy, read on each scrape."""
+    if not isinstance(preparer, ProcessPreparer):
+        return
+    PREPARE_PROCESSES.labels("busy").set_function(lambda: preparer.busy)
+    PREPARE_PROCESSES.labels("idle").set_function(lambda: preparer.processes - preparer.busy)
 
 
 class QueueDepthCollector(Collector):

@@ -34,6 +34,7 @@ def install_scorer(scorer: Scorer) -> None:
     global _scorer
     scorer.on_outbox = _publish_new_deliveries
     metrics.set_model(scorer.detector)
+    metrics.watch_preparer(scorer.preparer)
     with _scorer_lock:
         _scorer = scorer
 
@@ -48,6 +49,7 @@ def get_scorer() -> Scorer:
             settings = get_settings()
             _scorer = Scorer(settings, Detector.from_settings(settings), on_outbox=_publish_new_deliveries)
             metrics.set_model(_scorer.detector)
+            metrics.watch_preparer(_scorer.preparer)
         return _scorer
 
 
