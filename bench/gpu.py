@@ -284,9 +284,7 @@ def prepare_spec(det: Any) -> Any:
     from worker.preparing import PrepareSpec
     from worker.settings import Settings
 
-    defaults = Settings()
-    return PrepareSpec(max_pixels=defaults.max_pixels, decode_timeout_s=defaults.decode_timeout_s,
-                       transform=det.image_transform)
+    return PrepareSpec.from_settings(Settings(), det)
 
 
 def decoding(checkpoint: Path, images: dict[str, list[bytes]], seconds: float, cores: int) -> dict:

@@ -55,12 +55,7 @@ def misbehaving_job(data: bytes, spec: PrepareSpec) -> Prepared:
 @pytest.fixture
 def spec(settings_factory) -> PrepareSpec:  # type: ignore[no-untyped-def]
     settings = settings_factory(model_freeze_cpu=False)
-    detector = Detector.from_settings(settings)
-    return PrepareSpec(
-        max_pixels=settings.max_pixels,
-        decode_timeout_s=settings.decode_timeout_s,
-        transform=detector.image_transform,
-    )
+    return PrepareSpec.from_settings(settings, Detector.from_settings(settings))
 
 
 def _outcome(preparer, data: bytes) -> Prepared | tuple[str, str]:  # type: ignore[no-untyped-def]

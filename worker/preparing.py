@@ -43,6 +43,7 @@ from .imaging import decode_image
 from .provenance import read_provenance
 
 if TYPE_CHECKING:
+    from .detector import Detector
     from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,15 @@ class PrepareSpec:
     decode_timeout_s: float
     # The detector's per-image transform (PIL image to tensor), as :meth:`Detector.preprocess` runs it.
     transform: Callable[[Image.Image], Any]
+
+    @classmethod
+    def from_settings(cls, settings: Settings, detector: Detector) -> PrepareSpec:
+        """The caps of ``settings`` and the transform of ``detector``."""
+        return cls(
+            max_pixels=settings.max_pixels,
+            decode_timeout_s=settings.decode_timeout_s,
+            transform=detector.image_transform,
+        )
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,10 @@ class InlinePreparer:
 # --------------------------------------------------------------------- child
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
 def _keep_freed_memory() -> None:
     """Keep freed image buffers in this process's heap rather than giving them back after every image.
 
@@ -166,10 +180,6 @@ def _keep_freed_memory() -> None:
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
 def _child_main(conn: Connection, spec: PrepareSpec, job: Job) -> None:
     """A child's loop: one image in, one reply out, until the parent closes the pipe."""
     _keep_freed_memory()
@@ -184,7 +194,7 @@ def _child_main(conn: Connection, spec: PrepareSpec, job: Job) -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
-    conn.send(("ready", os.getpid()))
+    conn.send("ready")
     while True:
         try:
             data = conn.recv_bytes()

@@ -123,11 +123,7 @@ class Scorer:
         # First: it may start child processes, and when it cannot, nothing else has started yet.
         self.preparer = preparing.make_preparer(
             settings,
-            preparing.PrepareSpec(
-                max_pixels=settings.max_pixels,
-                decode_timeout_s=settings.decode_timeout_s,
-                transform=detector.image_transform,
-            ),
+            preparing.PrepareSpec.from_settings(settings, detector),
             on_replace=lambda reason: metrics.PREPARE_PROCESSES_LOST.labels(reason).inc(),
         )
         if self.preparer.processes and detector.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
