@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -84,3 +85,43 @@ class Meter:
             "machine_busy_pct": 100.0 * (busy - self.m0[0]) / max(1.0, total - self.m0[1]),
             "peak_rss_mib": peak_rss_mib(pids),
         }
+
+
+def pids_named(*names: str) -> list[int]:
+    """Live processes whose command name (``/proc/PID/comm``) is one of ``names``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in names:
+                out.append(int(entry))
+    return out
+
+
+class Ledger:
+    """CPU seconds of named groups of processes over a time window, and the machine's busy seconds.
+
+    Each group is a function returning its pids, called at start and stop, so processes that
+    start in the window count from zero. A process that exits inside the window loses its
+    last reading; groups here are long-lived (pooled database connections, the worker's children).
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self.t0 = time.monotonic()
+        self.m0 = machine_busy()
+        self.cpu0 = {name: {p: cpu_seconds([p]) for p in find()} for name, find in groups.items()}
+
+    def stop(self) -> tuple[float, float, dict[str, float]]:
+        """(wall seconds, machine busy CPU seconds, CPU seconds per group)."""
+        wall = time.monotonic() - self.t0
+        busy, _ = machine_busy()
+        used = {}
+        for name, find in self.groups.items():
+            before = self.cpu0[name]
+            now = {p: cpu_seconds([p]) for p in find()}
+            used[name] = sum(now[p] - before.get(p, 0.0) for p in now)
+        return wall, (busy - self.m0[0]) / _TICK, used

@@ -157,6 +157,47 @@ def test_concurrent_results_of_two_scans_from_two_processes_are_stored_once_each
         engine.dispose()
 
 
+def test_one_batch_writes_image_flagged_deliveries_exactly_where_a_webhook_would_go(settings_factory, pg_url) -> None:
+    """Flagged results of scans with different routes, stored in one transaction."""
+    settings = settings_factory(database_url=pg_url, batch_size=16)
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as session:
+        hooked = create_client(session, "hooked", webhook_url="https://hooks.example/in").client.id
+        silent = create_client(session, "silent").client.id
+        routes = {  # scan -> whether its image.flagged events go anywhere
+            "client webhook": (dict(client_id=hooked), True),
+            "client webhook, events without image.flagged": (
+                dict(client_id=hooked, webhook_events=[EVENT_SCAN_COMPLETED]),
+                False,
+            ),
+            "no webhook anywhere": (dict(client_id=silent), False),
+            "scan callback, client without webhook": (
+                dict(client_id=silent, callback_url="https://cb.example/scan"),
+                True,
+            ),
+            "no client": (dict(callback_url="https://cb.example/orphan"), False),
+        }
+        images: dict[uuid.UUID, bool] = {}
+        scan_ids = []
+        for name, (options, routed) in routes.items():
+            refs = [ObjectRef("bucket", f"{name}/{i}.png") for i in range(2)]
+            scan, ids = create_scan(session, refs, origin="test", threshold=0.5, **options)
+            scan_ids.append(scan.id)
+            images.update(dict.fromkeys(ids, routed))
+    published: list[uuid.UUID] = []
+    with Scorer(settings, Detector.from_settings(settings), sessions=sessions, on_outbox=published.extend) as scorer:
+        outcomes = scorer._write_batch([(image_id, _result(0.9)) for image_id in images])
+    assert {(o.state, o.flagged) for o in outcomes} == {(DONE, True)}
+    with sessions() as session:
+        deliveries = session.scalars(select(WebhookDelivery).where(WebhookDelivery.scan_id.in_(scan_ids))).all()
+    flagged = sorted(d.image_id for d in deliveries if d.event_type == EVENT_IMAGE_FLAGGED)
+    assert flagged == sorted(i for i, routed in images.items() if routed)
+    # The batch completed the scans too: their scan.completed rows (where asked for) went out with the rest.
+    assert sorted(published) == sorted(d.id for d in deliveries)
+    engine.dispose()
+
+
 @pytest.fixture
 def local_copies(fixtures_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Distinct local files (one image each), so that one scan holds several images."""

@@ -141,15 +141,17 @@ def release_pending(session: Session, scan_id: uuid.UUID, count: int = 1) -> boo
     UPDATE ... RETURNING serialises on the scan's row, so exactly one writer
     sees zero and sets ``completed_at``.
     """
+    # Core statements on the table: writers run this per batch, and the ORM adds only cost here.
+    scans = Scan.__table__
     pending = session.execute(
-        update(Scan)
-        .where(Scan.id == scan_id)
-        .values(pending_count=Scan.pending_count - count)
-        .returning(Scan.pending_count)
+        update(scans)
+        .where(scans.c.id == scan_id)
+        .values(pending_count=scans.c.pending_count - count)
+        .returning(scans.c.pending_count)
     ).scalar_one()
     if pending != 0:
         return False
-    session.execute(update(Scan).where(Scan.id == scan_id).values(completed_at=utcnow()))
+    session.execute(update(scans).where(scans.c.id == scan_id).values(completed_at=utcnow()))
     return True
 
 

@@ -64,6 +64,25 @@ def _target(session: Session, scan: Scan) -> tuple[str, ApiClient] | None:
     return (url, client) if url else None
 
 
+def scans_wanting(session: Session, scan_ids: Sequence[uuid.UUID], event_type: str) -> set[uuid.UUID]:
+    """Those of ``scan_ids`` whose ``event_type`` events have somewhere to go (``add_*`` writes a row).
+
+    The rule of :func:`_add` and :func:`_target` in one Core query, without loading ORM objects:
+    the scorer asks it for every batch, and most scans have no webhook.
+    """
+    scans, clients = Scan.__table__, ApiClient.__table__
+    rows = session.execute(
+        select(scans.c.id, scans.c.webhook_events, scans.c.callback_url, clients.c.webhook_url)
+        .join(clients, clients.c.id == scans.c.client_id)
+        .where(scans.c.id.in_(scan_ids))
+    )
+    return {
+        row.id
+        for row in rows
+        if event_type in (row.webhook_events or DEFAULT_EVENTS) and (row.callback_url or row.webhook_url)
+    }
+
+
 def _add(
     session: Session, scan: Scan, event_type: str, data: dict[str, Any], image_id: uuid.UUID | None, now: datetime, lease_s: float
 ) -> uuid.UUID | None:

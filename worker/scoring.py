@@ -31,12 +31,16 @@ from .db import make_engine, make_sessionmaker
 from .detector import Detector
 from .errors import PermanentError, SynthguardError, TransientError
 from .intake import release_pending
-from .models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan, utcnow
+from .models import DONE, FAILED, PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
 from .priority import RealtimeFirst
 from .settings import Settings
 from .storage import ObjectRef, Storage
+from .webhooks import EVENT_IMAGE_FLAGGED
 
 log = logging.getLogger(__name__)
+
+# Per-image statements go to the table (SQLAlchemy Core), not through the ORM.
+_IMAGES = Image.__table__
 
 # How long the result writer waits for more results after the first of a group.
 # A forward pass hands back its whole batch at once and its threads reach the
@@ -266,11 +270,13 @@ class Scorer:
 
     def _claim(self, image_id: uuid.UUID) -> tuple[ObjectRef, int] | None:
         with self.sessions.begin() as session:
+            # A Core statement on the table: this runs once per image, and the ORM's bulk-update
+            # bookkeeping around it cost the worker's GIL more than the statement itself.
             row = session.execute(
-                update(Image)
-                .where(Image.id == image_id, Image.state.in_((QUEUED, PROCESSING)))
-                .values(state=PROCESSING, attempts=Image.attempts + 1, updated_at=utcnow())
-                .returning(Image.bucket, Image.key, Image.version_id, Image.attempts, Image.scan_id)
+                update(_IMAGES)
+                .where(_IMAGES.c.id == image_id, _IMAGES.c.state.in_((QUEUED, PROCESSING)))
+                .values(state=PROCESSING, attempts=_IMAGES.c.attempts + 1, updated_at=utcnow())
+                .returning(_IMAGES.c.bucket, _IMAGES.c.key, _IMAGES.c.version_id, _IMAGES.c.attempts, _IMAGES.c.scan_id)
             ).one_or_none()
         if row is None:
             return None
@@ -349,21 +355,22 @@ class Scorer:
             # writer (batches, _fail, other processes) takes them in one global order, so none
             # waits on another in a cycle. NO KEY UPDATE is what the UPDATE takes anyway; it
             # leaves foreign-key checks of concurrent inserts unblocked.
+            columns = _IMAGES.c
             rows = {
                 row.id: row
                 for row in session.execute(
                     select(
-                        Image.id,
-                        Image.scan_id,
-                        Image.state,
-                        Image.threshold,
-                        Image.score,
-                        Image.flagged,
-                        Image.error_code,
-                        Image.error_message,
+                        columns.id,
+                        columns.scan_id,
+                        columns.state,
+                        columns.threshold,
+                        columns.score,
+                        columns.flagged,
+                        columns.error_code,
+                        columns.error_message,
                     )
-                    .where(Image.id.in_(image_ids))
-                    .order_by(Image.id)
+                    .where(columns.id.in_(image_ids))
+                    .order_by(columns.id)
                     .with_for_update(key_share=True)
                 )
             }
@@ -397,12 +404,11 @@ class Scorer:
                 }
                 changes.append({"image_id": image_id, **{f"new_{k}": v for k, v in values.items()}})
             if changes:
-                table = Image.__table__
                 per_image = {key[4:]: bindparam(key) for key in changes[0] if key.startswith("new_")}
                 # One statement, executed for all rows (psycopg pipelines them): few round trips.
                 session.execute(
-                    update(table)
-                    .where(table.c.id == bindparam("image_id"))
+                    update(_IMAGES)
+                    .where(_IMAGES.c.id == bindparam("image_id"))
                     .values(state=DONE, updated_at=now, completed_at=now, error_code=None, error_message=None)
                     .values(per_image),
                     sorted(changes, key=lambda change: change["image_id"]),
@@ -410,12 +416,20 @@ class Scorer:
             completed = [scan for scan in sorted(released) if release_pending(session, scan, released[scan])]
             flagged_ids = [image_id for image_id in sorted(writer_of) if answers[image_id].flagged]
             deliveries: list[uuid.UUID] = []
+            if flagged_ids:
+                # Only where image.flagged events have somewhere to go: a client without a
+                # webhook pays one small query per batch, not an image and a scan loaded per image.
+                wanted = outbox.scans_wanting(session, sorted(released), EVENT_IMAGE_FLAGGED)
+                flagged_ids = [image_id for image_id in flagged_ids if rows[image_id].scan_id in wanted]
             if flagged_ids or completed:
                 # Loaded once, after the writes, and held here: the session's identity map is weak,
-                # and the outbox helpers would otherwise select image and scan again per event.
-                held = [
+                # and the outbox helpers would otherwise select image, scan and client again per event.
+                scans = list(session.scalars(select(Scan).where(Scan.id.in_(sorted(released)))))
+                client_ids = sorted({scan.client_id for scan in scans if scan.client_id is not None})
+                held: list[Any] = [
+                    *scans,
+                    *session.scalars(select(ApiClient).where(ApiClient.id.in_(client_ids))),
                     *session.scalars(select(Image).where(Image.id.in_(flagged_ids))),
-                    *session.scalars(select(Scan).where(Scan.id.in_(sorted(released)))),
                 ]
                 for image_id in flagged_ids:
                     deliveries += self._outbox(session, image_id, None)
