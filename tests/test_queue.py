@@ -318,13 +318,16 @@ def test_the_sweeper_republishes_only_stale_queue_work_to_its_lane(
         _, rt_ids = create_scan(session, [ObjectRef("b1", "b.jpg")], origin="api", threshold=0.5)
         create_scan(session, [ObjectRef("b1", "c.jpg")], origin="api", threshold=0.5)
         _, cli_ids = create_scan(session, [ObjectRef(None, "/tmp/x.jpg")], origin="cli", threshold=0.5)
-        old = utcnow() - timedelta(hours=1)
+        old = utcnow() - timedelta(days=2)
         session.execute(update(Image).where(Image.id.in_(bulk_ids + rt_ids + cli_ids)).values(updated_at=old))
-    assert sweep_stale(sessions, celery_app, stale_after_s=60) == 2
+    # Stale means older than a day: images earlier tests of this session left queued (a backlog
+    # test stops at its realtime image) are minutes old, and must not count here.
+    stale_after_s = 24 * 3600.0
+    assert sweep_stale(sessions, celery_app, stale_after_s=stale_after_s) == 2
     broker = redis.Redis.from_url(redis_url)
     assert (broker.llen("synthguard.bulk"), broker.llen("synthguard.realtime")) == (1, 1)
     # Touched: the next sweep leaves them alone until they are stale again.
-    assert sweep_stale(sessions, celery_app, stale_after_s=60) == 0
+    assert sweep_stale(sessions, celery_app, stale_after_s=stale_after_s) == 0
 
 
 def test_a_queue_worker_never_reads_local_files(fixtures_dir, settings_factory, pg_url, sessions) -> None:
