@@ -14,8 +14,9 @@ PostgreSQL, Redis db 10) on one image set and, while the worker scores it, print
   `forward` is the calling thread's share, not the model's whole cost.
 
 The worker runs with the service's default of preparing processes (`--prepare auto`); `--prepare 0`
-puts every stage in the worker's own threads. Sampling slows the worker by a few percent
-(--nonblocking); the rate it prints is not a benchmark figure, and `--rate 0` skips py-spy.
+puts every stage in the worker's own threads. Sampling the worker and its children costs CPU
+on the same cores (at 100 Hz on 2 cores it cut the rate by about 40%), so read the CPU table
+from a run with `--rate 0`, which skips py-spy, and the stage shares from a sampled one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import procstat
-from bench.run import SETS, Api, Env, make_set, start_worker, table, upload
+from bench.run import SETS, Api, Env, Proc, make_set, start_worker, table, upload
 
 # First match wins, searched anywhere in a sampled stack (so "forward" beats "predict").
 STAGES: list[tuple[str, tuple[str, ...]]] = [
@@ -78,9 +79,9 @@ def shares(raw: Path) -> tuple[collections.Counter[tuple[str, str]], int]:
     return counts, total
 
 
-def ledger(env: Env, api: Api, worker: object) -> procstat.Ledger:
+def ledger(env: Env, api: Api, worker: Proc) -> procstat.Ledger:
     """CPU of each process group of the service path."""
-    worker_pid = worker.pid  # type: ignore[attr-defined]
+    worker_pid = worker.pid
     return procstat.Ledger({
         "worker process": lambda: [worker_pid],
         "its preparing processes": lambda: procstat.tree(worker_pid)[1:],

@@ -13,7 +13,6 @@ created and dropped here). Asserts nothing beyond every image ending `done`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 DATABASE = "synthguard_store_cost"
 
 
@@ -35,7 +33,7 @@ def main() -> int:
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
 
-    from bench.run import Env
+    from bench.run import PG_ADMIN, Env
     from worker.clients import create_client
     from worker.db import upgrade
     from worker.detector import Detector

@@ -53,21 +53,34 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
-def _target(session: Session, scan: Scan) -> tuple[str, ApiClient] | None:
-    """Where this scan's events go: its callback URL, else its client's webhook URL."""
+def _url_for(
+    event_type: str, scan_events: Sequence[str] | None, callback_url: str | None, client_url: str | None
+) -> str | None:
+    """Where a scan's ``event_type`` event goes: its callback URL, else its client's webhook URL.
+
+    None when the scan did not ask for this event, or no URL is set. The one rule for both
+    :func:`_add` (ORM objects) and :func:`scans_wanting` (plain rows).
+    """
+    if event_type not in (scan_events or DEFAULT_EVENTS):
+        return None
+    return callback_url or client_url or None
+
+
+def _target(session: Session, scan: Scan, event_type: str) -> tuple[str, ApiClient] | None:
+    """The URL and client this scan's ``event_type`` event goes to, if any."""
     if scan.client_id is None:
         return None
     client = session.get(ApiClient, scan.client_id)
     if client is None:
         return None
-    url = scan.callback_url or client.webhook_url
+    url = _url_for(event_type, scan.webhook_events, scan.callback_url, client.webhook_url)
     return (url, client) if url else None
 
 
 def scans_wanting(session: Session, scan_ids: Sequence[uuid.UUID], event_type: str) -> set[uuid.UUID]:
     """Those of ``scan_ids`` whose ``event_type`` events have somewhere to go (``add_*`` writes a row).
 
-    The rule of :func:`_add` and :func:`_target` in one Core query, without loading ORM objects:
+    :func:`_target`'s answer for many scans in one Core query, without loading ORM objects:
     the scorer asks it for every batch, and most scans have no webhook.
     """
     scans, clients = Scan.__table__, ApiClient.__table__
@@ -76,19 +89,13 @@ def scans_wanting(session: Session, scan_ids: Sequence[uuid.UUID], event_type: s
         .join(clients, clients.c.id == scans.c.client_id)
         .where(scans.c.id.in_(scan_ids))
     )
-    return {
-        row.id
-        for row in rows
-        if event_type in (row.webhook_events or DEFAULT_EVENTS) and (row.callback_url or row.webhook_url)
-    }
+    return {row.id for row in rows if _url_for(event_type, row.webhook_events, row.callback_url, row.webhook_url)}
 
 
 def _add(
     session: Session, scan: Scan, event_type: str, data: dict[str, Any], image_id: uuid.UUID | None, now: datetime, lease_s: float
 ) -> uuid.UUID | None:
-    if event_type not in (scan.webhook_events or DEFAULT_EVENTS):
-        return None
-    target = _target(session, scan)
+    target = _target(session, scan, event_type)
     if target is None:
         return None
     url, client = target
