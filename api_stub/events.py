@@ -41,8 +41,11 @@ def object_event(record: S3EventRecord) -> ObjectEvent | None:
     tags=["events"],
     summary="Receive S3 event notifications",
     description="Point a bucket's event notifications here (MinIO: a webhook target with "
-    "`auth_token` set to an API key; AWS: through SNS/EventBridge/Lambda that forwards the S3 event "
-    "JSON with the `Authorization` header). Every `ObjectCreated:*` record queues its object on the "
+    "`auth_token` set to an API key; AWS: a forwarder, such as a Lambda on the SQS queue or SNS "
+    "topic the bucket notifies, that posts the S3 event JSON with the `Authorization` header; an "
+    "SNS `Notification` envelope is unwrapped). A body that is not an S3 event notification (an "
+    "EventBridge event, an SNS subscription confirmation) is 422, never a silent 200. Every "
+    "`ObjectCreated:*` record queues its object on the "
     "realtime lane; other records are ignored and counted. A notification delivered again queues "
     "nothing new: each record is recognised by bucket, key, version id, ETag and sequencer, and "
     "answers with the image queued the first time (`duplicate: true`). Answers 202 when something "

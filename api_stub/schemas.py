@@ -426,8 +426,49 @@ class S3EventRecord(BaseModel):
         return self
 
 
+TEST_EVENT = "s3:TestEvent"
+
+
+def _unwrap_notification(body: Any) -> Any:
+    """The S3 notification a request body carries, or a ValueError that says what the body is.
+
+    A body with neither ``Records`` nor AWS's test event must not answer 200 with nothing
+    queued: a forwarder sending the wrong shape would then lose every upload without a sign.
+    """
+    if not isinstance(body, dict) or "Records" in body or body.get("Event") == TEST_EVENT:
+        return body
+    if body.get("Type") == "Notification" and isinstance(body.get("Message"), str):
+        # An SNS envelope (an SQS queue subscribed to the topic without raw delivery, relayed
+        # as is): its Message is the S3 notification, keys URL-encoded as S3 wrote them.
+        try:
+            inner = json.loads(body["Message"])
+        except ValueError:
+            inner = None
+        if isinstance(inner, dict) and ("Records" in inner or inner.get("Event") == TEST_EVENT):
+            return inner
+        raise ValueError("an SNS notification whose Message is not an S3 event notification")
+    if body.get("Type") in ("SubscriptionConfirmation", "UnsubscribeConfirmation"):
+        # Following SubscribeURL would be a fetch chosen by the request's sender.
+        raise ValueError(
+            "an SNS subscription confirmation: synthguard never visits its SubscribeURL; confirm "
+            "the subscription out of band, or subscribe an SQS queue and forward its messages"
+        )
+    if "detail-type" in body and "detail" in body:
+        raise ValueError(
+            "an EventBridge event, not an S3 event notification: send the bucket's event "
+            "notifications (Records) here, directly or through SNS/SQS"
+        )
+    raise ValueError(f"not an S3 event notification: no `Records` list and no `Event` of {TEST_EVENT}")
+
+
 class S3Notification(BaseModel):
-    """An S3 event notification as AWS or an S3-compatible store (MinIO) sends it."""
+    """An S3 event notification as AWS or an S3-compatible store (MinIO) sends it.
+
+    An SNS `Notification` envelope whose `Message` is one is unwrapped. Any other body
+    without `Records` (an EventBridge event, an SNS subscription confirmation, a body of
+    the wrong shape) is 422, so that a misconfigured forwarder is told at once instead of
+    answered 200 with nothing queued.
+    """
 
     model_config = ConfigDict(
         extra="ignore",
@@ -463,6 +504,11 @@ class S3Notification(BaseModel):
         "`s3:TestEvent`, which is accepted and queues nothing.",
     )
     Event: str | None = Field(None, description="`s3:TestEvent` in AWS's test message.", examples=[None])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_envelope(cls, body: Any) -> Any:
+        return _unwrap_notification(body)
 
 
 class EventImage(ImageRef):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import uuid
@@ -477,6 +478,74 @@ def test_s3_event_without_an_object_key_is_422(api, new_client) -> None:
     event = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {}}}]}
     problem = assert_problem(api.post("/v1/s3-events", json=event, headers=headers), 422)
     assert problem["errors"][0]["loc"][:3] == ["body", "Records", 0]
+
+
+def test_s3_event_in_an_sns_envelope_is_queued_like_the_bare_notification(
+    api, new_client, sessions, broker
+) -> None:
+    client_id, headers = new_client()
+    notification = {"Records": [_record("inbox/a+b%2B.jpg", sequencer="0B7")]}
+    envelope = {
+        "Type": "Notification",
+        "MessageId": "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324",
+        "TopicArn": "arn:aws:sns:eu-west-1:123456789012:uploads",
+        "Subject": "Amazon S3 Notification",
+        "Message": json.dumps(notification),
+        "Timestamp": "2026-12-01T00:00:00.000Z",
+    }
+
+    wrapped = api.post("/v1/s3-events", json=envelope, headers=headers)
+
+    assert wrapped.status_code == 202, wrapped.text
+    assert [(i["bucket"], i["key"]) for i in wrapped.json()["images"]] == [("photos", "inbox/a b+.jpg")]
+    assert [r.key for r in image_rows(sessions, client_id=client_id)] == ["inbox/a b+.jpg"]
+    assert broker.llen(REALTIME_QUEUE) == 1
+    # The same event sent bare is recognised as the one already queued.
+    bare = api.post("/v1/s3-events", json=notification, headers=headers)
+    assert bare.status_code == 200
+    assert [i["id"] for i in bare.json()["images"]] == [i["id"] for i in wrapped.json()["images"]]
+
+
+def _eventbridge_object_created() -> dict[str, Any]:
+    return {
+        "version": "0",
+        "id": "17793124-05d4-b198-2fde-7ededc63b103",
+        "detail-type": "Object Created",
+        "source": "aws.s3",
+        "detail": {"bucket": {"name": "photos"}, "object": {"key": "a.jpg", "etag": "abc"}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (_eventbridge_object_created(), "EventBridge event"),
+        (
+            {
+                "Type": "SubscriptionConfirmation",
+                "SubscribeURL": "https://sns.eu-west-1.amazonaws.com/?Action=ConfirmSubscription",
+                "Message": "You have chosen to subscribe to the topic",
+            },
+            "subscription confirmation",
+        ),
+        ({"Type": "Notification", "Message": "not json"}, "not an S3 event notification"),
+        ({"Type": "Notification", "Message": json.dumps(_eventbridge_object_created())}, "SNS notification"),
+        ({"records": [_record("a.jpg")]}, "no `Records` list"),
+        ({}, "no `Records` list"),
+    ],
+    ids=["eventbridge", "sns-subscription", "sns-not-json", "sns-eventbridge", "misspelt", "empty"],
+)
+def test_a_body_that_is_no_s3_notification_is_422_and_queues_nothing(
+    api, new_client, sessions, broker, body: dict[str, Any], said: str
+) -> None:
+    client_id, headers = new_client()
+
+    problem = assert_problem(api.post("/v1/s3-events", json=body, headers=headers), 422)
+
+    assert said in problem["detail"]
+    assert problem["errors"][0]["loc"] == ["body"]
+    assert image_rows(sessions, client_id=client_id) == []
+    assert broker.llen(REALTIME_QUEUE) == 0
 
 
 # ------------------------------------------------------------------ operations
