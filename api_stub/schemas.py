@@ -7,7 +7,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeGuard
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -429,14 +429,29 @@ class S3EventRecord(BaseModel):
 TEST_EVENT = "s3:TestEvent"
 
 
+def _is_notification(body: Any) -> TypeGuard[dict[str, Any]]:
+    return isinstance(body, dict) and ("Records" in body or body.get("Event") == TEST_EVENT)
+
+
+def _is_sqs_message(record: Any) -> bool:
+    return isinstance(record, dict) and record.get("eventSource") == "aws:sqs" and isinstance(record.get("body"), str)
+
+
 def _unwrap_notification(body: Any) -> Any:
     """The S3 notification a request body carries, or a ValueError that says what the body is.
 
     A body with neither ``Records`` nor AWS's test event must not answer 200 with nothing
     queued: a forwarder sending the wrong shape would then lose every upload without a sign.
     """
-    if not isinstance(body, dict) or "Records" in body or body.get("Event") == TEST_EVENT:
-        return body
+    if not isinstance(body, dict):
+        return body  # the model's own validation says what is wrong with it
+    if _is_notification(body):
+        return _sqs_messages_unwrapped(body)
+    return _unwrap_envelope(body)
+
+
+def _unwrap_envelope(body: dict[str, Any]) -> dict[str, Any]:
+    """The S3 notification inside an SNS envelope, or a ValueError naming what ``body`` is."""
     if body.get("Type") == "Notification" and isinstance(body.get("Message"), str):
         # An SNS envelope (an SQS queue subscribed to the topic without raw delivery, relayed
         # as is): its Message is the S3 notification, keys URL-encoded as S3 wrote them.
@@ -444,7 +459,7 @@ def _unwrap_notification(body: Any) -> Any:
             inner = json.loads(body["Message"])
         except ValueError:
             inner = None
-        if isinstance(inner, dict) and ("Records" in inner or inner.get("Event") == TEST_EVENT):
+        if _is_notification(inner):
             return inner
         raise ValueError("an SNS notification whose Message is not an S3 event notification")
     if body.get("Type") in ("SubscriptionConfirmation", "UnsubscribeConfirmation"):
@@ -461,12 +476,46 @@ def _unwrap_notification(body: Any) -> Any:
     raise ValueError(f"not an S3 event notification: no `Records` list and no `Event` of {TEST_EVENT}")
 
 
+def _sqs_messages_unwrapped(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with each SQS message among its records replaced by the S3 records it carries.
+
+    An SQS batch as a Lambda receives it, forwarded whole, has records that are messages, whose
+    ``body`` is the S3 notification (or its SNS envelope); as records they would all be ignored.
+    """
+    records = body.get("Records")
+    if not isinstance(records, list) or not any(_is_sqs_message(r) for r in records):
+        return body
+    flat: list[Any] = []
+    for index, record in enumerate(records):
+        if not _is_sqs_message(record):
+            flat.append(record)
+            continue
+        try:
+            inner = json.loads(record["body"])
+        except ValueError:
+            inner = None
+        if not isinstance(inner, dict):
+            raise ValueError(f"Records[{index}] is an SQS message whose body is not a JSON object")
+        if not _is_notification(inner):
+            try:
+                inner = _unwrap_envelope(inner)
+            except ValueError as exc:
+                raise ValueError(f"Records[{index}] is an SQS message whose body is {exc}") from None
+        carried = inner.get("Records", [])  # none in a test event
+        if not isinstance(carried, list):
+            raise ValueError(f"Records[{index}] is an SQS message whose body's Records is not a list")
+        flat.extend(carried)
+    return {**body, "Records": flat}
+
+
 class S3Notification(BaseModel):
     """An S3 event notification as AWS or an S3-compatible store (MinIO) sends it.
 
-    An SNS `Notification` envelope whose `Message` is one is unwrapped. Any other body
-    without `Records` (an EventBridge event, an SNS subscription confirmation, a body of
-    the wrong shape) is 422, so that a misconfigured forwarder is told at once instead of
+    Unwrapped: an SNS `Notification` envelope whose `Message` is one, and an SQS batch as a
+    Lambda receives it (records with `eventSource` `aws:sqs`), whose message bodies are
+    notifications or their SNS envelopes. Any other body without `Records` (an EventBridge
+    event, an SNS subscription confirmation, a body of the wrong shape), or an SQS message
+    that carries one, is 422, so that a misconfigured forwarder is told at once instead of
     answered 200 with nothing queued.
     """
 

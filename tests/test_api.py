@@ -506,6 +506,39 @@ def test_s3_event_in_an_sns_envelope_is_queued_like_the_bare_notification(
     assert [i["id"] for i in bare.json()["images"]] == [i["id"] for i in wrapped.json()["images"]]
 
 
+def _sqs_message(body: dict[str, Any], number: int) -> dict[str, Any]:
+    """One message of an SQS batch as a Lambda receives it."""
+    return {
+        "messageId": f"059f36b4-87a3-44ab-83d2-66197554750{number}",
+        "body": json.dumps(body),
+        "attributes": {"ApproximateReceiveCount": "1"},
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:eu-west-1:123456789012:uploads",
+    }
+
+
+def test_an_sqs_batch_forwarded_whole_queues_the_objects_its_messages_carry(
+    api, new_client, sessions, broker
+) -> None:
+    client_id, headers = new_client()
+    direct = {"Records": [_record("q/direct.jpg", sequencer="01")]}
+    through_sns = {"Type": "Notification", "Message": json.dumps({"Records": [_record("q/sns.jpg", sequencer="02")]})}
+    test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "photos"}
+    batch = {"Records": [_sqs_message(m, n) for n, m in enumerate((direct, test_event, through_sns))]}
+
+    response = api.post("/v1/s3-events", json=batch, headers=headers)
+
+    assert response.status_code == 202, response.text
+    assert response.json()["ignored"] == 0
+    assert [i["key"] for i in response.json()["images"]] == ["q/direct.jpg", "q/sns.jpg"]
+    assert [r.key for r in image_rows(sessions, client_id=client_id)] == ["q/direct.jpg", "q/sns.jpg"]
+    assert broker.llen(REALTIME_QUEUE) == 2
+    # SQS delivers at least once: the same batch again queues nothing new.
+    again = api.post("/v1/s3-events", json=batch, headers=headers)
+    assert again.status_code == 200
+    assert [i["duplicate"] for i in again.json()["images"]] == [True, True]
+
+
 def _eventbridge_object_created() -> dict[str, Any]:
     return {
         "version": "0",
@@ -532,8 +565,12 @@ def _eventbridge_object_created() -> dict[str, Any]:
         ({"Type": "Notification", "Message": json.dumps(_eventbridge_object_created())}, "SNS notification"),
         ({"records": [_record("a.jpg")]}, "no `Records` list"),
         ({}, "no `Records` list"),
+        (
+            {"Records": [_sqs_message({"Records": [_record("a.jpg")]}, 0), _sqs_message(_eventbridge_object_created(), 1)]},
+            "Records[1] is an SQS message whose body is an EventBridge event",
+        ),
     ],
-    ids=["eventbridge", "sns-subscription", "sns-not-json", "sns-eventbridge", "misspelt", "empty"],
+    ids=["eventbridge", "sns-subscription", "sns-not-json", "sns-eventbridge", "misspelt", "empty", "sqs-eventbridge"],
 )
 def test_a_body_that_is_no_s3_notification_is_422_and_queues_nothing(
     api, new_client, sessions, broker, body: dict[str, Any], said: str
