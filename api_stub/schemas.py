@@ -437,6 +437,13 @@ def _is_sqs_message(record: Any) -> bool:
     return isinstance(record, dict) and record.get("eventSource") == "aws:sqs" and isinstance(record.get("body"), str)
 
 
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def _unwrap_notification(body: Any) -> Any:
     """The S3 notification a request body carries, or a ValueError that says what the body is.
 
@@ -455,10 +462,7 @@ def _unwrap_envelope(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("Type") == "Notification" and isinstance(body.get("Message"), str):
         # An SNS envelope (an SQS queue subscribed to the topic without raw delivery, relayed
         # as is): its Message is the S3 notification, keys URL-encoded as S3 wrote them.
-        try:
-            inner = json.loads(body["Message"])
-        except ValueError:
-            inner = None
+        inner = _json_or_none(body["Message"])
         if _is_notification(inner):
             return inner
         raise ValueError("an SNS notification whose Message is not an S3 event notification")
@@ -490,10 +494,7 @@ def _sqs_messages_unwrapped(body: dict[str, Any]) -> dict[str, Any]:
         if not _is_sqs_message(record):
             flat.append(record)
             continue
-        try:
-            inner = json.loads(record["body"])
-        except ValueError:
-            inner = None
+        inner = _json_or_none(record["body"])
         if not isinstance(inner, dict):
             raise ValueError(f"Records[{index}] is an SQS message whose body is not a JSON object")
         if not _is_notification(inner):
