@@ -28,7 +28,7 @@ from worker.settings import Settings, get_settings
 from . import events, operations, scans, webhooks
 from .bodylimit import BodyLimitMiddleware
 from .problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
-from .ratelimit import RateLimiter
+from .ratelimit import AddressGuard, RateLimiter
 from .requestlog import RequestObserver
 from .schemas import MAX_EVENT_RECORDS, MAX_METADATA_BYTES, MAX_OBJECTS
 from .state import ApiState
@@ -40,8 +40,15 @@ decode and score them with the "For Fake's Sake" detector; read results here or
 receive signed webhooks.
 
 **Authentication**: every `/v1` endpoint needs `Authorization: Bearer <api key>`
-(create one with `synthguard clients create NAME`). Each client sees only its own
-scans and images; anything else answers 404.
+(create one with `synthguard clients create NAME --bucket BUCKET[/PREFIX]`). Each
+client sees only its own scans and images; anything else answers 404.
+
+**Grants**: a client may queue only objects in the buckets, or bucket folders, an
+operator granted it (`synthguard clients grant`); any other object makes the whole
+request 403 (`not-granted`, naming the bucket) before anything is queued. A grant
+revoked later fails the client's queued images there with `access_denied`,
+without fetching them. A client may also be limited to some lanes (403
+`lane-not-allowed`) and to some callback hosts (422).
 
 **Flow**: `POST /v1/scans` (or `POST /v1/s3-events` from a bucket notification)
 answers 202 with a scan id and one image id per object; poll
@@ -51,7 +58,11 @@ score, p(synthetic) from 0 to 1, and `flagged` at or over the threshold) or
 
 **Limits**: {MAX_OBJECTS} objects per scan, {MAX_EVENT_RECORDS} records per
 notification, {MAX_METADATA_BYTES} bytes of metadata, a capped request body
-(413), and a per-client number of requests per minute (429 with `Retry-After`).
+(413); per client, requests and images per minute, and a cap on images queued
+and not yet done per lane (429 `rate-limited` or `quota-exceeded`, with
+`Retry-After`); per network address, requests and failed authentications per
+minute (429 `address-rate-limited`, before the key is checked). When the limits'
+Redis is unreachable, `/v1` answers 503 rather than run unlimited.
 
 **Errors** are RFC 9457 problem details (`application/problem+json`): `type`,
 `title`, `status`, `detail`, `instance`, and for 422 an `errors` list naming
@@ -86,7 +97,14 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         settings=settings,
         sessions=get_sessionmaker(settings.database_url),
         celery=celery,
-        rate_limiter=RateLimiter(settings.broker_url, settings.api_rate_limit_per_minute),
+        rate_limiter=RateLimiter(
+            settings.broker_url,
+            settings.api_rate_limit_per_minute,
+            images_per_minute=settings.api_image_rate_limit_per_minute,
+            address_per_minute=settings.api_address_rate_limit_per_minute,
+            auth_failures_per_minute=settings.api_auth_failures_per_minute,
+            fail_open=settings.api_rate_limit_fail_open,
+        ),
         owns_celery=owns_celery,
     )
 
@@ -111,6 +129,8 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.include_router(webhooks.router)
     app.include_router(operations.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    # Outside the body limit: an address over its limits is refused before its body is read.
+    app.add_middleware(AddressGuard, limiter=state.rate_limiter)
     # Added last is outermost: requests the body limit refuses are counted and logged too.
     app.add_middleware(
         RequestObserver,

@@ -8,16 +8,13 @@ from fastapi import APIRouter, Request, Response
 
 from worker.queueing import ObjectEvent, enqueue_object_events
 
-from .auth import AuthenticatedClient
+from .auth import AuthenticatedClient, refuse_unless_allowed
 from .metrics import IMAGES_ENQUEUED, SCANS_CREATED
 from .problems import problem_responses
 from .schemas import EventImage, EventsAccepted, S3EventRecord, S3Notification, is_object_created
 from .state import get_state
 
 router = APIRouter(prefix="/v1")
-
-LANE = "realtime"  # an upload hook: someone may be waiting on the answer
-
 
 def object_event(record: S3EventRecord) -> ObjectEvent | None:
     """The object a record announces, or None when it announces no object to score."""
@@ -46,7 +43,11 @@ def object_event(record: S3EventRecord) -> ObjectEvent | None:
     "SNS `Notification` envelope, and an SQS batch forwarded whole, are unwrapped). A body that "
     "is not an S3 event notification (an EventBridge event, an SNS subscription confirmation) is "
     "422, never a silent 200. Every `ObjectCreated:*` record queues its object on the realtime "
-    "lane; other records are ignored and counted. A notification delivered again queues "
+    "lane (the bulk lane for a client limited to it); other records are ignored and counted. "
+    "Every object must lie inside this client's grants: one outside them makes the whole request "
+    "403 `not-granted` and queues nothing. Objects count against the client's images per minute "
+    "and its cap on images queued and not yet done (429 with `Retry-After`); a bucket "
+    "notification target retries such answers. A notification delivered again queues "
     "nothing new: each record is recognised by bucket, key, version id, ETag and sequencer, and "
     "answers with the image queued the first time (`duplicate: true`). Answers 202 when something "
     "new was queued, 200 when nothing was (AWS's `s3:TestEvent`, only ignored records, only "
@@ -69,17 +70,20 @@ def receive_s3_events(
         else:
             events.append(event)
     state = get_state(request)
+    if events:
+        refuse_unless_allowed(
+            state.rate_limiter.hit_images(client.id, len(events), client.images_per_minute), "images"
+        )
     intake = enqueue_object_events(
         events,
         client_id=client.id,
-        priority=LANE,
         settings=state.settings,
         sessions=state.sessions,
         app=state.celery,
     )
     if intake.scan_id is not None:
-        SCANS_CREATED.labels(LANE).inc()
-        IMAGES_ENQUEUED.labels(LANE).inc(intake.new_count)
+        SCANS_CREATED.labels(intake.priority).inc()
+        IMAGES_ENQUEUED.labels(intake.priority).inc(intake.new_count)
     else:
         response.status_code = 200
     return EventsAccepted(

@@ -19,6 +19,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from worker.errors import IntakeRefused, LaneNotAllowed, NotGranted, QuotaExceeded
+
 from .schemas import FieldError, Problem, ValidationProblem
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,22 @@ async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _on_intake_refused(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, IntakeRefused)
+    extensions: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    if isinstance(exc, NotGranted):
+        extensions = {"bucket": exc.bucket}
+    elif isinstance(exc, LaneNotAllowed):
+        extensions = {"lane": exc.lane, "allowed_lanes": exc.allowed}
+    elif isinstance(exc, QuotaExceeded):
+        extensions = {"limit": exc.limit}
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return problem_response(
+        request, exc.status, exc.message, slug=exc.code.replace("_", "-"), headers=headers, **extensions
+    )
+
+
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
@@ -193,6 +211,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_problem_handlers(app: FastAPI) -> None:
     """Make every error of ``app`` a problem document."""
     app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(IntakeRefused, _on_intake_refused)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(OperationalError, _on_database_unavailable)
@@ -201,14 +220,19 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 
 _DESCRIPTIONS = {
-    401: "No API key, a malformed `Authorization` header, or an unknown key. "
+    401: "No API key, a malformed `Authorization` header, an unknown, expired (rotated) or disabled key. "
     "The response carries `WWW-Authenticate: Bearer`.",
-    403: "The API client is disabled.",
+    403: "Not allowed for this API client: an object outside its grants (`not-granted`, naming the "
+    "`bucket`), or a lane it may not use (`lane-not-allowed`).",
+    409: "The request conflicts with the current state (see `detail`).",
     404: "No such resource for this API key (another client's ids are indistinguishable from unknown ones).",
     413: "The request body, or one of its lists, is larger than allowed.",
     422: "The request is invalid; `errors` lists each offending field.",
-    429: "Too many requests from this client in the current minute; see `Retry-After`.",
-    503: "A service the API depends on (database or broker) is unavailable; retry later.",
+    429: "Too much at once: requests or images over this client's per-minute limits (`rate-limited`), "
+    "requests or failed authentications over the per-address limit, or more images queued than the "
+    "client's cap for the lane (`quota-exceeded`); see `Retry-After`.",
+    503: "A service the API depends on (database, broker, or the rate limiter's Redis) is unavailable; "
+    "retry later.",
 }
 
 

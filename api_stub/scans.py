@@ -16,7 +16,7 @@ from worker.settings import Settings
 from worker.storage import ObjectRef
 from worker.webhooks import UnsafeURL, URLPolicy
 
-from .auth import AuthenticatedClient
+from .auth import AuthenticatedClient, Caller, refuse_unless_allowed
 from .metrics import IMAGES_ENQUEUED, SCANS_CREATED
 from .problems import ProblemError, problem_responses
 from .schemas import (
@@ -50,20 +50,32 @@ def not_found(what: str) -> ProblemError:
     return ProblemError(404, f"There is no {what} with this id for this API key.", slug="not-found")
 
 
-def _check_callback_url(request_body: ScanRequest, settings: Settings) -> None:
-    """Refuse what the sender would refuse anyway (scheme, blocked IP literals), while the caller is here.
+def _check_callback_url(request_body: ScanRequest, settings: Settings, client: Caller) -> None:
+    """Refuse what the sender would refuse anyway (scheme, port, blocked IP literals), while the caller is here.
 
-    Host names are resolved only at send time, where the address is pinned.
+    Host names are resolved only at send time, where the address is pinned. A
+    client limited to registered callback hosts may name only those.
     """
     url = request_body.callback_url
     if not url:
         return
     try:
-        URLPolicy.from_settings(settings).check_url(url)
+        host = URLPolicy.from_settings(settings).parse_url(url).host.lower().rstrip(".")
     except UnsafeURL as exc:
         raise RequestValidationError(
             [{"type": "unsafe_url", "loc": ("body", "callback_url"), "msg": f"callback_url is refused: {exc}"}]
         ) from None
+    if client.callback_hosts is not None and host not in client.callback_hosts:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "callback_host_not_registered",
+                    "loc": ("body", "callback_url"),
+                    "msg": f"callback_url host {host!r} is not one this API client registered "
+                    f"({', '.join(client.callback_hosts)})",
+                }
+            ]
+        )
 
 
 def _idempotency_key(body_key: str | None, header_key: str | None) -> str | None:
@@ -83,12 +95,19 @@ def _idempotency_key(body_key: str | None, header_key: str | None) -> str | None
     tags=["scans"],
     summary="Queue S3 objects for scoring",
     description="Writes one scan and one `queued` image per object, then queues them on the chosen lane. "
-    "Answers as soon as the rows are stored: a broker outage does not fail the request (the sweeper "
-    "queues the images once it is back). Follow `status_url` (also the `Location` header) for results, "
+    "Answers as soon as the rows are stored: a broker that cannot take the messages does not fail the "
+    "request (the sweeper queues the images once it is back). When the broker is the rate limits' "
+    "Redis and that is down, the request is 503 and nothing is stored, unless the operator set "
+    "SYNTHGUARD_API_RATE_LIMIT_FAIL_OPEN. Follow `status_url` (also the `Location` header) for results, "
     "or receive webhooks at `callback_url`.\n\n"
     "**Idempotency**: with `idempotency_key` (or the `Idempotency-Key` header), repeating the same "
     "request answers with the first scan and the same ids (header `Idempotent-Replayed: true`) and "
-    "queues nothing new; reusing the key for a different request is refused with 422.",
+    "queues nothing new; reusing the key for a different request is refused with 422.\n\n"
+    "**Tenancy**: every object must lie inside this client's grants, else the whole request is 403 "
+    "`not-granted` (naming the bucket) and nothing is queued; `priority` must be one of its lanes "
+    "(403 `lane-not-allowed`). Each object counts against the client's images per minute, and the "
+    "lane's images queued and not yet done must stay under the client's cap (429 `rate-limited` or "
+    "`quota-exceeded`, with `Retry-After`).",
     responses={
         202: {"description": "The scan was accepted (or, for a replay, accepted earlier)."},
         **problem_responses(401, 403, 413, 422, 429, 503),
@@ -110,9 +129,12 @@ def create_scan(
     ] = None,
 ) -> ScanAccepted:
     state = get_state(request)
-    _check_callback_url(body, state.settings)
+    _check_callback_url(body, state.settings, client)
     key = _idempotency_key(body.idempotency_key, idempotency_key_header)
     refs = [ObjectRef(o.bucket, o.key, o.version_id) for o in body.objects]
+    refuse_unless_allowed(
+        state.rate_limiter.hit_images(client.id, len(unique_refs(refs)), client.images_per_minute), "images"
+    )
     try:
         enqueued = enqueue(
             refs,

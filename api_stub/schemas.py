@@ -8,15 +8,23 @@ import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeGuard
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from worker.storage import (
+    MAX_ETAG_LENGTH,
+    MAX_KEY_BYTES,
+    MAX_VERSION_ID_LENGTH,
+    check_bucket_name,
+    check_object_key,
+    check_version_id,
+)
 
 MAX_OBJECTS = 1000
 MAX_EVENT_RECORDS = 1000
 MAX_METADATA_BYTES = 4096
 MAX_URL_LENGTH = 2048
-MAX_KEY_BYTES = 1024  # S3's own limit on an object key
 
 EXAMPLE_SCAN_ID = "8a4f3c0e-4b7e-4f0f-9a63-1f7d0c2b9e11"
 EXAMPLE_IMAGE_ID = "0d9c7a2e-5a61-4f3b-8e0e-3c2b1a9f8d77"
@@ -89,32 +97,38 @@ class ObjectIn(BaseModel):
     bucket: str = Field(
         min_length=1,
         max_length=255,
-        pattern=r"^[^\s/]+$",
-        description="Bucket name (no slashes or whitespace).",
+        description="Bucket name, by S3's naming rules: 3 to 63 lowercase letters, digits, '.' and '-'. "
+        "ARNs, access points and Object Lambda aliases are refused.",
         examples=["uploads"],
     )
     key: str = Field(
         min_length=1,
-        description=f"Object key, not URL-encoded; at most {MAX_KEY_BYTES} bytes as UTF-8, and not a "
-        "'folder' (ending in '/').",
+        description=f"Object key, not URL-encoded; at most {MAX_KEY_BYTES} bytes as UTF-8, no control "
+        "characters, no '.' or '..' path segments, and not a 'folder' (ending in '/').",
         examples=["2026/05/avatar-123.jpg"],
     )
     version_id: str | None = Field(
         None,
         min_length=1,
-        max_length=1024,
+        max_length=MAX_VERSION_ID_LENGTH,
         description="A specific version of a versioned object; omitted: the latest version when fetched.",
         examples=["3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY"],
     )
 
+    @field_validator("bucket")
+    @classmethod
+    def _check_bucket(cls, bucket: str) -> str:
+        return check_bucket_name(bucket)
+
     @field_validator("key")
     @classmethod
     def _check_key(cls, key: str) -> str:
-        if len(key.encode()) > MAX_KEY_BYTES:
-            raise ValueError(f"key is longer than {MAX_KEY_BYTES} bytes as UTF-8")
-        if key.endswith("/"):
-            raise ValueError("key ends with '/': that names a folder, not an object")
-        return key
+        return check_object_key(key)
+
+    @field_validator("version_id")
+    @classmethod
+    def _check_version_id(cls, version_id: str | None) -> str | None:
+        return None if version_id is None else check_version_id(version_id)
 
 
 def check_callback_url(url: str) -> str:
@@ -423,7 +437,39 @@ class S3EventRecord(BaseModel):
                 raise ValueError("an ObjectCreated record needs s3.bucket.name")
             if s3.object is None or not s3.object.key:
                 raise ValueError("an ObjectCreated record needs s3.object.key")
+            _check_record_object(s3.bucket.name, s3.object)
         return self
+
+
+def _check_record_object(bucket: str, obj: S3Object) -> None:
+    """The same reference rules as ``POST /v1/scans``, each error naming its field."""
+    checks: list[tuple[str, Any]] = [
+        ("s3.bucket.name", lambda: check_bucket_name(bucket)),
+        ("s3.object.key", lambda: _check_event_key(str(obj.key))),
+    ]
+    if obj.versionId:
+        checks.append(("s3.object.versionId", lambda: check_version_id(obj.versionId or "")))
+    if obj.eTag:
+        checks.append(("s3.object.eTag", lambda: _check_etag(obj.eTag or "")))
+    for field, check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            raise ValueError(f"{field}: {exc}") from None
+
+
+def _check_event_key(encoded: str) -> None:
+    key = unquote_plus(encoded)
+    if key.endswith("/"):  # a folder marker: ignored, not refused
+        key = key.rstrip("/")
+        if not key:
+            return
+    check_object_key(key)
+
+
+def _check_etag(etag: str) -> None:
+    if len(etag) > MAX_ETAG_LENGTH or not etag.isprintable():
+        raise ValueError(f"must be at most {MAX_ETAG_LENGTH} printable characters")
 
 
 TEST_EVENT = "s3:TestEvent"

@@ -510,7 +510,7 @@ class Api:
 
         self.sessions = get_sessionmaker(env.pg_url)
         with self.sessions.begin() as session:
-            self.key = create_client(session, "bench").api_key
+            self.key = create_client(session, "bench", all_buckets=True).api_key
         port = free_port()
         self.proc = Proc("api", [sys.executable, "-m", "worker.cli", "api", "--port", str(port)], env.service_env(),
                          env.workdir)

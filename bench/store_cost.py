@@ -59,7 +59,7 @@ def main() -> int:
         )
         with Scorer(settings, Detector.from_settings(settings)) as scorer:
             with scorer.sessions.begin() as session:
-                client = create_client(session, "store-cost").client
+                client = create_client(session, "store-cost", all_buckets=True).client
                 refs = [ObjectRef("bench", f"k{i}.jpg") for i in range(total)]
                 _, ids = create_scan(session, refs, origin="bench", threshold=0.5, client_id=client.id,
                                      priority="bulk")

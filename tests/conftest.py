@@ -33,6 +33,8 @@ PG_ADMIN_URL = os.environ.get(
     "SYNTHGUARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 ARCH = "tf_mobilenetv3_large_100"
+# Encrypts webhook secrets at rest in the service under test (a Fernet key: 32 bytes, url-safe base64).
+TEST_SECRET_KEY = "dGVzdC1zZWNyZXQta2V5LWZvci1zeW50aGd1YXJkLTE="
 
 # Fixture files and the error code each bad one must end with.
 BAD_FIXTURES = {
@@ -81,13 +83,19 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server in its own process, spoken to over HTTP like any S3 store."""
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server in its own process, spoken to over HTTP like any S3 store.
+
+    Its request recorder (``/moto-api/recorder/...``), which tests use to see
+    what was fetched, writes to a file of this session's, not the checkout.
+    """
     port = _free_port()
+    recording = tmp_path_factory.mktemp("moto") / "recording"
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "MOTO_RECORDER_FILEPATH": str(recording)},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -242,6 +250,7 @@ def service_env(pg_url: str, redis_url: str, s3_endpoint: str, checkpoint: Path)
         "SYNTHGUARD_CONCURRENCY": "8",
         "SYNTHGUARD_RETRY_BACKOFF_S": "0.2",
         "SYNTHGUARD_RETRY_BACKOFF_MAX_S": "1",
+        "SYNTHGUARD_SECRET_KEY": TEST_SECRET_KEY,
     }
 
 

@@ -42,7 +42,7 @@ def new_client(sessions: sessionmaker[Session]) -> Callable[..., tuple[uuid.UUID
 
     def make(name: str = "producer", *, disabled: bool = False) -> tuple[uuid.UUID, dict[str, str]]:
         with sessions.begin() as session:
-            created = create_client(session, name)
+            created = create_client(session, name, all_buckets=True)
             if disabled:
                 created.client.disabled_at = utcnow()
             client_id = created.client.id
@@ -110,9 +110,9 @@ def test_post_scan_writes_queued_rows_and_one_message_per_image(api, new_client,
 def test_bulk_priority_goes_to_the_bulk_queue_and_repeats_share_an_image(api, new_client, broker) -> None:
     _, headers = new_client()
     objects = [
-        {"bucket": "b", "key": "x.jpg"},
-        {"bucket": "b", "key": "y.jpg"},
-        {"bucket": "b", "key": "x.jpg"},
+        {"bucket": "bkt", "key": "x.jpg"},
+        {"bucket": "bkt", "key": "y.jpg"},
+        {"bucket": "bkt", "key": "x.jpg"},
     ]
 
     body = api.post("/v1/scans", json={"objects": objects, "priority": "bulk"}, headers=headers).json()
@@ -128,9 +128,9 @@ def test_same_idempotency_key_and_body_returns_the_same_scan(api, new_client, se
     client_id, headers = new_client()
     request = {
         "objects": [
-            {"bucket": "b", "key": "1.jpg"},
-            {"bucket": "b", "key": "2.jpg"},
-            {"bucket": "b", "key": "3.jpg"},
+            {"bucket": "bkt", "key": "1.jpg"},
+            {"bucket": "bkt", "key": "2.jpg"},
+            {"bucket": "bkt", "key": "3.jpg"},
         ],
         "metadata": {"user": "u1"},
         "idempotency_key": "upload-42",
@@ -157,7 +157,7 @@ def test_same_idempotency_key_and_body_returns_the_same_scan(api, new_client, se
 
 def test_idempotency_key_header_works_like_the_field(api, new_client) -> None:
     _, headers = new_client()
-    request = {"objects": [{"bucket": "b", "key": "h.jpg"}]}
+    request = {"objects": [{"bucket": "bkt", "key": "h.jpg"}]}
     first = api.post("/v1/scans", json=request, headers={**headers, "Idempotency-Key": "k1"})
     again = api.post("/v1/scans", json={**request, "idempotency_key": "k1"}, headers=headers)
     assert again.json()["id"] == first.json()["id"]
@@ -168,11 +168,14 @@ def test_idempotency_key_header_works_like_the_field(api, new_client) -> None:
 
 
 def test_a_broker_outage_does_not_fail_the_request(service_settings, new_client, sessions) -> None:
-    settings = service_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0"})
+    # Rate limits fail open here: the default (fail closed) answers 503 instead, see test_tenancy.py.
+    settings = service_settings.model_copy(
+        update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0", "api_rate_limit_fail_open": True}
+    )
     client_id, headers = new_client()
     with TestClient(create_app(settings)) as api:
         response = api.post(
-            "/v1/scans", json={"objects": [{"bucket": "b", "key": "later.jpg"}]}, headers=headers
+            "/v1/scans", json={"objects": [{"bucket": "bkt", "key": "later.jpg"}]}, headers=headers
         )
         assert response.status_code == 202, response.text
         # The rows are the truth: the sweeper publishes them once the broker is back.
@@ -185,7 +188,7 @@ def test_a_broker_outage_does_not_fail_the_request(service_settings, new_client,
 
 
 def _objects(n: int) -> list[dict[str, str]]:
-    return [{"bucket": "b", "key": f"k{i}.jpg"} for i in range(n)]
+    return [{"bucket": "bkt", "key": f"k{i}.jpg"} for i in range(n)]
 
 
 @pytest.mark.parametrize(
@@ -199,7 +202,7 @@ def _objects(n: int) -> list[dict[str, str]]:
         ({"callback_url": "https://bad host/x"}, "callback_url", "host"),
         ({"metadata": {"blob": "x" * 5000}}, "metadata", "at most 4096"),
         ({"priority": "urgent"}, "priority", "realtime"),
-        ({"objects": [{"bucket": "b", "key": "folder/"}]}, "key", "folder"),
+        ({"objects": [{"bucket": "bkt", "key": "folder/"}]}, "key", "folder"),
         ({"unknown": 1}, "unknown", "not permitted"),
     ],
 )
@@ -220,10 +223,17 @@ def test_http_callbacks_are_accepted_where_the_operator_allows_them(
     with TestClient(create_app(settings, celery=celery_app)) as api:
         response = api.post(
             "/v1/scans",
+            json={"objects": _objects(1), "callback_url": "http://hooks.internal/x"},
+            headers=headers,
+        )
+        assert response.status_code == 202, response.text
+        # Port 80 for http, 443 for https: any other port only inside SYNTHGUARD_WEBHOOK_ALLOWED_NETWORKS.
+        other_port = api.post(
+            "/v1/scans",
             json={"objects": _objects(1), "callback_url": "http://hooks.internal:8080/x"},
             headers=headers,
         )
-    assert response.status_code == 202, response.text
+        assert other_port.status_code == 422, other_port.text
 
 
 def test_too_many_objects_and_too_large_bodies_are_413(api, new_client, broker) -> None:
@@ -231,7 +241,7 @@ def test_too_many_objects_and_too_large_bodies_are_413(api, new_client, broker) 
     problem = assert_problem(api.post("/v1/scans", json={"objects": _objects(1001)}, headers=headers), 413)
     assert "at most 1000" in problem["detail"] and "1001" in problem["detail"]
 
-    huge = b'{"objects": [' + b'{"bucket": "b", "key": "k"},' * 60_000 + b'{"bucket": "b", "key": "k"}]}'
+    huge = b'{"objects": [' + b'{"bucket": "bkt", "key": "k"},' * 60_000 + b'{"bucket": "bkt", "key": "k"}]}'
     problem = assert_problem(
         api.post("/v1/scans", content=huge, headers={**headers, "Content-Type": "application/json"}), 413
     )
@@ -259,9 +269,9 @@ def test_requests_without_a_valid_key_are_401(api, authorization) -> None:
             assert token not in response.text  # the key is never echoed
 
 
-def test_a_disabled_client_is_403(api, new_client) -> None:
+def test_a_disabled_client_is_401(api, new_client) -> None:
     _, headers = new_client(disabled=True)
-    problem = assert_problem(api.post("/v1/scans", json={"objects": _objects(1)}, headers=headers), 403)
+    problem = assert_problem(api.post("/v1/scans", json={"objects": _objects(1)}, headers=headers), 401)
     assert "disabled" in problem["detail"]
 
 
@@ -325,7 +335,7 @@ def test_get_scan_reflects_image_states(api, new_client, sessions) -> None:
     done = next(i for i in partial["images"] if i["key"] == "k0.jpg")
     assert done | {"created_at": None} == {
         "id": str(ids["k0.jpg"]),
-        "bucket": "b",
+        "bucket": "bkt",
         "key": "k0.jpg",
         "version_id": None,
         "etag": "e0",
@@ -445,7 +455,7 @@ def test_s3_event_dedupe_works_on_sqlite(settings_factory, sqlite_url, redis_url
     sessions = get_sessionmaker(sqlite_url)
     ensure_schema(sessions.kw["bind"])
     with sessions.begin() as session:
-        created = create_client(session, "embedded")
+        created = create_client(session, "embedded", all_buckets=True)
     headers = {"Authorization": f"Bearer {created.api_key}"}
     event = {"Records": [_record("a.jpg", sequencer="1"), _record("b.jpg", sequencer="1")]}
     with TestClient(create_app(settings)) as api:

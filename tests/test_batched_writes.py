@@ -83,7 +83,7 @@ def test_concurrent_results_of_two_scans_from_two_processes_are_stored_once_each
     sessions = make_sessionmaker(engines[0])
     events = [EVENT_IMAGE_FLAGGED, EVENT_SCAN_COMPLETED]
     with sessions.begin() as session:
-        client = create_client(session, "hooks", webhook_url="https://hooks.example/in").client
+        client = create_client(session, "hooks", all_buckets=True, webhook_url="https://hooks.example/in").client
         scans = {}
         for name, count in (("a", 30), ("b", 18)):
             refs = [ObjectRef("bucket", f"{name}/{i}.png") for i in range(count)]
@@ -163,8 +163,8 @@ def test_one_batch_writes_image_flagged_deliveries_exactly_where_a_webhook_would
     engine = make_engine(pg_url)
     sessions = make_sessionmaker(engine)
     with sessions.begin() as session:
-        hooked = create_client(session, "hooked", webhook_url="https://hooks.example/in").client.id
-        silent = create_client(session, "silent").client.id
+        hooked = create_client(session, "hooked", all_buckets=True, webhook_url="https://hooks.example/in").client.id
+        silent = create_client(session, "silent", all_buckets=True).client.id
         routes = {  # scan -> whether its image.flagged events go anywhere
             "client webhook": (dict(client_id=hooked), True),
             "client webhook, events without image.flagged": (
@@ -224,7 +224,7 @@ def test_a_failed_batch_transaction_leaves_its_images_unstored_and_every_caller_
     sessions = make_sessionmaker(engine)
     watch = WriterWatch(engine)
     with sessions.begin() as session:
-        client = create_client(session, "hooks", webhook_url="https://hooks.example/in").client
+        client = create_client(session, "hooks", all_buckets=True, webhook_url="https://hooks.example/in").client
         scan, ids = create_scan(
             session,
             local_copies(count),

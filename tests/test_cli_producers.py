@@ -94,6 +94,8 @@ def test_clients_create_shows_the_key_once_and_stores_only_its_hash(service_env,
             "clients",
             "create",
             "acme uploads",
+            "--bucket",
+            "acme-uploads/incoming",
             "--webhook-url",
             "https://hooks.example.com/sg",
             "--threshold",
@@ -116,7 +118,7 @@ def test_clients_create_shows_the_key_once_and_stores_only_its_hash(service_env,
     assert client.name == "acme uploads" and client.default_threshold == 0.7
     assert client.webhook_url == "https://hooks.example.com/sg"
 
-    plain = _invoke(["clients", "create", "kyc"], service_env)
+    plain = _invoke(["clients", "create", "kyc", "--all-buckets"], service_env)
     assert plain.exit_code == 0, plain.output
     assert "sg_" in plain.stdout and "whsec_" in plain.stdout
     assert "only this once" in plain.stdout and "hash" in plain.stdout
@@ -132,19 +134,21 @@ def test_clients_create_shows_the_key_once_and_stores_only_its_hash(service_env,
     assert acme["name"] == "acme uploads" and acme["default_threshold"] == 0.7
     assert acme["webhook_url"] == "https://hooks.example.com/sg" and acme["disabled"] is False
     assert acme["created_at"]
+    assert acme["grants"] == ["acme-uploads/incoming/"] and acme["all_buckets"] is False
+    assert clients[json.loads(_invoke(["clients", "list", "--json"], service_env).stdout)[-1]["id"]]["all_buckets"]
 
 
 def test_clients_create_checks_the_webhook_url(service_env, sessions) -> None:
     with sessions() as session:
         before = session.scalar(select(func.count()).select_from(ApiClient))
     for url in ("http://hooks.example.com/sg", "ftp://hooks.example.com/", "https://", "hooks.example.com"):
-        result = _invoke(["clients", "create", "x", "--webhook-url", url], service_env)
+        result = _invoke(["clients", "create", "x", "--all-buckets", "--webhook-url", url], service_env)
         assert result.exit_code == 2, (url, result.output)
         assert "--webhook-url" in result.output
     assert (
         "SYNTHGUARD_WEBHOOK_ALLOW_HTTP"
         in _invoke(
-            ["clients", "create", "x", "--webhook-url", "http://hooks.example.com/sg"], service_env
+            ["clients", "create", "x", "--all-buckets", "--webhook-url", "http://hooks.example.com/sg"], service_env
         ).output
     )
     with sessions() as session:
@@ -152,13 +156,13 @@ def test_clients_create_checks_the_webhook_url(service_env, sessions) -> None:
 
     allowed = {**service_env, "SYNTHGUARD_WEBHOOK_ALLOW_HTTP": "true"}
     result = _invoke(
-        ["clients", "create", "x", "--webhook-url", "http://hooks.example.com:8080/sg", "--json"], allowed
+        ["clients", "create", "x", "--all-buckets", "--webhook-url", "http://hooks.example.com/sg", "--json"], allowed
     )
     assert result.exit_code == 0, result.output
     # An address inside the network is refused up front, as the sender would refuse it.
-    inside = _invoke(["clients", "create", "x", "--webhook-url", "http://10.0.0.5:8080/sg"], allowed)
+    inside = _invoke(["clients", "create", "x", "--all-buckets", "--webhook-url", "http://10.0.0.5/sg"], allowed)
     assert inside.exit_code == 2 and "private" in inside.output
-    assert _invoke(["clients", "create", "x", "--webhook-url", "ftp://h/", "--json"], allowed).exit_code == 2
+    assert _invoke(["clients", "create", "x", "--all-buckets", "--webhook-url", "ftp://h/", "--json"], allowed).exit_code == 2
 
 
 # ----------------------------------------------------------------------- enqueue

@@ -16,7 +16,7 @@ from worker.db import ensure_schema, head_revision, make_engine, upgrade
 from worker.errors import ConfigError
 from worker.models import Base
 
-TABLES = {"api_clients", "scans", "images", "webhook_deliveries"}
+TABLES = {"api_clients", "client_grants", "scans", "images", "webhook_deliveries", "webhook_endpoints"}
 
 
 def _diff(url: str) -> list[object]:

@@ -202,7 +202,7 @@ def test_api_access_line_has_the_request_and_no_key(service_settings, celery_app
     from worker.clients import create_client
 
     with get_sessionmaker(pg_url).begin() as session:
-        api_key = create_client(session, "log-test").api_key
+        api_key = create_client(session, "log-test", all_buckets=True).api_key
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
     handler.setFormatter(logs.JsonFormatter())

@@ -356,7 +356,7 @@ def test_api_to_worker_to_results_with_client_isolation(
     from worker.clients import create_client
 
     with sessions.begin() as session:
-        alice, bob = (create_client(session, name).api_key for name in ("alice", "bob"))
+        alice, bob = (create_client(session, name, all_buckets=True).api_key for name in ("alice", "bob"))
     objects = []
     for path in [*(fixtures_dir / "real").iterdir(), fixtures_dir / "bad" / "truncated.jpg"]:
         key = f"api/{path.name}"

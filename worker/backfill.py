@@ -28,12 +28,13 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from .detector import checkpoint_version
-from .errors import SynthguardError
+from .errors import NotGranted, SynthguardError
 from .intake import add_images, release_pending, unique_refs
 from .models import DONE, PROCESSING, QUEUED, Image, Scan, utcnow
 from .queueing import effective_threshold, publish
 from .settings import Settings
 from .storage import ObjectRef, Storage
+from .tenancy import access_of, check_intake, require_access
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def run_backfill(
     rate: float | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     threshold: float | None = None,
+    client_id: uuid.UUID | None = None,
     on_progress: Callable[[BackfillResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     storage: Storage | None = None,
@@ -143,6 +145,14 @@ def run_backfill(
     re-published by the sweeper. Raises :class:`BackfillFailed` when listing
     or publishing fails, and CheckpointError, before writing anything, when the
     configured checkpoint (needed for its version) cannot be had.
+
+    With ``client_id`` the images are that client's (its API reads them, its
+    webhooks announce them): the whole prefix must lie inside one of its
+    grants and it must be allowed the bulk lane, else
+    :class:`~worker.errors.NotGranted` or :class:`~worker.errors.LaneNotAllowed`
+    before anything is listed; each page is checked again as it is written, so
+    a grant revoked mid-run stops it. Its pending cap does not apply: a
+    backfill is an operator's decision.
     """
     if page_size < 1:
         raise ValueError("page_size must be at least 1")
@@ -155,8 +165,10 @@ def run_backfill(
     where = f"s3://{bucket}/{prefix}"
 
     with sessions.begin() as session:
-        scan_id = _open_scan(session, where, threshold)
-        image_threshold = effective_threshold(session, settings, None, threshold)
+        if client_id is not None:
+            _require_prefix(session, client_id, bucket, prefix, settings)
+        scan_id = _open_scan(session, where, threshold, client_id)
+        image_threshold = effective_threshold(session, settings, client_id, threshold)
     result = BackfillResult(scan_id=scan_id, model_version=version)
 
     try:
@@ -171,7 +183,10 @@ def run_backfill(
                 raise BackfillFailed(f"cannot list {where}: {exc.message}", result) from exc
             if page is None:
                 break
-            ids = _commit_page(sessions, scan_id, bucket, page, version, image_threshold)
+            try:
+                ids = _commit_page(sessions, scan_id, bucket, page, version, image_threshold, client_id)
+            except SynthguardError as exc:  # a grant revoked while listing
+                raise BackfillFailed(exc.message, result) from exc
             result.pages += 1
             result.listed += len(page)
             result.enqueued += len(ids)
@@ -198,10 +213,26 @@ def _pages(refs: Iterator[ObjectRef], page_size: int) -> Iterator[list[ObjectRef
         yield page
 
 
-def _open_scan(session: Session, source: str, threshold: float | None) -> uuid.UUID:
+def _require_prefix(session: Session, client_id: uuid.UUID, bucket: str, prefix: str, settings: Settings) -> None:
+    """The client may have every object under ``s3://bucket/prefix`` scored on the bulk lane."""
+    access = access_of(session, client_id)
+    inside = access.all_buckets or any(
+        grant.bucket == bucket and prefix.startswith(grant.prefix) for grant in access.grants
+    )
+    if not inside:
+        raise NotGranted(
+            f"the client has no grant that covers all of s3://{bucket}/{prefix}; backfill a prefix inside "
+            f"one of its grants, or grant it with `synthguard clients grant NAME {bucket}[/PREFIX]`",
+            bucket=bucket,
+            key=prefix,
+        )
+    check_intake(session, client_id, [], LANE, settings, enforce_caps=False)
+
+
+def _open_scan(session: Session, source: str, threshold: float | None, client_id: uuid.UUID | None) -> uuid.UUID:
     scan = Scan(
         id=uuid.uuid4(),
-        client_id=None,
+        client_id=client_id,
         origin=ORIGIN,
         source=source,
         priority=LANE,
@@ -216,18 +247,24 @@ def _open_scan(session: Session, source: str, threshold: float | None) -> uuid.U
     return scan.id
 
 
-def _needs_work(session: Session, bucket: str, page: Sequence[ObjectRef], version: str) -> list[ObjectRef]:
-    """The page's objects with no image that is queued, processing, or done by ``version``."""
-    rows = session.execute(
-        select(Image.key, Image.version_id).where(
-            Image.bucket == bucket,
-            Image.key.in_({ref.key for ref in page}),
-            or_(
-                Image.state.in_((QUEUED, PROCESSING)),
-                and_(Image.state == DONE, Image.model_version == version),
-            ),
-        )
-    ).all()
+def _needs_work(
+    session: Session, bucket: str, page: Sequence[ObjectRef], version: str, client_id: uuid.UUID | None
+) -> list[ObjectRef]:
+    """The page's objects with no image that is queued, processing, or done by ``version``.
+
+    For a client, only its own images count: another client's result is not one it can read.
+    """
+    query = select(Image.key, Image.version_id).where(
+        Image.bucket == bucket,
+        Image.key.in_({ref.key for ref in page}),
+        or_(
+            Image.state.in_((QUEUED, PROCESSING)),
+            and_(Image.state == DONE, Image.model_version == version),
+        ),
+    )
+    if client_id is not None:
+        query = query.where(Image.client_id == client_id)
+    rows = session.execute(query).all()
     versions: dict[str, set[str | None]] = {}
     for row in rows:
         versions.setdefault(row.key, set()).add(row.version_id)
@@ -248,13 +285,16 @@ def _commit_page(
     page: Sequence[ObjectRef],
     version: str,
     threshold: float,
+    client_id: uuid.UUID | None = None,
 ) -> list[uuid.UUID]:
     """Write the page's new images and grow the scan's counts, in one transaction."""
     with sessions.begin() as session:
-        fresh = _needs_work(session, bucket, page, version)
+        fresh = _needs_work(session, bucket, page, version, client_id)
         if not fresh:
             return []
-        ids = add_images(session, scan_id, fresh, threshold=threshold)
+        if client_id is not None:
+            require_access(session, client_id, fresh)
+        ids = add_images(session, scan_id, fresh, threshold=threshold, client_id=client_id)
     return ids
 
 

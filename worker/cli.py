@@ -647,6 +647,15 @@ def _checked_sessions(settings: Settings) -> sessionmaker[Session]:
     return sessions
 
 
+def _require_secret_key(settings: Settings, what: str) -> None:
+    from .secretbox import require_secret_key
+
+    try:
+        require_secret_key(settings, what)
+    except ConfigError as exc:
+        raise _fail(exc.message) from exc
+
+
 def _queue_names(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """``--queues``: lanes by short name (``realtime``) or queue name (``synthguard.realtime``)."""
     if value is None:
@@ -695,6 +704,7 @@ def worker(concurrency: int | None, queues: str | None, loglevel: str, hostname:
     from .tasks import install_scorer
 
     settings = _settings(concurrency=concurrency)
+    _require_secret_key(settings, "worker")
     sessions = _checked_sessions(settings)
     detector = _load_detector(settings, allow_untrained=False)
     try:
@@ -741,7 +751,9 @@ def api(host: str, port: int, workers: int) -> None:
 
     from .logs import current_format
 
-    _checked_sessions(_settings())
+    settings = _settings()
+    _require_secret_key(settings, "API")
+    _checked_sessions(settings)
     # Server processes started with --workers read the format again from the environment.
     os.environ["SYNTHGUARD_LOG_FORMAT"] = current_format()
     uvicorn.run(
@@ -924,8 +936,74 @@ def _check_webhook_url(url: str, settings: Settings) -> str:
     return url
 
 
+def _grants(ctx: click.Context, param: click.Parameter, values: Any) -> Any:
+    """``BUCKET[/PREFIX]`` values as grants, each checked against S3's naming rules."""
+    from .tenancy import Grant
+
+    single = isinstance(values, str)
+    try:
+        parsed = [Grant.parse(value) for value in ([values] if single else values)]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+    return parsed[0] if single else parsed
+
+
+def _limit_options(command: Any) -> Any:
+    """The per-client lanes and limits, shared by ``clients create`` and ``clients set``."""
+    for option in reversed(
+        [
+            click.option(
+                "--lane",
+                "lanes",
+                multiple=True,
+                type=click.Choice(PRIORITIES),
+                help="A lane the client may queue on (repeatable)  [default: realtime and bulk].",
+            ),
+            click.option(
+                "--max-pending-realtime",
+                type=click.IntRange(0),
+                help="Images it may have queued or processing on the realtime lane (0: no cap) "
+                "[default: SYNTHGUARD_CLIENT_MAX_PENDING_REALTIME].",
+            ),
+            click.option(
+                "--max-pending-bulk",
+                type=click.IntRange(0),
+                help="The same for the bulk lane [default: SYNTHGUARD_CLIENT_MAX_PENDING_BULK].",
+            ),
+            click.option(
+                "--images-per-minute",
+                type=click.IntRange(0),
+                help="Images it may submit per minute through the API (0: no limit) "
+                "[default: SYNTHGUARD_API_IMAGE_RATE_LIMIT_PER_MINUTE].",
+            ),
+            click.option(
+                "--callback-host",
+                "callback_hosts",
+                multiple=True,
+                help="A host its scans' callback_url may name (repeatable); none given: any host the "
+                "URL policy allows.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @clients.command("create")
 @click.argument("name")
+@click.option(
+    "--bucket",
+    "grants",
+    multiple=True,
+    callback=_grants,
+    metavar="BUCKET[/PREFIX]",
+    help="A bucket, or a folder of one, the client may have scored (repeatable).",
+)
+@click.option(
+    "--all-buckets",
+    is_flag=True,
+    help="Let the client reach every bucket the workers can read: for single-tenant installs only.",
+)
 @click.option(
     "--webhook-url",
     help="Where this client's signed webhooks go: https://..., or http://... only with "
@@ -936,24 +1014,61 @@ def _check_webhook_url(url: str, settings: Settings) -> str:
     type=click.FloatRange(0, 1),
     help="The client's default flag threshold on p(synthetic) [default: SYNTHGUARD_THRESHOLD].",
 )
+@_limit_options
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "api_key", "webhook_secret"} as JSON.')
-def clients_create(name: str, webhook_url: str | None, threshold: float | None, as_json: bool) -> None:
+def clients_create(
+    name: str,
+    grants: list[Any],
+    all_buckets: bool,
+    webhook_url: str | None,
+    threshold: float | None,
+    lanes: tuple[str, ...],
+    max_pending_realtime: int | None,
+    max_pending_bulk: int | None,
+    images_per_minute: int | None,
+    callback_hosts: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Create an API client named NAME; print its id, API key and webhook secret.
 
-    Both are shown only this once: the API key is stored only as a hash and
+    Say what it may reach: --bucket BUCKET[/PREFIX] (repeatable; a prefix is a
+    folder, so uploads/kyc grants uploads/kyc/... and never uploads/kyc-old/...)
+    or --all-buckets. Objects outside its grants are refused with 403 before
+    anything is queued.
+
+    Both secrets are shown only this once: the API key is stored only as a hash and
     cannot be recovered, and the webhook secret (whsec_...) is what the client
-    needs to verify the signatures of the webhooks it receives.
+    needs to verify the signatures of the webhooks it receives (stored encrypted
+    with SYNTHGUARD_SECRET_KEY).
     """
     from .clients import create_client
 
     name = name.strip()
     if not name or len(name) > 200:
         raise click.BadParameter("must be 1 to 200 characters", param_hint="'NAME'")
+    if bool(grants) == all_buckets:
+        raise click.UsageError(
+            "say what the client may reach: --bucket BUCKET[/PREFIX] (repeatable) or --all-buckets, not both"
+        )
     settings = _settings()
     if webhook_url is not None:
         _check_webhook_url(webhook_url, settings)
+    box = _secret_box(settings)
     with _checked_sessions(settings).begin() as session:
-        new = create_client(session, name, webhook_url=webhook_url, default_threshold=threshold)
+        new = create_client(
+            session,
+            name,
+            grants=grants,
+            all_buckets=all_buckets,
+            webhook_url=webhook_url,
+            default_threshold=threshold,
+            lanes=lanes or None,
+            max_pending_realtime=max_pending_realtime,
+            max_pending_bulk=max_pending_bulk,
+            images_per_minute=images_per_minute,
+            callback_hosts=callback_hosts or None,
+            box=box,
+        )
         client_id = new.client.id
     if as_json:
         click.echo(
@@ -964,6 +1079,7 @@ def clients_create(name: str, webhook_url: str | None, threshold: float | None, 
     click.echo(f"  id              {client_id}")
     click.echo(f"  api key         {new.api_key}")
     click.echo(f"  webhook secret  {new.webhook_secret}")
+    click.echo(f"  may reach       {'every bucket' if all_buckets else ', '.join(map(str, grants))}")
     click.echo(
         "\nSave the API key and the webhook secret now: they are shown only this once.\n"
         "The API key is stored only as a hash and cannot be shown again; send it as "
@@ -972,10 +1088,213 @@ def clients_create(name: str, webhook_url: str | None, threshold: float | None, 
     )
 
 
+def _secret_box(settings: Settings) -> Any:
+    from .secretbox import SecretBox
+
+    try:
+        return SecretBox.from_settings(settings)
+    except ConfigError as exc:
+        raise _fail(exc.message) from exc
+
+
+@contextmanager
+def _one_client(name: str) -> Iterator[tuple[Session, Any, Settings]]:
+    """A transaction holding the client NAME (a name or an id), or a clear error."""
+    from .clients import ClientNotFound, find_client
+
+    settings = _settings()
+    with _checked_sessions(settings).begin() as session:
+        try:
+            client = find_client(session, name)
+        except ClientNotFound as exc:
+            raise _fail(str(exc)) from exc
+        yield session, client, settings
+
+
+@clients.command("grant")
+@click.argument("name")
+@click.argument("grant", metavar="BUCKET[/PREFIX]", callback=_grants)
+def clients_grant(name: str, grant: Any) -> None:
+    """Let client NAME (a name or an id) have objects in BUCKET, or under BUCKET/PREFIX/, scored."""
+    from .clients import add_grant
+
+    with _one_client(name) as (session, client, _):
+        added = add_grant(session, client, grant)
+    click.echo(f"{'granted' if added else 'already granted'}: {client.name} may reach s3://{grant}")
+
+
+@clients.command("revoke")
+@click.argument("name")
+@click.argument("grant", metavar="BUCKET[/PREFIX]", callback=_grants)
+def clients_revoke(name: str, grant: Any) -> None:
+    """Take a grant away from client NAME, exactly as `clients list` shows it.
+
+    From then on the client's requests for those objects are 403, and its
+    images there that are still queued fail with access_denied, unfetched.
+    """
+    from .clients import remove_grant
+
+    with _one_client(name) as (session, client, _):
+        removed = remove_grant(session, client, grant)
+        left = [str(g.bucket) + ("/" + g.prefix if g.prefix else "") for g in client.grants]
+    if not removed:
+        raise _fail(f"{client.name} has no grant s3://{grant}; its grants: {', '.join(left) or 'none'}")
+    click.echo(f"revoked: {client.name} may no longer reach s3://{grant}")
+
+
+@clients.command("set")
+@click.argument("name")
+@_limit_options
+def clients_set(
+    name: str,
+    lanes: tuple[str, ...],
+    max_pending_realtime: int | None,
+    max_pending_bulk: int | None,
+    images_per_minute: int | None,
+    callback_hosts: tuple[str, ...],
+) -> None:
+    """Change the lanes and limits of client NAME; options not given stay as they are."""
+    from .clients import check_lanes
+
+    with _one_client(name) as (_, client, _):
+        if lanes:
+            client.lanes = check_lanes(lanes)
+        for column, value in (
+            ("max_pending_realtime", max_pending_realtime),
+            ("max_pending_bulk", max_pending_bulk),
+            ("images_per_minute", images_per_minute),
+        ):
+            if value is not None:
+                setattr(client, column, value)
+        if callback_hosts:
+            client.callback_hosts = sorted({host.lower().rstrip(".") for host in callback_hosts})
+    click.echo(f"updated client {client.name}")
+
+
+@clients.command("rotate-key")
+@click.argument("name")
+@click.option(
+    "--overlap",
+    type=click.FloatRange(0),
+    default=0,
+    show_default=True,
+    help="Seconds the current key keeps working beside the new one; 0 stops it at once (a leaked key).",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"id", "api_key", "previous_valid_until"} as JSON.')
+def clients_rotate_key(name: str, overlap: float, as_json: bool) -> None:
+    """Issue a new API key for client NAME; print it once."""
+    from .clients import rotate_api_key
+
+    with _one_client(name) as (session, client, _):
+        api_key = rotate_api_key(session, client, overlap_s=overlap)
+        until = client.api_key_previous_until
+        client_id = client.id
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"id": str(client_id), "api_key": api_key, "previous_valid_until": until.isoformat() if until else None}
+            )
+        )
+        return
+    click.echo(f"new api key  {api_key}")
+    click.echo(
+        f"the previous key works until {_utc_minute(until.isoformat())}" if until else "the previous key no longer works"
+    )
+
+
+@clients.command("disable")
+@click.argument("name")
+def clients_disable(name: str) -> None:
+    """Stop client NAME at once: every request with its keys is 401 from now on."""
+    from .clients import disable_client
+
+    with _one_client(name) as (session, client, _):
+        changed = disable_client(session, client)
+    click.echo(f"disabled: {client.name}" if changed else f"{client.name} was already disabled")
+
+
+@clients.command("rotate-secret")
+@click.argument("name")
+@click.option(
+    "--revoke-previous",
+    is_flag=True,
+    help="The replaced secret stops signing at once (a leaked secret); otherwise it signs beside the "
+    "new one for SYNTHGUARD_WEBHOOK_SECRET_OVERLAP_S.",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"webhook_secret", "previous_valid_until"} as JSON.')
+def clients_rotate_secret(name: str, revoke_previous: bool, as_json: bool) -> None:
+    """Issue a new webhook signing secret for client NAME; print it once."""
+    from .clients import SecretRotationConflict, rotate_webhook_secret
+
+    with _one_client(name) as (session, client, settings):
+        try:
+            secret, until = rotate_webhook_secret(
+                session,
+                client,
+                _secret_box(settings),
+                overlap_s=settings.webhook_secret_overlap_s,
+                revoke_previous=revoke_previous,
+            )
+        except SecretRotationConflict as exc:
+            raise _fail(f"{exc} (--revoke-previous)") from exc
+    if as_json:
+        click.echo(json.dumps({"webhook_secret": secret, "previous_valid_until": until.isoformat() if until else None}))
+        return
+    click.echo(f"new webhook secret  {secret}")
+    click.echo(
+        f"the previous secret also signs until {_utc_minute(until.isoformat())}"
+        if until
+        else "the previous secret no longer signs"
+    )
+
+
+@clients.command("enable-webhook")
+@click.argument("name")
+@click.option("--url", help="A scan's callback URL that was disabled  [default: the client's webhook URL].")
+def clients_enable_webhook(name: str, url: str | None) -> None:
+    """Send to a disabled webhook endpoint of client NAME again (it answered 410 or kept failing)."""
+    from .outbox import enable_endpoint
+
+    with _one_client(name) as (session, client, _):
+        enabled = enable_endpoint(session, client.id, url)
+    where = url or client.webhook_url or "its webhook URL"
+    click.echo(f"enabled: {where}" if enabled else f"{where} was not disabled for {client.name}")
+
+
+@clients.command("encrypt-secrets")
+def clients_encrypt_secrets() -> None:
+    """Encrypt every stored webhook secret under the first key of SYNTHGUARD_SECRET_KEY.
+
+    Run it after setting the key on an install that stored secrets in plain
+    text, and after putting a new key first (the old one after it) to move
+    every secret to the new key before the old one is removed.
+    """
+    from .clients import encrypt_secrets
+
+    settings = _settings()
+    box = _secret_box(settings)
+    if not box.encrypts:
+        raise _fail("SYNTHGUARD_SECRET_KEY is not set; make one with `synthguard clients new-secret-key`")
+    with _checked_sessions(settings).begin() as session:
+        try:
+            changed = encrypt_secrets(session, box)
+        except ConfigError as exc:
+            raise _fail(exc.message) from exc
+    click.echo(f"{changed} webhook secret(s) encrypted under the first key")
+
+
+@clients.command("new-secret-key")
+def clients_new_secret_key() -> None:
+    """Print a new key for SYNTHGUARD_SECRET_KEY (Fernet: 32 random bytes, url-safe base64)."""
+    from .secretbox import new_secret_key
+
+    click.echo(new_secret_key())
+
+
 @clients.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the clients as JSON.")
 def clients_list(as_json: bool) -> None:
-    """List API clients: id, name, key prefix, webhook URL, default threshold, created, disabled.
+    """List API clients: id, name, key prefix, grants, lanes, limits, webhook URL, created, disabled.
 
     Keys and webhook secrets are never shown; only the first characters of
     each key, to tell keys apart.
@@ -984,26 +1303,33 @@ def clients_list(as_json: bool) -> None:
 
     with _checked_sessions(_settings())() as session:
         rows = list(session.scalars(select(ApiClient).order_by(ApiClient.created_at, ApiClient.name)))
-    docs = [
-        {
-            "id": str(c.id),
-            "name": c.name,
-            "key_prefix": c.api_key_prefix,
-            "webhook_url": c.webhook_url,
-            "default_threshold": c.default_threshold,
-            "created_at": c.created_at.isoformat(),
-            "disabled": c.disabled_at is not None,
-            "disabled_at": c.disabled_at.isoformat() if c.disabled_at else None,
-        }
-        for c in rows
-    ]
+        docs = [
+            {
+                "id": str(c.id),
+                "name": c.name,
+                "key_prefix": c.api_key_prefix,
+                "all_buckets": c.all_buckets,
+                "grants": [f"{g.bucket}/{g.prefix}" if g.prefix else g.bucket for g in c.grants],
+                "lanes": c.lanes or list(PRIORITIES),
+                "max_pending_realtime": c.max_pending_realtime,
+                "max_pending_bulk": c.max_pending_bulk,
+                "images_per_minute": c.images_per_minute,
+                "callback_hosts": c.callback_hosts,
+                "webhook_url": c.webhook_url,
+                "default_threshold": c.default_threshold,
+                "created_at": c.created_at.isoformat(),
+                "disabled": c.disabled_at is not None,
+                "disabled_at": c.disabled_at.isoformat() if c.disabled_at else None,
+            }
+            for c in rows
+        ]
     if as_json:
         click.echo(json.dumps(docs, indent=2))
         return
     if not docs:
-        click.echo("no API clients yet; create one with `synthguard clients create NAME`")
+        click.echo("no API clients yet; create one with `synthguard clients create NAME --bucket BUCKET`")
         return
-    # Two lines per client rather than a table: ids must be copied whole on any terminal width.
+    # Several lines per client rather than a table: ids must be copied whole on any terminal width.
     for doc in docs:
         threshold = "default" if doc["default_threshold"] is None else f"{doc['default_threshold']:g}"
         click.echo(f"{doc['id']}  {doc['name']}" + ("  [disabled]" if doc["disabled"] else ""))
@@ -1012,6 +1338,21 @@ def clients_list(as_json: bool) -> None:
             f"  webhook {doc['webhook_url'] or '-'}"
             + (f"  disabled {_utc_minute(doc['disabled_at'])}" if doc["disabled_at"] else "")
         )
+        reach = "every bucket" if doc["all_buckets"] else ", ".join(doc["grants"]) or "nothing"
+        click.echo(f"    grants {reach}  lanes {','.join(doc['lanes'])}")
+        limits = [
+            f"{label} {doc[field]}"
+            for label, field in (
+                ("max pending realtime", "max_pending_realtime"),
+                ("max pending bulk", "max_pending_bulk"),
+                ("images/min", "images_per_minute"),
+            )
+            if doc[field] is not None
+        ]
+        if doc["callback_hosts"]:
+            limits.append("callback hosts " + ",".join(doc["callback_hosts"]))
+        if limits:
+            click.echo("    " + "  ".join(limits))
 
 
 def _utc_minute(iso: str) -> str:
@@ -1034,6 +1375,27 @@ def _s3_objects(ctx: click.Context, param: click.Parameter, values: tuple[str, .
     return unique_refs(refs)
 
 
+def _client_option(command: Any) -> Any:
+    return click.option(
+        "--client",
+        metavar="NAME",
+        help="Queue as this API client (a name or an id): its API reads the results and its webhooks "
+        "announce them; objects must lie inside its grants.  [default: no client, operator only]",
+    )(command)
+
+
+def _client_id(sessions: sessionmaker[Session], name: str | None) -> uuid.UUID | None:
+    from .clients import ClientNotFound, find_client
+
+    if name is None:
+        return None
+    with sessions() as session:
+        try:
+            return find_client(session, name).id
+        except ClientNotFound as exc:
+            raise _fail(str(exc)) from exc
+
+
 @main.command("enqueue")
 @click.argument("objects", nargs=-1, required=True, callback=_s3_objects, metavar="S3_URI...")
 @click.option(
@@ -1046,31 +1408,43 @@ def _s3_objects(ctx: click.Context, param: click.Parameter, values: tuple[str, .
 @click.option(
     "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
 )
+@_client_option
 @click.option("--json", "as_json", is_flag=True, help="Print the scan and image ids as JSON.")
-def enqueue_command(objects: list[Any], priority: str, threshold: float | None, as_json: bool) -> None:
+def enqueue_command(
+    objects: list[Any], priority: str, threshold: float | None, client: str | None, as_json: bool
+) -> None:
     """Queue exactly these objects for the workers: one scan, one queued image each.
 
     Each S3_URI is s3://bucket/key, one object; nothing is listed (for every
     object under a prefix, use `synthguard backfill`). The rows are written
     first, then one message per image goes to the lane's queue. If the broker
     cannot be reached the images stay queued and the sweeper publishes them
-    after SYNTHGUARD_STALE_AFTER_S.
+    after SYNTHGUARD_STALE_AFTER_S. With --client, every object must lie
+    inside that client's grants and the lane be one of its lanes (its pending
+    cap does not apply to an operator).
     Prints the scan id and one image id per object.
     """
+    from .errors import IntakeRefused
     from .queueing import enqueue
 
     settings = _settings(threshold=threshold)
     sessions = _checked_sessions(settings)
+    client_id = _client_id(sessions, client)
     with _producer_app(settings) as app:
-        done = enqueue(
-            objects,
-            priority=priority,
-            threshold=threshold,
-            origin="cli-enqueue",
-            settings=settings,
-            sessions=sessions,
-            app=app,
-        )
+        try:
+            done = enqueue(
+                objects,
+                priority=priority,
+                threshold=threshold,
+                client_id=client_id,
+                origin="cli-enqueue",
+                enforce_caps=False,
+                settings=settings,
+                sessions=sessions,
+                app=app,
+            )
+        except IntakeRefused as exc:
+            raise _fail(exc.message) from exc
     images = [{"id": str(i), "uri": ref.uri} for i, ref in zip(done.image_ids, objects, strict=True)]
     if as_json:
         click.echo(
@@ -1156,9 +1530,16 @@ def _print_backfill(result: Any, where: str, as_json: bool) -> None:
 @click.option(
     "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
 )
+@_client_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def backfill(
-    uri: str, rate: float | None, page_size: int, priority: str, threshold: float | None, as_json: bool
+    uri: str,
+    rate: float | None,
+    page_size: int,
+    priority: str,
+    threshold: float | None,
+    client: str | None,
+    as_json: bool,
 ) -> None:
     """Queue every object under S3_PREFIX (s3://bucket/prefix) on the bulk lane, resumably.
 
@@ -1175,8 +1556,12 @@ def backfill(
     Ctrl-C stops listing after the page being committed, prints the summary so
     far and exits with code 130; images committed but not yet published are
     re-published by the sweeper (synthguard beat) after SYNTHGUARD_STALE_AFTER_S.
+
+    With --client, the images are that client's: the whole prefix must lie
+    inside one of its grants, and only its own images count as already in hand.
     """
     from .backfill import BackfillFailed, run_backfill
+    from .errors import IntakeRefused
     from .storage import parse_s3_uri
 
     try:
@@ -1185,6 +1570,7 @@ def backfill(
         raise click.BadParameter(str(exc), param_hint="'S3_PREFIX'") from exc
     settings = _settings(threshold=threshold)
     sessions = _checked_sessions(settings)
+    client_id = _client_id(sessions, client)
     where = f"s3://{bucket}/{prefix}"
 
     console = Console(stderr=True)
@@ -1214,11 +1600,14 @@ def backfill(
                 rate=rate,
                 page_size=page_size,
                 threshold=threshold,
+                client_id=client_id,
                 on_progress=show,
                 should_stop=stop,
             )
         except BackfillFailed as exc:
             failed = exc
+        except IntakeRefused as exc:
+            raise _fail(exc.message) from exc
         except ConfigError as exc:  # the checkpoint, needed for its version
             raise _fail(exc.message) from exc
         else:

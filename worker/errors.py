@@ -8,6 +8,9 @@
   with the error's ``code``.
 * :class:`ConfigError`: the service itself is misconfigured (no checkpoint,
   bad settings). Raised at start-up, never per image.
+* :class:`IntakeRefused`: a producer asked for something its client may not
+  have (an object outside its grants, a lane it may not use, more work than
+  its quota). Raised before any row or message exists; the API answers 403 or 429.
 """
 
 from __future__ import annotations
@@ -66,6 +69,47 @@ class CheckpointError(ConfigError):
     """The model checkpoint cannot be found, fetched or loaded."""
 
     code = "checkpoint_error"
+
+
+class IntakeRefused(SynthguardError):
+    """A request refused at intake, before anything was written; ``status`` is its HTTP answer."""
+
+    code = "intake_refused"
+    status = 403
+
+
+class NotGranted(IntakeRefused):
+    """An object outside the client's grants."""
+
+    code = "not_granted"
+
+    def __init__(self, message: str, *, bucket: str, key: str) -> None:
+        super().__init__(message)
+        self.bucket = bucket
+        self.key = key
+
+
+class LaneNotAllowed(IntakeRefused):
+    """A lane the client may not queue on."""
+
+    code = "lane_not_allowed"
+
+    def __init__(self, message: str, *, lane: str, allowed: list[str]) -> None:
+        super().__init__(message)
+        self.lane = lane
+        self.allowed = allowed
+
+
+class QuotaExceeded(IntakeRefused):
+    """More images queued and not yet done than the client's cap for the lane, or its image rate."""
+
+    code = "quota_exceeded"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
 
 
 def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:

@@ -1,4 +1,5 @@
-"""Database models: ``api_clients``, ``scans``, ``images``, ``webhook_deliveries``.
+"""Database models: ``api_clients`` and their ``client_grants``, ``scans``, ``images``,
+``webhook_deliveries`` and ``webhook_endpoints``.
 
 The schema changes only through Alembic migrations in ``migrations/``; a test
 fails when these models and the migrations disagree.
@@ -13,6 +14,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -76,7 +78,22 @@ class ApiClient(Base):
     name: Mapped[str] = mapped_column(String(200))
     api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     api_key_prefix: Mapped[str] = mapped_column(String(16))
+    # Key rotation: the previous key still authenticates until this time.
+    api_key_previous_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    api_key_previous_until: Mapped[datetime | None]
+    # Every bucket, explicitly (single-tenant installs); otherwise only its grants.
+    all_buckets: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # Lanes it may queue on; NULL: every lane.
+    lanes: Mapped[list[str] | None] = mapped_column(JSONType)
+    # Images queued and not yet terminal, per lane; NULL: the SYNTHGUARD_CLIENT_MAX_PENDING_* default.
+    max_pending_realtime: Mapped[int | None] = mapped_column(Integer)
+    max_pending_bulk: Mapped[int | None] = mapped_column(Integer)
+    # Images per minute through the API; NULL: SYNTHGUARD_API_IMAGE_RATE_LIMIT_PER_MINUTE.
+    images_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # Hosts a scan's callback_url may name; NULL: any host the URL policy allows.
+    callback_hosts: Mapped[list[str] | None] = mapped_column(JSONType)
     webhook_url: Mapped[str | None] = mapped_column(Text)
+    # Encrypted with SYNTHGUARD_SECRET_KEY (Fernet) where one is set; see worker.secretbox.
     webhook_secret: Mapped[str | None] = mapped_column(String(200))
     # Rotation: the previous secret still signs deliveries until this time.
     webhook_secret_previous: Mapped[str | None] = mapped_column(String(200))
@@ -87,6 +104,26 @@ class ApiClient(Base):
     default_threshold: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     disabled_at: Mapped[datetime | None]
+
+    grants: Mapped[list[ClientGrant]] = relationship(
+        back_populates="client", order_by="[ClientGrant.bucket, ClientGrant.prefix]", cascade="all, delete-orphan"
+    )
+
+
+class ClientGrant(Base):
+    """One bucket, or one key prefix in it, that a client may have scored."""
+
+    __tablename__ = "client_grants"
+    __table_args__ = (UniqueConstraint("client_id", "bucket", "prefix", name="uq_client_grants_client_id_bucket_prefix"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    client_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_clients.id", ondelete="CASCADE"), index=True)
+    bucket: Mapped[str] = mapped_column(String(63))
+    # "" grants the whole bucket; otherwise keys that start with it (a plain string prefix, as S3 lists).
+    prefix: Mapped[str] = mapped_column(String(1024), default="", server_default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    client: Mapped[ApiClient] = relationship(back_populates="grants")
 
 
 class Scan(Base):
@@ -201,3 +238,21 @@ class WebhookDelivery(Base):
     attempt_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
+
+
+class WebhookEndpoint(Base):
+    """A scan's callback URL that synthguard stopped sending to (410 Gone, or it kept failing).
+
+    The client's own ``webhook_url`` keeps its state on ``api_clients``; a failing
+    callback URL disables only itself, never the client's endpoint.
+    """
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (UniqueConstraint("client_id", "url", name="uq_webhook_endpoints_client_id_url"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    client_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_clients.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    disabled_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

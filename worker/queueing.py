@@ -27,7 +27,8 @@ from .db import get_sessionmaker
 from .intake import create_scan, unique_refs
 from .models import PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
 from .settings import Settings, get_settings
-from .storage import ObjectRef, parse_s3_uri
+from .storage import ObjectRef, check_ref, parse_s3_uri
+from .tenancy import check_intake, event_lane, lock_client
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,10 @@ def as_ref(obj: ObjectRef | str | tuple[str, str] | tuple[str, str, str | None])
         ref = ObjectRef(obj[0], obj[1], obj[2] if len(obj) > 2 else None)  # type: ignore[misc]
     if ref.is_local or not ref.key or ref.key.endswith("/"):
         raise ValueError(f"{ref.uri!r} is not an S3 object (s3://bucket/key)")
-    return ref
+    try:
+        return check_ref(ref)
+    except ValueError as exc:
+        raise ValueError(f"{ref.uri!r}: {exc}") from None
 
 
 def request_hash(payload: Any) -> str:
@@ -150,11 +154,18 @@ def enqueue(
     webhook_events: Sequence[str] | None = None,
     idempotency_key: str | None = None,
     origin: str = "python",
+    enforce_caps: bool = True,
     settings: Settings | None = None,
     sessions: sessionmaker[Session] | None = None,
     app: Celery | None = None,
 ) -> Enqueued:
     """Queue S3 objects for scoring: one scan, one ``queued`` image each, then one message each.
+
+    With ``client_id``, every object must be inside the client's grants and
+    ``priority`` one of its lanes (else :class:`~worker.errors.NotGranted` or
+    :class:`~worker.errors.LaneNotAllowed`, and nothing is written); with
+    ``enforce_caps`` (operators' commands turn it off) its pending cap for the
+    lane must have room (else :class:`~worker.errors.QuotaExceeded`).
 
     With ``idempotency_key``, the same key and request return the first scan
     instead of a second one; the same key with a different request raises
@@ -181,6 +192,8 @@ def enqueue(
                 found = _existing(session, client_id, idempotency_key, digest)
                 if found is not None:
                     return found
+            if client_id is not None:
+                check_intake(session, client_id, refs, priority, settings, enforce_caps=enforce_caps)
             scan, ids = create_scan(
                 session,
                 refs,
@@ -253,7 +266,7 @@ def enqueue_object_events(
     events: Sequence[ObjectEvent],
     *,
     client_id: uuid.UUID,
-    priority: str = "realtime",
+    priority: str | None = None,
     threshold: float | None = None,
     origin: str = "s3-event",
     settings: Settings | None = None,
@@ -262,19 +275,29 @@ def enqueue_object_events(
 ) -> EventIntake:
     """Queue the objects of store notifications, each event at most once per client.
 
+    ``priority`` None: the client's event lane (realtime when it may use it).
+    Every object must be inside the client's grants, the lane one of its
+    lanes and its pending cap must have room, as for :func:`enqueue`; one
+    refused object refuses the whole notification, before anything is written.
+
     A redelivered event (same dedupe key) adds no image and no message: its
     answer is the image queued the first time. New images form one scan;
     when there are none, no scan is created. Messages go out after commit.
     """
-    if priority not in LANES:
+    if priority is not None and priority not in LANES:
         raise ValueError(f"priority must be one of {sorted(LANES)}, not {priority!r}")
-    if not events:
-        return EventIntake(None, [], [], priority)
     settings = settings or get_settings()
     sessions = sessions or get_sessionmaker(settings.database_url)
     for event in events:
         as_ref(event.ref)  # the same check enqueue() makes: a real S3 object, not a "folder"
     with sessions.begin() as session:
+        lane = priority
+        if lane is None:
+            client = lock_client(session, client_id)
+            lane = event_lane(client) if client is not None else "realtime"
+        if not events:
+            return EventIntake(None, [], [], lane)
+        check_intake(session, client_id, [e.ref for e in events], lane, settings, enforce_caps=True)
         scan, ids = create_scan(
             session,
             [event.ref for event in events],
@@ -282,7 +305,7 @@ def enqueue_object_events(
             threshold=effective_threshold(session, settings, client_id, threshold),
             scan_threshold=threshold,
             client_id=client_id,
-            priority=priority,
+            priority=lane,
             dedupe_keys=[event.dedupe_key for event in events],
         )
         new_ids = set(session.scalars(select(Image.id).where(Image.scan_id == scan.id)))
@@ -300,8 +323,8 @@ def enqueue_object_events(
             fresh.append(image_id)
             new_ids.discard(image_id)
     if fresh:
-        publish_quietly(app or _default_app(), fresh, priority)
-    return EventIntake(scan_id, ids, duplicates, priority)
+        publish_quietly(app or _default_app(), fresh, lane)
+    return EventIntake(scan_id, ids, duplicates, lane)
 
 
 def _default_app() -> Celery:

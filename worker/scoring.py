@@ -35,6 +35,7 @@ from .models import DONE, FAILED, PROCESSING, QUEUED, ApiClient, Image, Scan, ut
 from .priority import RealtimeFirst
 from .settings import Settings
 from .storage import ObjectRef, Storage
+from .tenancy import access_of
 from .webhooks import EVENT_IMAGE_FLAGGED
 
 log = logging.getLogger(__name__)
@@ -245,10 +246,17 @@ class Scorer:
         claimed = self._claim(image_id)
         if claimed is None:
             return self._current(image_id)
-        ref, attempts = claimed
+        ref, attempts, granted = claimed
         if ref.is_local and not self.allow_local:
             return self._fail(
                 image_id, errors.ACCESS_DENIED, "local files are scored only by `synthguard scan`, not by workers"
+            )
+        if not granted:
+            # Checked before the fetch: the worker's credentials never touch an object the client lost.
+            return self._fail(
+                image_id,
+                errors.ACCESS_DENIED,
+                "the API client no longer has a grant for this object; it was not fetched",
             )
         try:
             result = self.score(ref, realtime=realtime)
@@ -268,7 +276,8 @@ class Scorer:
             raise TransientError(message, code=code) from exc
         return self._store(image_id, result, alone=realtime)
 
-    def _claim(self, image_id: uuid.UUID) -> tuple[ObjectRef, int] | None:
+    def _claim(self, image_id: uuid.UUID) -> tuple[ObjectRef, int, bool] | None:
+        """Take the image: its object, this attempt's number, and whether its client may still reach it."""
         with self.sessions.begin() as session:
             # A Core statement on the table: this runs once per image, and the ORM's bulk-update
             # bookkeeping around it cost the worker's GIL more than the statement itself.
@@ -276,13 +285,23 @@ class Scorer:
                 update(_IMAGES)
                 .where(_IMAGES.c.id == image_id, _IMAGES.c.state.in_((QUEUED, PROCESSING)))
                 .values(state=PROCESSING, attempts=_IMAGES.c.attempts + 1, updated_at=utcnow())
-                .returning(_IMAGES.c.bucket, _IMAGES.c.key, _IMAGES.c.version_id, _IMAGES.c.attempts, _IMAGES.c.scan_id)
+                .returning(
+                    _IMAGES.c.bucket,
+                    _IMAGES.c.key,
+                    _IMAGES.c.version_id,
+                    _IMAGES.c.attempts,
+                    _IMAGES.c.scan_id,
+                    _IMAGES.c.client_id,
+                )
             ).one_or_none()
+            # Images without a client are an operator's (CLI); a client's are held to its grants now,
+            # not as they were at intake.
+            granted = row is None or row.client_id is None or access_of(session, row.client_id).allows(row.bucket, row.key)
         if row is None:
             return None
         # The rest of this run logs with its scan; the key only where worker.logs allows it.
         logs.bind(image_id=image_id, scan_id=row.scan_id, bucket=row.bucket, object_key=row.key)
-        return ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id), int(row.attempts)
+        return ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id), int(row.attempts), granted
 
     def _store(self, image_id: uuid.UUID, result: ScoreResult, *, alone: bool = False) -> Outcome:
         """Store one result and wait for its transaction to commit.

@@ -10,7 +10,7 @@ import ipaddress
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The published "For Fake's Sake" weights (Sumsub, CC-BY-SA-3.0).
@@ -180,6 +180,53 @@ class Settings(BaseSettings):
         1024 * 1024,
         ge=1024,
         description="HTTP API: largest request body accepted; larger ones get 413.",
+    )
+    api_image_rate_limit_per_minute: int = Field(
+        6000,
+        ge=0,
+        description="HTTP API: images one client may submit per minute (POST /v1/scans and /v1/s3-events, "
+        "counted per object, in Redis); a client's own images_per_minute overrides it; 0 turns it off.",
+    )
+    api_address_rate_limit_per_minute: int = Field(
+        1200,
+        ge=0,
+        description="HTTP API: requests one network address may make per minute to /v1, counted before the "
+        "API key is looked up or the body read; 0 turns it off. Behind a proxy, let uvicorn trust its "
+        "X-Forwarded-For (FORWARDED_ALLOW_IPS) or every caller shares the proxy's address.",
+    )
+    api_auth_failures_per_minute: int = Field(
+        20,
+        ge=0,
+        description="HTTP API: failed authentications one address may make per minute; past it the address "
+        "gets 429 without a database query until the minute ends; 0 turns it off.",
+    )
+    api_rate_limit_fail_open: bool = Field(
+        False,
+        description="When the rate limiter's Redis cannot be reached: false (the default) answers /v1 "
+        "requests with 503, so no limit silently disappears; true lets them through unlimited.",
+    )
+    client_max_pending_realtime: int = Field(
+        2000,
+        ge=0,
+        description="Images one client may have queued or processing on the realtime lane; past it intake "
+        "answers 429. A client's max_pending_realtime overrides it; 0 turns the cap off.",
+    )
+    client_max_pending_bulk: int = Field(
+        1_000_000,
+        ge=0,
+        description="The same cap for the bulk lane (API and worker.enqueue; operators' backfills are not "
+        "capped). 0 turns it off.",
+    )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Fernet key(s) that encrypt webhook secrets at rest, comma-separated: the first "
+        "encrypts, every one decrypts, so a key can be rotated. Make one with "
+        "`synthguard clients new-secret-key`. Required for the API and worker on PostgreSQL.",
+    )
+    allow_plaintext_secrets: bool = Field(
+        False,
+        description="Let the API and worker run on PostgreSQL without SYNTHGUARD_SECRET_KEY, storing "
+        "webhook secrets in plain text. For trials only.",
     )
     log_format: Literal["json", "text"] | None = Field(
         None,

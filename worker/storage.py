@@ -9,7 +9,9 @@ task layer above owns the real retry schedule, with backoff and jitter.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterator, Sequence
@@ -99,6 +101,95 @@ class FetchedObject:
     version_id: str | None
     size: int
     sha256: str
+
+
+# ------------------------------------------------------------ reference rules
+
+MAX_KEY_BYTES = 1024  # S3's own limit on an object key
+MAX_VERSION_ID_LENGTH = 1024  # images.version_id
+MAX_ETAG_LENGTH = 200  # images.etag
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# Names S3 reserves for access points, Object Lambda, Multi-Region Access Points and
+# directory buckets: each makes botocore send the request somewhere else.
+_RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+
+
+def check_bucket_name(bucket: str) -> str:
+    """``bucket`` if it follows S3's naming rules; else ``ValueError`` saying which one it breaks.
+
+    No ARNs, no access-point aliases, no legacy names with capitals or
+    underscores: botocore routes anything else (``arn:aws:s3:...``) to another
+    endpoint, account or region, signed with the worker's credentials.
+    """
+    if bucket.startswith("arn:"):
+        raise ValueError("bucket must be a bucket name, not an ARN (access points and Object Lambda are refused)")
+    if not _BUCKET_NAME.fullmatch(bucket):
+        raise ValueError(
+            "bucket must be 3 to 63 characters of lowercase letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit"
+        )
+    if ".." in bucket or ".-" in bucket or "-." in bucket:
+        raise ValueError("bucket must not contain '..', '.-' or '-.'")
+    try:
+        ipaddress.IPv4Address(bucket)
+    except ValueError:
+        pass
+    else:
+        raise ValueError("bucket must not be formatted as an IP address")
+    if bucket.startswith(_RESERVED_BUCKET_PREFIXES) or bucket.endswith(_RESERVED_BUCKET_SUFFIXES):
+        raise ValueError("bucket uses a prefix or suffix S3 reserves (access points, Object Lambda, ...)")
+    return bucket
+
+
+def _check_key_text(key: str, what: str) -> None:
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+    if size > MAX_KEY_BYTES:
+        raise ValueError(f"{what} is {size} bytes as UTF-8; at most {MAX_KEY_BYTES} are allowed")
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in key):
+        raise ValueError(f"{what} must not contain NUL or other control characters")
+    if any(segment in (".", "..") for segment in key.split("/")):
+        raise ValueError(f"{what} must not contain '.' or '..' path segments")
+
+
+def check_object_key(key: str) -> str:
+    """``key`` if it names one object: 1 to 1,024 bytes of UTF-8, no control characters, no dot segments."""
+    if not key:
+        raise ValueError("key must not be empty")
+    _check_key_text(key, "key")
+    if key.endswith("/"):
+        raise ValueError("key ends with '/': that names a folder, not an object")
+    return key
+
+
+def check_key_prefix(prefix: str) -> str:
+    """``prefix`` (possibly empty, possibly ending in '/') under the same rules as a key."""
+    if prefix:
+        _check_key_text(prefix, "prefix")
+    return prefix
+
+
+def check_version_id(version_id: str) -> str:
+    """A version id that fits its column and carries no control characters."""
+    if not version_id or len(version_id) > MAX_VERSION_ID_LENGTH:
+        raise ValueError(f"version_id must be 1 to {MAX_VERSION_ID_LENGTH} characters")
+    if not version_id.isprintable():
+        raise ValueError("version_id must not contain control characters")
+    return version_id
+
+
+def check_ref(ref: ObjectRef) -> ObjectRef:
+    """``ref`` if it is a well-formed S3 object reference (bucket, key, version id)."""
+    if ref.bucket is None:
+        raise ValueError(f"{ref.key!r} is not an S3 object (s3://bucket/key)")
+    check_bucket_name(ref.bucket)
+    check_object_key(ref.key)
+    if ref.version_id is not None:
+        check_version_id(ref.version_id)
+    return ref
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
