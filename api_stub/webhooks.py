@@ -1,24 +1,26 @@
-"""Webhook deliveries as the client sees them: list, replay, rotate the signing secret."""
+"""Webhook deliveries as the client sees them: list, replay, re-enable endpoints, manage signing secrets."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from worker.clients import new_webhook_secret
-from worker.models import ApiClient, WebhookDelivery, utcnow
-from worker.outbox import replay
+from worker.clients import SecretRotationConflict, revoke_previous_secret, rotate_webhook_secret
+from worker.models import ApiClient, WebhookDelivery
+from worker.outbox import disabled_callbacks, enable_endpoint_state, replay
 from worker.queueing import publish_deliveries
+from worker.secretbox import SecretBox
 
 from .auth import AuthenticatedClient
-from .problems import problem_responses
+from .problems import ProblemError, problem_responses
 from .scans import not_found, parse_id
+from .schemas import Problem
 from .state import get_state
 
 log = logging.getLogger(__name__)
@@ -64,25 +66,93 @@ class Endpoint(BaseModel):
     disabled_at: datetime | None = Field(description="When sending was stopped; null while enabled.")
     disabled_reason: str | None = Field(
         description="Why: the endpoint answered 410 Gone, or kept failing for the whole retry schedule. "
-        "Replaying a delivery enables it again."
+        "Replaying one of its deliveries, or `POST /v1/webhooks/endpoint/enable`, enables it again."
+    )
+
+
+class DisabledCallback(BaseModel):
+    """A scan's callback URL that synthguard stopped sending to; the client's own endpoint is unaffected."""
+
+    url: str = Field(description="The callback URL, as scans named it.")
+    disabled_at: datetime = Field(description="When sending to it was stopped.")
+    disabled_reason: str | None = Field(
+        description="Why: it answered 410 Gone, or kept failing for the whole retry schedule."
     )
 
 
 class DeliveryList(BaseModel):
-    """A client's webhook deliveries and the state of its endpoint."""
+    """A client's webhook deliveries and the state of its endpoints."""
 
     endpoint: Endpoint = Field(description="The client's endpoint and its state.")
+    disabled_callbacks: list[DisabledCallback] = Field(
+        description="Scans' callback URLs that get no new deliveries (each one is disabled on its own; "
+        "new events for it are recorded `failed` with `endpoint disabled`), most recently disabled first. "
+        "Enable one with `POST /v1/webhooks/endpoint/enable` and its `url`, or by replaying a delivery to it."
+    )
     deliveries: list[DeliveryOut] = Field(description="Newest first.")
+
+
+class EnableRequest(BaseModel):
+    """Which endpoint to send to again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(
+        None,
+        description="A callback URL listed in `disabled_callbacks` (or one that was disabled before); "
+        "omitted or null: the client's own webhook URL.",
+        max_length=4096,
+    )
+
+
+class EnabledEndpoint(BaseModel):
+    """An endpoint after it was enabled: synthguard sends its new deliveries again."""
+
+    url: str = Field(description="The endpoint's URL.")
+    disabled_at: datetime | None = Field(description="Null: it is enabled.")
+    disabled_reason: str | None = Field(description="Null: it is enabled.")
+
+
+class RotateRequest(BaseModel):
+    """How to treat the secret being replaced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    revoke_previous: bool = Field(
+        False,
+        description="True: the replaced secret stops signing at once (it leaked), and a previous secret "
+        "still in its overlap is dropped too. False (the default): the replaced secret keeps signing "
+        "during the overlap window, and rotating again while an older one still signs is 409.",
+    )
 
 
 class RotatedSecret(BaseModel):
     """A new webhook signing secret, and how long the previous one still signs."""
 
     webhook_secret: str = Field(description="The new `whsec_...` secret: shown once, store it now.")
-    previous_valid_until: datetime = Field(
+    previous_valid_until: datetime | None = Field(
         description="Until then every delivery carries signatures with both secrets, so receivers can switch "
-        "over without failing a verification."
+        "over without failing a verification. Null: the previous secret stopped signing at once "
+        "(`revoke_previous`, or no overlap configured)."
     )
+
+
+class RevokedSecret(BaseModel):
+    """What revoking the previous webhook secret did."""
+
+    revoked: bool = Field(
+        description="True when a previous secret was still stored and now signs no more; false when there "
+        "was none (nothing changed)."
+    )
+
+
+_CONFLICT = {
+    409: {
+        "model": Problem,
+        "description": "The previous secret still signs (its overlap has not ended): rotating again would "
+        "drop it without warning. Revoke it first, or rotate with `revoke_previous`.",
+    }
+}
 
 
 def _delivery(row: WebhookDelivery) -> DeliveryOut:
@@ -95,7 +165,8 @@ def _delivery(row: WebhookDelivery) -> DeliveryOut:
     response_model=DeliveryList,
     summary="List webhook deliveries and their attempts",
     description="This client's deliveries, newest first, each with every attempt's HTTP status, latency and "
-    "error; optionally only one scan's. Also says whether the endpoint is disabled, and why.",
+    "error; optionally only one scan's. Also says whether the client's endpoint is disabled, and why, and "
+    "lists the scans' callback URLs that are disabled (each URL is disabled on its own).",
     responses={200: {"description": "The deliveries."}, **problem_responses(401, 403, 404, 422, 429, 503)},
 )
 def list_deliveries(
@@ -115,7 +186,14 @@ def list_deliveries(
             disabled_at=owner.webhook_disabled_at if owner else None,
             disabled_reason=owner.webhook_disabled_reason if owner else None,
         )
-        return DeliveryList(endpoint=endpoint, deliveries=[_delivery(row) for row in rows])
+        callbacks = [
+            DisabledCallback(url=state.url, disabled_at=state.disabled_at, disabled_reason=state.disabled_reason)
+            for state in disabled_callbacks(session, client.id)
+            if state.disabled_at is not None
+        ]
+        return DeliveryList(
+            endpoint=endpoint, disabled_callbacks=callbacks, deliveries=[_delivery(row) for row in rows]
+        )
 
 
 @router.post(
@@ -124,7 +202,8 @@ def list_deliveries(
     response_model=DeliveryOut,
     summary="Send a delivery again",
     description="Queues a new attempt now, with the same `webhook-id` and body, whatever the delivery's "
-    "state; a disabled endpoint is enabled again. Other clients' deliveries answer 404.",
+    "state; if the delivery's URL (the client's webhook URL or a scan's callback URL) is disabled, that URL, "
+    "and only it, is enabled again. Other clients' deliveries answer 404.",
     responses={202: {"description": "Queued."}, **problem_responses(401, 403, 404, 429, 503)},
 )
 def replay_delivery(delivery_id: str, request: Request, client: AuthenticatedClient) -> DeliveryOut:
@@ -145,22 +224,78 @@ def replay_delivery(delivery_id: str, request: Request, client: AuthenticatedCli
 
 
 @router.post(
+    "/endpoint/enable",
+    response_model=EnabledEndpoint,
+    summary="Send to a disabled endpoint again",
+    description="Enables one endpoint of this client: the callback URL in `url`, or without a body (or with "
+    "`url` null) the client's own webhook URL. New events for it are sent again; deliveries it missed while "
+    "disabled stay `failed`, replay the ones you want. Enabling an enabled endpoint changes nothing. 404 when "
+    "the URL is neither the client's webhook URL nor a callback URL that was disabled.",
+    responses={200: {"description": "The endpoint, enabled."}, **problem_responses(401, 403, 404, 422, 429, 503)},
+)
+def enable_webhook_endpoint(
+    request: Request, client: AuthenticatedClient, body: EnableRequest | None = None
+) -> EnabledEndpoint:
+    url = body.url if body is not None else None
+    with get_state(request).sessions.begin() as session:
+        state = enable_endpoint_state(session, client.id, url)
+        if state is None:
+            what = "webhook URL" if url is None else "disabled callback endpoint with this URL"
+            raise ProblemError(404, f"This API key has no {what}.", slug="not-found")
+    return EnabledEndpoint(url=state.url, disabled_at=state.disabled_at, disabled_reason=state.disabled_reason)
+
+
+@router.post(
     "/secret/rotate",
     response_model=RotatedSecret,
     summary="Rotate the webhook signing secret",
     description="Issues a new `whsec_...` secret. During the overlap window (SYNTHGUARD_WEBHOOK_SECRET_OVERLAP_S) "
-    "each delivery carries two signatures in `webhook-signature`, one per secret; afterwards only the new one.",
-    responses={200: {"description": "The new secret, shown once."}, **problem_responses(401, 403, 429, 503)},
+    "each delivery carries two signatures in `webhook-signature`, one per secret; afterwards only the new one. "
+    "At most two secrets sign at once: while the previous one still signs, rotating again is 409 unless the "
+    "body says `revoke_previous` (then only the new secret signs, at once).",
+    responses={
+        200: {"description": "The new secret, shown once."},
+        **_CONFLICT,
+        **problem_responses(401, 403, 404, 422, 429, 503),
+    },
 )
-def rotate_secret(request: Request, client: AuthenticatedClient) -> RotatedSecret:
+def rotate_secret(request: Request, client: AuthenticatedClient, body: RotateRequest | None = None) -> RotatedSecret:
     state = get_state(request)
-    until = utcnow() + timedelta(seconds=state.settings.webhook_secret_overlap_s)
-    secret = new_webhook_secret()
+    box = SecretBox.from_settings(state.settings)
+    revoke = body.revoke_previous if body is not None else False
     with state.sessions.begin() as session:
         owner = session.get(ApiClient, client.id)
         if owner is None:
             raise not_found("client")
-        owner.webhook_secret_previous = owner.webhook_secret
-        owner.webhook_secret_previous_until = until
-        owner.webhook_secret = secret
+        try:
+            secret, until = rotate_webhook_secret(
+                session, owner, box, overlap_s=state.settings.webhook_secret_overlap_s, revoke_previous=revoke
+            )
+        except SecretRotationConflict as exc:
+            raise ProblemError(
+                409,
+                f"The previous webhook secret still signs until {exc.until.isoformat()}; rotating again would "
+                "drop it without warning. Revoke it first (POST /v1/webhooks/secret/revoke-previous), or "
+                'rotate with {"revoke_previous": true}.',
+                slug="secret-rotation-conflict",
+                title="The previous secret still signs",
+                previous_valid_until=exc.until.isoformat(),
+            ) from None
     return RotatedSecret(webhook_secret=secret, previous_valid_until=until)
+
+
+@router.post(
+    "/secret/revoke-previous",
+    response_model=RevokedSecret,
+    summary="Stop signing with the previous webhook secret",
+    description="Ends the rotation overlap now: from the next attempt on, deliveries carry only the current "
+    "secret's signature. Use it once every receiver verifies with the new secret, or at once when the old "
+    "one leaked.",
+    responses={200: {"description": "Done."}, **problem_responses(401, 403, 404, 429, 503)},
+)
+def revoke_previous(request: Request, client: AuthenticatedClient) -> RevokedSecret:
+    with get_state(request).sessions.begin() as session:
+        owner = session.get(ApiClient, client.id)
+        if owner is None:
+            raise not_found("client")
+        return RevokedSecret(revoked=revoke_previous_secret(session, owner))

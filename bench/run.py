@@ -22,6 +22,7 @@ dropped here). Nothing is downloaded: the checkpoint is built with timm, pretrai
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -57,6 +58,8 @@ from bench import procstat  # noqa: E402
 PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 PG_DB = "synthguard_bench"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+# Fernet key for the services' webhook secrets (32 random bytes, url-safe base64), new each run.
+BENCH_SECRET_KEY = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
 ARCH = "tf_mobilenetv3_large_100"
 FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
@@ -271,7 +274,14 @@ class Env:
             "SYNTHGUARD_DEVICE": "cpu",
             "SYNTHGUARD_METRICS_PORT": "0",
             "SYNTHGUARD_LOG_FORMAT": "text",
+            # The bench measures the pipeline, not the limits in front of it: every limit off.
             "SYNTHGUARD_API_RATE_LIMIT_PER_MINUTE": "0",
+            "SYNTHGUARD_API_IMAGE_RATE_LIMIT_PER_MINUTE": "0",
+            "SYNTHGUARD_API_ADDRESS_RATE_LIMIT_PER_MINUTE": "0",
+            "SYNTHGUARD_CLIENT_MAX_PENDING_REALTIME": "0",
+            "SYNTHGUARD_CLIENT_MAX_PENDING_BULK": "0",
+            # A throwaway key: the API and worker refuse PostgreSQL with secrets in plain text.
+            "SYNTHGUARD_SECRET_KEY": BENCH_SECRET_KEY,
             "SYNTHGUARD_STALE_AFTER_S": "3600",
         })
         env.update({f"SYNTHGUARD_{k.upper()}": str(v) for k, v in overrides.items()})

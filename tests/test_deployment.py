@@ -33,8 +33,14 @@ COMPOSE_FILE = DOCKER / "compose.yaml"
 DOCKERFILES = {"api": DOCKER / "Dockerfile.api", "worker": DOCKER / "Dockerfile.worker"}
 SETTING_NAMES = {f"SYNTHGUARD_{name.upper()}" for name in Settings.model_fields}
 # Variables without which compose must refuse to start: none has a safe default.
-REQUIRED_SECRETS = {"POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
-SAMPLE_ENV = {"POSTGRES_PASSWORD": "pw", "MINIO_ROOT_USER": "minio", "MINIO_ROOT_PASSWORD": "minio-pw"}
+REQUIRED_SECRETS = {"POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "SYNTHGUARD_SECRET_KEY"}
+SAMPLE_ENV = {
+    "POSTGRES_PASSWORD": "pw",
+    "MINIO_ROOT_USER": "minio",
+    "MINIO_ROOT_PASSWORD": "minio-pw",
+    # A well-formed Fernet key (32 bytes, url-safe base64), as the services get one.
+    "SYNTHGUARD_SECRET_KEY": "dGVzdC1zZWNyZXQta2V5LWZvci1zeW50aGd1YXJkLTE=",
+}
 # The processes that use the schema, and so must start after the migration.
 SCHEMA_USERS = ("api", "worker", "beat")
 

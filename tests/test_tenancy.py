@@ -216,6 +216,16 @@ def test_a_grant_revoked_after_intake_fails_the_image_unfetched(
         app=celery_app,
     )
     assert _cli(["clients", "revoke", str(client_id), "revoked-later/kyc"], service_env).exit_code == 0
+    # A client disabled after intake loses its queued images the same way.
+    disabled_id, _ = make_client("revoked-later/kyc")
+    disabled = enqueue(
+        ["s3://revoked-later/kyc/doc.jpg"],
+        client_id=disabled_id,
+        settings=service_settings,
+        sessions=sessions,
+        app=celery_app,
+    )
+    assert _cli(["clients", "disable", str(disabled_id)], service_env).exit_code == 0
 
     recorder = f"{s3_endpoint}/moto-api/recorder"
     httpx.post(f"{recorder}/reset-recording").raise_for_status()
@@ -224,6 +234,7 @@ def test_a_grant_revoked_after_intake_fails_the_image_unfetched(
         settings = service_settings.model_copy(update={"prepare_processes": 0})
         with Scorer(settings, Detector.from_settings(settings), sessions=sessions) as scorer:
             outcome = scorer.process_image(done.image_ids[0])
+            disabled_outcome = scorer.process_image(disabled.image_ids[0])
     finally:
         httpx.post(f"{recorder}/stop-recording").raise_for_status()
     requests = [
@@ -231,6 +242,7 @@ def test_a_grant_revoked_after_intake_fails_the_image_unfetched(
     ]
 
     assert outcome.state == FAILED and outcome.error_code == ACCESS_DENIED
+    assert disabled_outcome.state == FAILED and disabled_outcome.error_code == ACCESS_DENIED
     with sessions() as session:
         row = session.get(Image, done.image_ids[0])
         assert row is not None and row.state == FAILED and row.error_code == ACCESS_DENIED
@@ -447,3 +459,27 @@ def test_the_api_and_worker_refuse_postgresql_without_a_secret_key(service_env) 
     for command in (["api"], ["worker"]):
         result = _cli(command, env)
         assert result.exit_code == 1 and "SYNTHGUARD_SECRET_KEY" in result.output, result.output
+
+
+def test_a_client_limited_to_registered_callback_hosts_may_name_only_those(
+    api, make_client, sessions
+) -> None:
+    client_id, headers = make_client("hooked", callback_hosts=["hooks.example.com"])
+    objects = [{"bucket": "hooked", "key": "a.jpg"}]
+    elsewhere = api.post(
+        "/v1/scans",
+        json={"objects": objects, "callback_url": "https://victim.example.net/x"},
+        headers=headers,
+    )
+    problem = assert_problem(elsewhere, 422)
+    assert (
+        problem["errors"][0]["loc"][-1] == "callback_url"
+        and "victim.example.net" in problem["errors"][0]["msg"]
+    )
+    registered = api.post(
+        "/v1/scans",
+        json={"objects": objects, "callback_url": "https://HOOKS.example.com/in"},
+        headers=headers,
+    )
+    assert registered.status_code == 202, registered.text
+    assert image_count(sessions, client_id) == 1

@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -54,8 +55,9 @@ class Receiver:
         return [r for r in self.received if r.verified_with]
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+@contextmanager
+def running_receiver() -> Iterator[Receiver]:
+    """A :class:`Receiver` listening on 127.0.0.1 (a free port) until the block ends."""
     state = Receiver()
     lock = threading.Lock()
 
@@ -89,11 +91,19 @@ def receiver() -> Iterator[Receiver]:
     state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield state
-    if state.hold is not None:
-        state.hold.set()
-    server.shutdown()
-    server.server_close()
+    try:
+        yield state
+    finally:
+        if state.hold is not None:
+            state.hold.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with running_receiver() as state:
+        yield state
 
 
 WEBHOOK_ENV = {
@@ -110,7 +120,7 @@ def hooked(pg_url, receiver, s3_client, bucket, fixtures_dir):  # type: ignore[n
     """A client whose webhook URL is the receiver, and an object to score."""
     sessions = get_sessionmaker(pg_url)
     with sessions.begin() as session:
-        new = create_client(session, "hooked", webhook_url=receiver.url)
+        new = create_client(session, "hooked", all_buckets=True, webhook_url=receiver.url)
     receiver.secrets = [new.webhook_secret]
     s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=(fixtures_dir / SMALL_IMAGE).read_bytes())
     return new
@@ -302,7 +312,7 @@ def test_replay_sends_the_same_event_again(
     )
     (row,) = wait_until(lambda: _deliveries(pg_url, hooked, state="delivered"), message="the delivery")
     with get_sessionmaker(pg_url).begin() as session:
-        other = create_client(session, "other")
+        other = create_client(session, "other", all_buckets=True)
     with TestClient(create_app(service_settings, celery=celery_app)) as http:
         replay_url = f"/v1/webhooks/deliveries/{row.id}/replay"
         assert http.post(replay_url, headers={"Authorization": f"Bearer {other.api_key}"}).status_code == 404

@@ -57,6 +57,9 @@ def nets(*cidrs: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ..
 
 LOCAL = URLPolicy(allow_http=True, allowed_networks=nets("127.0.0.1/32"))
 STRICT_HTTP = URLPolicy(allow_http=True)  # the production block, but plain http for the local receiver
+# The production block with an unrelated allowed network: a host name on the receiver's own
+# (non-default) port is then judged by the address it resolves to, at send time.
+STRICT_ELSEWHERE = URLPolicy(allow_http=True, allowed_networks=nets("192.0.2.0/24"))
 BODY = build_body(
     EVENT_IMAGE_FLAGGED, {"image_id": "img_1", "score": 0.97}, timestamp=dt.datetime.now(dt.UTC)
 )
@@ -488,7 +491,7 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
 def test_internal_urls_are_refused_without_connecting(
     receiver: Receiver, secret: str, url_template: str, range_label: str
 ) -> None:
-    result = send(receiver, secret, url=url_template.format(port=receiver.port), policy=STRICT_HTTP)
+    result = send(receiver, secret, url=url_template.format(port=receiver.port), policy=STRICT_ELSEWHERE)
     assert not result.ok and result.permanent and result.status is None and result.address is None
     assert result.error is not None and result.error.startswith("unsafe url: ")
     assert "blocked range" in result.error and range_label in result.error
@@ -497,7 +500,7 @@ def test_internal_urls_are_refused_without_connecting(
 
 
 def test_hostname_refusal_names_host_and_address(receiver: Receiver, secret: str) -> None:
-    result = send(receiver, secret, url=receiver.url(host="localhost"), policy=STRICT_HTTP)
+    result = send(receiver, secret, url=receiver.url(host="localhost"), policy=STRICT_ELSEWHERE)
     assert result.error is not None
     assert result.error.startswith("unsafe url: localhost resolves to ")
     assert "which is in a blocked range: loopback" in result.error
@@ -580,8 +583,61 @@ def test_check_url_allows_without_dns() -> None:
     # .invalid never resolves: check_url must not try.
     URLPolicy().check_url("https://hooks.example.invalid/synthguard?x=1")
     URLPolicy().check_url("https://bücher.example/hook")
-    URLPolicy(allow_http=True).check_url("http://hooks.example.invalid:8080/")
     URLPolicy().check_url("https://8.8.8.8/")
+    URLPolicy().check_url("https://hooks.example.invalid:443/")  # the default port, spelt out
+    # Another port: with an allowed network, the address it resolves to decides, at send time.
+    URLPolicy(allow_http=True, allowed_networks=nets("10.0.0.0/8")).check_url("http://hooks.example.invalid:8080/")
+
+
+# ------------------------------------------------------------------ SSRF: ports
+
+
+@pytest.mark.parametrize(
+    ("policy", "url", "advice"),
+    [
+        (URLPolicy(), "https://hooks.example.com:8443/in", "use https:// on port 443"),
+        (URLPolicy(), "https://hooks.example.com:80/in", "use https:// on port 443"),
+        (URLPolicy(allow_http=True), "http://hooks.example.com:8080/in", "use http:// on port 80"),
+        (URLPolicy(allow_http=True), "http://hooks.example.com:443/in", "use http:// on port 80"),
+        (URLPolicy(), "https://8.8.8.8:6379/", "use https:// on port 443"),
+        (URLPolicy(allowed_networks=nets("10.0.0.0/8")), "https://8.8.8.8:8443/", "use https:// on port 443"),
+    ],
+)
+def test_another_port_is_refused_outside_allowed_networks(policy: URLPolicy, url: str, advice: str) -> None:
+    # A public name on 6379 or 8443 is how a webhook gets aimed at some other service.
+    with pytest.raises(UnsafeURL, match="is not allowed for callbacks") as caught:
+        policy.check_url(url)
+    message = str(caught.value)
+    assert advice in message and "SYNTHGUARD_WEBHOOK_ALLOWED_NETWORKS" in message  # says what to do
+
+
+def test_another_port_is_allowed_inside_allowed_networks() -> None:
+    loopback = URLPolicy(allow_http=True, allowed_networks=nets("127.0.0.0/8"))
+    loopback.check_url("http://127.0.0.1:8080/hook")
+    loopback.check_url("http://[::ffff:127.0.0.1]:8080/hook")  # the same address, IPv6-mapped
+    URLPolicy().check_url("https://hooks.example.com/in")
+    URLPolicy(allow_http=True).check_url("http://hooks.example.com:80/in")
+
+
+def test_a_named_host_on_another_port_is_judged_by_its_pinned_address(
+    receiver: Receiver, secret: str
+) -> None:
+    # check_url lets the name through (some network is allowed); the lookup decides, and a
+    # public answer on the receiver's odd port is refused before any connection.
+    policy = URLPolicy(allow_http=True, allowed_networks=nets("127.0.0.0/8"))
+    url = receiver.url(host="hooks.example.invalid")
+    policy.check_url(url)
+    for answer in (("93.184.215.14",), ("127.0.0.1", "93.184.215.14")):  # every address must be inside
+        result = send(receiver, secret, url=url, policy=policy, resolver=ScriptedResolver(answer))
+        assert not result.ok and result.permanent and result.status is None and result.address is None
+        assert result.error is not None and result.error.startswith("unsafe url: ")
+        assert f"port {receiver.port} is not allowed for callbacks to hooks.example.invalid (93.184.215.14)" in (
+            result.error
+        )
+        assert "SYNTHGUARD_WEBHOOK_ALLOWED_NETWORKS" in result.error
+    assert receiver.connections_before_probe() == 0
+    inside = send(receiver, secret, url=url, policy=policy, resolver=ScriptedResolver(("127.0.0.1",)))
+    assert inside.ok, inside.error
 
 
 def test_http_delivery_needs_allow_http(receiver: Receiver, secret: str) -> None:
@@ -604,6 +660,8 @@ def test_http_delivery_needs_allow_http(receiver: Receiver, secret: str) -> None
         ("172.31.255.255", "private (172.16.0.0/12)"),
         ("192.168.1.1", "private (192.168.0.0/16)"),
         ("169.254.169.254", "link-local"),
+        ("168.63.129.16", "Azure WireServer (platform metadata) (168.63.129.16/32)"),
+        ("100.100.100.200", "Alibaba Cloud instance metadata (100.100.100.200/32)"),
         ("100.64.0.1", "carrier-grade NAT (100.64.0.0/10)"),
         ("100.127.255.254", "carrier-grade NAT"),
         ("224.0.0.1", "multicast"),
@@ -620,6 +678,8 @@ def test_http_delivery_needs_allow_http(receiver: Receiver, secret: str) -> None
         ("::1", "loopback (::1/128)"),
         ("::", "unspecified"),
         ("fe80::1", "link-local (fe80::/10)"),
+        ("fd00:ec2::254", "AWS instance metadata (IPv6) (fd00:ec2::254/128)"),
+        ("fd00:ec2::253", "unique-local (fc00::/7)"),
         ("fc00::1", "unique-local (fc00::/7)"),
         ("fd12:3456:789a::1", "unique-local"),
         ("fec0::1", "site-local"),
@@ -632,6 +692,7 @@ def test_http_delivery_needs_allow_http(receiver: Receiver, secret: str) -> None
         ("::ffff:10.0.0.1", "IPv4-mapped form of 10.0.0.1, private"),
         ("::ffff:169.254.169.254", "IPv4-mapped form of 169.254.169.254, link-local"),
         ("::ffff:100.64.0.1", "IPv4-mapped form of 100.64.0.1, carrier-grade NAT"),
+        ("::ffff:168.63.129.16", "IPv4-mapped form of 168.63.129.16, Azure WireServer"),
         ("64:ff9b::a00:1", "NAT64 form of 10.0.0.1, private"),
         ("64:ff9b::a9fe:a9fe", "NAT64 form of 169.254.169.254, link-local"),
         ("64:ff9b:1::a00:1", "local-use NAT64"),
@@ -647,12 +708,32 @@ def test_blocked_addresses(address: str, label: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "label"),
+    [
+        ("https://168.63.129.16/machine?comp=goalstate", "Azure WireServer"),
+        ("http://100.100.100.200/latest/meta-data/", "Alibaba Cloud instance metadata"),
+        ("http://[fd00:ec2::254]/latest/meta-data/", "AWS instance metadata (IPv6)"),
+    ],
+)
+def test_cloud_metadata_services_are_refused(url: str, label: str) -> None:
+    with pytest.raises(UnsafeURL, match="blocked range") as caught:
+        URLPolicy(allow_http=True).check_url(url)
+    assert label in str(caught.value)
+    # And a name that resolves there is refused at send time, before any connection.
+    host = url.split("/")[2].strip("[]")
+    with pytest.raises(UnsafeURL, match=f"metadata.example resolves to {host}, which is in a blocked range") as at_send:
+        resolve_pinned("metadata.example", 443, URLPolicy(), resolver=ScriptedResolver((host,)))
+    assert label in str(at_send.value)
+
+
+@pytest.mark.parametrize(
     "address",
     [
         "8.8.8.8",
         "1.1.1.1",
         "93.184.215.14",
         "172.32.0.1",  # just outside 172.16/12
+        "168.63.129.17",  # Azure's WireServer is one address, not its neighbours
         "100.128.0.1",  # just outside 100.64/10
         "2606:4700:4700::1111",
         "2a00:1450:4001:80b::200e",

@@ -704,7 +704,7 @@ def worker(concurrency: int | None, queues: str | None, loglevel: str, hostname:
     from .tasks import install_scorer
 
     settings = _settings(concurrency=concurrency)
-    _require_secret_key(settings, "worker")
+    _require_secret_key(settings, "the worker")
     sessions = _checked_sessions(settings)
     detector = _load_detector(settings, allow_untrained=False)
     try:
@@ -752,7 +752,7 @@ def api(host: str, port: int, workers: int) -> None:
     from .logs import current_format
 
     settings = _settings()
-    _require_secret_key(settings, "API")
+    _require_secret_key(settings, "the API")
     _checked_sessions(settings)
     # Server processes started with --workers read the format again from the environment.
     os.environ["SYNTHGUARD_LOG_FORMAT"] = current_format()
@@ -1053,6 +1053,7 @@ def clients_create(
     settings = _settings()
     if webhook_url is not None:
         _check_webhook_url(webhook_url, settings)
+    _require_secret_key(settings, "`clients create`")
     box = _secret_box(settings)
     with _checked_sessions(settings).begin() as session:
         new = create_client(
@@ -1227,6 +1228,7 @@ def clients_rotate_secret(name: str, revoke_previous: bool, as_json: bool) -> No
     from .clients import SecretRotationConflict, rotate_webhook_secret
 
     with _one_client(name) as (session, client, settings):
+        _require_secret_key(settings, "`clients rotate-secret`")
         try:
             secret, until = rotate_webhook_secret(
                 session,

@@ -234,7 +234,7 @@ def rotate_webhook_secret(
 
 
 def revoke_previous_secret(session: Session, client: ApiClient) -> bool:
-    """The previous secret stops signing now; False when there was none still signing."""
+    """The previous secret stops signing now; False when none was stored (expired ones count as stored)."""
     had = client.webhook_secret_previous is not None
     client.webhook_secret_previous = None
     client.webhook_secret_previous_until = None

@@ -10,6 +10,13 @@
 
 The webhook id is the delivery's id, the same on every attempt, so a receiver
 deduplicates redeliveries; the body is the stored payload, byte for byte.
+
+Endpoints are disabled one URL at a time: a URL that answers 410 Gone, or fails
+for the whole retry schedule, stops getting new deliveries, and no other URL
+does. The client's own ``webhook_url`` keeps that state on ``api_clients``; a
+scan's ``callback_url`` keeps it in ``webhook_endpoints``, so a tenant's broken
+per-scan callback never silences its main endpoint. A replay, or
+:func:`enable_endpoint`, turns a URL back on.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from .clients import signing_secrets
 from .models import (
     DELIVERY_DELIVERED,
     DELIVERY_FAILED,
@@ -33,8 +42,10 @@ from .models import (
     Image,
     Scan,
     WebhookDelivery,
+    WebhookEndpoint,
     utcnow,
 )
+from .secretbox import SecretBox
 from .webhooks import EVENT_IMAGE_FLAGGED, EVENT_SCAN_COMPLETED, URLPolicy, build_body, deliver, next_delay
 
 log = logging.getLogger(__name__)
@@ -112,10 +123,11 @@ def _add(
         created_at=now,
         next_attempt_at=now,
     )
-    if client.webhook_disabled_at is not None:
+    disabled = _disabled_reason(session, client, url)
+    if disabled is not None:
         # Kept, not silently dropped: the client can see what it missed and why.
         delivery.state = DELIVERY_FAILED
-        delivery.last_error = f"endpoint disabled: {client.webhook_disabled_reason}"
+        delivery.last_error = f"endpoint disabled: {disabled}"
     else:
         delivery.state = DELIVERY_PENDING
         # Its message is about to be published; until then the sweeper leaves it alone.
@@ -190,25 +202,21 @@ class Claimed:
     secrets: list[str]
 
 
-def _secrets(client: ApiClient, now: datetime) -> list[str]:
-    secrets = [client.webhook_secret] if client.webhook_secret else []
-    until = client.webhook_secret_previous_until
-    if client.webhook_secret_previous and until is not None and _aware(until) > now:
-        # Rotation overlap: receivers still on the old secret keep verifying.
-        secrets.append(client.webhook_secret_previous)
-    return secrets
-
-
 def _aware(moment: datetime) -> datetime:
     # SQLite hands back naive datetimes; they were written in UTC.
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=utcnow().tzinfo)
 
 
-def claim(session: Session, delivery_id: uuid.UUID, attempt: int, *, hold_s: float) -> Claimed | None:
+def claim(
+    session: Session, delivery_id: uuid.UUID, attempt: int, *, hold_s: float, box: SecretBox
+) -> Claimed | None:
     """Take attempt number ``attempt`` of a due, pending delivery; None if someone else has it.
 
     The attempt number in the message is what makes a duplicate message harmless:
-    only one claim per number can succeed.
+    only one claim per number can succeed. The client's secrets are opened with
+    ``box`` (they are stored sealed); a secret that does not open raises
+    :class:`~worker.errors.ConfigError` and, the transaction rolled back, the
+    claim never happened.
     """
     now = utcnow()
     row = session.execute(
@@ -225,7 +233,8 @@ def claim(session: Session, delivery_id: uuid.UUID, attempt: int, *, hold_s: flo
     if row is None:
         return None
     client = session.get(ApiClient, row.client_id)
-    return Claimed(delivery_id, attempt, row.url, body_bytes(row.payload), _secrets(client, now) if client else [])
+    secrets = signing_secrets(client, box, now) if client else []
+    return Claimed(delivery_id, attempt, row.url, body_bytes(row.payload), secrets)
 
 
 def record(
@@ -255,14 +264,15 @@ def record(
     )
     if delay is None:
         delivery.state = DELIVERY_FAILED
-        if client is not None and client.webhook_disabled_at is None and (result.gone or not result.permanent):
+        # An unsafe URL is refused, not failing: it disables nothing (the next scan may name a good one).
+        if client is not None and (result.gone or not result.permanent):
             hours = (now - _aware(delivery.created_at)).total_seconds() / 3600
-            client.webhook_disabled_at = now
-            client.webhook_disabled_reason = (
+            reason = (
                 f"{delivery.url} answered 410 Gone"
                 if result.gone
                 else ENDPOINT_GIVE_UP.format(attempts=claimed.attempt, hours=hours, error=result.error)
             )
+            _disable(session, client, delivery.url, reason, now)
         return None
     delivery.next_attempt_at = now + timedelta(seconds=delay)
     # A short wait is published with a countdown now; a long one is left to the sweeper.
@@ -276,17 +286,21 @@ def send_delivery(
     attempt: int,
     *,
     policy: URLPolicy,
+    box: SecretBox,
     timeout_s: float,
     lease_s: float,
     retry_schedule: Sequence[float],
     publish_retry: Callable[[uuid.UUID, int, float], None] | None = None,
 ) -> str:
-    """One attempt of one delivery, end to end; returns what became of it."""
+    """One attempt of one delivery, end to end; returns what became of it.
+
+    ``box`` opens the client's stored webhook secrets (``SecretBox.from_settings``).
+    """
     # Imported here: the API imports this module and should not show empty worker series.
     from .metrics import webhook_attempt
 
     with sessions.begin() as session:
-        claimed = claim(session, delivery_id, attempt, hold_s=timeout_s + 30)
+        claimed = claim(session, delivery_id, attempt, hold_s=timeout_s + 30, box=box)
     if claimed is None:
         return webhook_attempt("skipped")
     result = deliver(claimed.url, msg_id=str(delivery_id), body=claimed.body, secrets=claimed.secrets, policy=policy, timeout_s=timeout_s)
@@ -330,18 +344,136 @@ def replay(
 ) -> tuple[uuid.UUID, int] | None:
     """Make a client's delivery due again, same webhook id; None if it is not theirs.
 
-    A replay is the client saying its endpoint works again, so a disabled
-    endpoint is enabled. The caller publishes the returned (id, attempt).
+    A replay is the client saying the delivery's endpoint works again, so that
+    URL is enabled if it was disabled (its own URL, whether the client's
+    webhook URL or a scan's callback URL; no other). The caller publishes the
+    returned (id, attempt).
     """
     delivery = session.get(WebhookDelivery, delivery_id)
     if delivery is None or delivery.client_id != client_id:
         return None
     now = utcnow()
     client = session.get(ApiClient, client_id)
-    if client is not None and delivery.url == client.webhook_url:
-        client.webhook_disabled_at = None
-        client.webhook_disabled_reason = None
+    if client is not None:
+        _enable(session, client, delivery.url)
     delivery.state = DELIVERY_PENDING
     delivery.next_attempt_at = now
     delivery.sending_until = now + timedelta(seconds=lease_s)
     return delivery.id, delivery.attempts + 1
+
+
+# ------------------------------------------------------------------ endpoint state
+
+
+@dataclass(frozen=True)
+class EndpointState:
+    """One URL a client's deliveries go to, and whether synthguard still sends to it."""
+
+    url: str
+    disabled_at: datetime | None
+    disabled_reason: str | None
+
+
+def _is_own(client: ApiClient, url: str) -> bool:
+    # The client's webhook URL keeps its state on api_clients; any other URL in webhook_endpoints.
+    return client.webhook_url is not None and url == client.webhook_url
+
+
+def _endpoint_row(session: Session, client_id: uuid.UUID, url: str) -> WebhookEndpoint | None:
+    return session.scalar(
+        select(WebhookEndpoint).where(WebhookEndpoint.client_id == client_id, WebhookEndpoint.url == url)
+    )
+
+
+def _disabled_reason(session: Session, client: ApiClient, url: str) -> str | None:
+    """Why ``url`` gets none of ``client``'s new deliveries; None while it is enabled."""
+    if _is_own(client, url):
+        if client.webhook_disabled_at is None:
+            return None
+        return client.webhook_disabled_reason or "disabled"
+    row = session.execute(
+        select(WebhookEndpoint.disabled_at, WebhookEndpoint.disabled_reason).where(
+            WebhookEndpoint.client_id == client.id, WebhookEndpoint.url == url
+        )
+    ).one_or_none()
+    if row is None or row.disabled_at is None:
+        return None
+    return row.disabled_reason or "disabled"
+
+
+def _disable(session: Session, client: ApiClient, url: str, reason: str, now: datetime) -> None:
+    """Stop new deliveries to ``url`` (only it); the first reason is kept while it stays disabled."""
+    if _is_own(client, url):
+        if client.webhook_disabled_at is None:
+            client.webhook_disabled_at = now
+            client.webhook_disabled_reason = reason
+        return
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+    if insert is None:  # pragma: no cover - PostgreSQL and SQLite are the supported databases
+        raise RuntimeError(f"webhook endpoint state is not implemented for {dialect}")
+    table = WebhookEndpoint.__table__
+    statement = insert(table).values(
+        id=uuid.uuid4(), client_id=client.id, url=url, disabled_at=now, disabled_reason=reason, created_at=now
+    )
+    # One statement, not select-then-insert: two deliveries to one URL may give up at the same moment.
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[table.c.client_id, table.c.url],
+            set_={
+                "disabled_at": statement.excluded.disabled_at,
+                "disabled_reason": statement.excluded.disabled_reason,
+            },
+            where=table.c.disabled_at.is_(None),
+        )
+    )
+
+
+def _enable(session: Session, client: ApiClient, url: str) -> EndpointState | None:
+    """Send to ``url`` again; its state now, or None when ``url`` has no state for this client."""
+    if _is_own(client, url):
+        client.webhook_disabled_at = None
+        client.webhook_disabled_reason = None
+        return EndpointState(url, None, None)
+    row = _endpoint_row(session, client.id, url)
+    if row is None:
+        return None
+    row.disabled_at = None
+    row.disabled_reason = None
+    session.flush()
+    return EndpointState(url, None, None)
+
+
+def enable_endpoint(session: Session, client_id: uuid.UUID, url: str | None = None) -> bool:
+    """Turn an endpoint of a client back on: ``url``, or the client's own webhook URL when None.
+
+    Returns False when there is no such endpoint: no such client, no webhook
+    URL, or a URL that is not the client's webhook URL and never failed (only
+    failed callback URLs have state). Enabling an enabled endpoint is True and
+    changes nothing. Deliveries missed while it was disabled stay ``failed``;
+    replay the ones wanted.
+    """
+    return enable_endpoint_state(session, client_id, url) is not None
+
+
+def enable_endpoint_state(session: Session, client_id: uuid.UUID, url: str | None = None) -> EndpointState | None:
+    """:func:`enable_endpoint`, answering the endpoint's new state (None: no such endpoint)."""
+    client = session.get(ApiClient, client_id)
+    if client is None:
+        return None
+    target = url if url is not None else client.webhook_url
+    if not target:
+        return None
+    state = _enable(session, client, target)
+    session.flush()
+    return state
+
+
+def disabled_callbacks(session: Session, client_id: uuid.UUID) -> list[EndpointState]:
+    """The client's callback URLs (not its webhook URL) that get no deliveries now, newest first."""
+    rows = session.scalars(
+        select(WebhookEndpoint)
+        .where(WebhookEndpoint.client_id == client_id, WebhookEndpoint.disabled_at.is_not(None))
+        .order_by(WebhookEndpoint.disabled_at.desc(), WebhookEndpoint.url)
+    )
+    return [EndpointState(row.url, row.disabled_at, row.disabled_reason) for row in rows]

@@ -256,7 +256,7 @@ class Scorer:
             return self._fail(
                 image_id,
                 errors.ACCESS_DENIED,
-                "the API client no longer has a grant for this object; it was not fetched",
+                "the API client is disabled or no longer has a grant for this object; it was not fetched",
             )
         try:
             result = self.score(ref, realtime=realtime)
@@ -294,9 +294,14 @@ class Scorer:
                     _IMAGES.c.client_id,
                 )
             ).one_or_none()
-            # Images without a client are an operator's (CLI); a client's are held to its grants now,
-            # not as they were at intake.
-            granted = row is None or row.client_id is None or access_of(session, row.client_id).allows(row.bucket, row.key)
+            # Images without a client are an operator's (CLI); a client's S3 objects are held to its
+            # grants now, not as they were at intake. Local files answer to allow_local instead.
+            granted = (
+                row is None
+                or row.client_id is None
+                or row.bucket is None
+                or access_of(session, row.client_id).allows(row.bucket, row.key)
+            )
         if row is None:
             return None
         # The rest of this run logs with its scan; the key only where worker.logs allows it.

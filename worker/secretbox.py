@@ -70,7 +70,13 @@ class SecretBox:
             raise ConfigError("SYNTHGUARD_SECRET_KEY is not set: there is nothing to encrypt with")
         if stored.startswith(PLAIN_PREFIX):
             return self.seal(stored)
-        return self._fernet.rotate(stored.encode()).decode()
+        try:
+            return self._fernet.rotate(stored.encode()).decode()
+        except InvalidToken:
+            raise ConfigError(
+                "a webhook secret does not open with any key in SYNTHGUARD_SECRET_KEY: put the key it was "
+                "sealed with back (after the new one) and run this again"
+            ) from None
 
 
 def is_plain(stored: str | None) -> bool:
@@ -84,7 +90,7 @@ def require_secret_key(settings: Settings, what: str) -> None:
         return
     if settings.database_url.startswith("postgresql"):
         raise ConfigError(
-            f"the {what} will not run on PostgreSQL without SYNTHGUARD_SECRET_KEY, which encrypts webhook "
+            f"{what} will not run on PostgreSQL without SYNTHGUARD_SECRET_KEY, which encrypts webhook "
             "secrets at rest: set it (make one with `synthguard clients new-secret-key`), or set "
             "SYNTHGUARD_ALLOW_PLAINTEXT_SECRETS=true for a trial"
         )

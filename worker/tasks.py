@@ -16,6 +16,7 @@ from .errors import TransientError, backoff_delay
 from .outbox import due, send_delivery
 from .queueing import publish_deliveries, sweep_stale
 from .scoring import Scorer
+from .secretbox import SecretBox
 from .settings import get_settings
 from .webhooks import URLPolicy
 
@@ -113,6 +114,8 @@ def deliver_webhook(delivery_id: str, attempt: int) -> str:
         uuid.UUID(delivery_id),
         attempt,
         policy=URLPolicy.from_settings(settings),
+        # Webhook secrets are stored sealed under SYNTHGUARD_SECRET_KEY; building the box is cheap.
+        box=SecretBox.from_settings(settings),
         timeout_s=settings.webhook_timeout_s,
         lease_s=settings.stale_after_s,
         retry_schedule=settings.webhook_retry_schedule_s,

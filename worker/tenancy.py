@@ -73,8 +73,13 @@ class Access:
 
 
 def access_of(session: Session, client_id: uuid.UUID) -> Access:
-    """The client's grants as they are now; no access at all for an unknown client."""
-    all_buckets = session.scalar(select(ApiClient.all_buckets).where(ApiClient.id == client_id))
+    """The client's grants as they are now; no access at all for an unknown or disabled client."""
+    client = session.execute(
+        select(ApiClient.all_buckets, ApiClient.disabled_at).where(ApiClient.id == client_id)
+    ).one_or_none()
+    if client is None or client.disabled_at is not None:
+        return Access(False, ())
+    all_buckets = client.all_buckets
     rows = session.execute(
         select(ClientGrant.bucket, ClientGrant.prefix).where(ClientGrant.client_id == client_id)
     ).all()
@@ -148,8 +153,8 @@ def check_intake(
     be refused though it would add nothing, and its retry finds room later.
     """
     client = lock_client(session, client_id)
-    if client is None:
-        raise NotGranted("This API client does not exist.", bucket="", key="")
+    if client is None or client.disabled_at is not None:
+        raise NotGranted("This API client does not exist or is disabled.", bucket="", key="")
     require_access(session, client_id, refs)
     require_lane(client, lane)
     if not enforce_caps or not refs:

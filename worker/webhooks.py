@@ -10,6 +10,12 @@ goes to those checked addresses only (an httpcore network backend that ignores
 DNS), while the URL keeps its host name, so the ``Host`` header, TLS SNI and
 certificate verification all use the name. A second lookup by the HTTP stack,
 the gap DNS rebinding exploits, never happens.
+
+Ports: a callback URL uses its scheme's port (443 for https, 80 for http)
+unless the receiver is inside ``allowed_networks``. An IP literal is judged by
+:meth:`URLPolicy.check_url`; a host name on another port is refused there when
+no network is allowed, and otherwise judged at send time by
+:meth:`URLPolicy.check_port` on the pinned addresses.
 """
 
 from __future__ import annotations
@@ -95,8 +101,12 @@ def _table(*rows: tuple[str, str]) -> tuple[tuple[IPNetwork, str], ...]:
 _BLOCKED_V4 = _table(
     ("0.0.0.0/8", "unspecified / this network"),
     ("10.0.0.0/8", "private"),
+    # Alibaba Cloud's instance metadata; inside CGNAT too, but named for what it is.
+    ("100.100.100.200/32", "Alibaba Cloud instance metadata"),
     ("100.64.0.0/10", "carrier-grade NAT"),
     ("127.0.0.0/8", "loopback"),
+    # Azure's WireServer: a public-looking address every Azure VM reaches (agent, health, DNS).
+    ("168.63.129.16/32", "Azure WireServer (platform metadata)"),
     ("169.254.0.0/16", "link-local, home of cloud metadata at 169.254.169.254"),
     ("172.16.0.0/12", "private"),
     ("192.0.0.0/24", "IETF protocol assignments"),
@@ -119,12 +129,16 @@ _BLOCKED_V6 = _table(
     ("2001::/32", "Teredo tunnel"),
     ("2001:db8::/32", "documentation"),
     ("3fff::/20", "documentation"),
+    # AWS's IPv6 instance metadata (IMDS) on Nitro instances; inside fc00::/7 but named first.
+    ("fd00:ec2::254/128", "AWS instance metadata (IPv6)"),
     ("fc00::/7", "unique-local"),
     ("fe80::/10", "link-local"),
     ("fec0::/10", "site-local (deprecated)"),
     ("ff00::/8", "multicast"),
 )
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# The one port each scheme may use outside allowed_networks.
+_DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
@@ -151,7 +165,10 @@ class URLPolicy:
     """Which callback URLs and addresses webhooks may go to.
 
     ``allowed_networks`` are exempt from the address block (an on-premises
-    receiver, tests); everything else must be a public unicast address.
+    receiver, tests); everything else must be a public unicast address. Only
+    addresses in ``allowed_networks`` may be reached on a port other than the
+    scheme's own (443, or 80 for http): a public host name on port 6379 or
+    8500 is how a webhook is aimed at some other service.
     """
 
     allow_http: bool = False
@@ -199,9 +216,14 @@ class URLPolicy:
             raise UnsafeURL(f"port {parsed.port} is out of range 1-65535")
         literal = _ip_literal(host)
         if literal is not None:
+            # The address first: "blocked range: loopback" says more than "port 8080".
             self.check_address(literal)
+            self.check_port(parsed.scheme, parsed.port, (literal,))
         elif not _HOSTNAME.fullmatch(host):
             raise UnsafeURL(f"host {host!r} is not a valid DNS name")
+        elif _odd_port(parsed.scheme, parsed.port) and not self.allowed_networks:
+            # No address could ever be allowed another port: refuse now rather than at every send.
+            raise UnsafeURL(_port_advice(parsed.scheme, parsed.port))
         return parsed
 
     def check_address(self, ip: IPAddress) -> None:
@@ -210,8 +232,30 @@ class URLPolicy:
         if reason is not None:
             raise UnsafeURL(f"{ip} is in a blocked range: {reason}")
 
+    def check_port(
+        self, scheme: str, port: int | None, addresses: Sequence[IPAddress], *, host: str | None = None
+    ) -> None:
+        """Refuse a port other than the scheme's own unless every address is in ``allowed_networks``.
+
+        ``port`` None is the scheme's default. ``addresses`` are those a
+        connection may use (the pinned ones); ``host`` names them in the error.
+        """
+        if not _odd_port(scheme, port):
+            return
+        for ip in addresses:
+            if not self._covers(ip):
+                where = f"{host} ({ip})" if host else str(ip)
+                raise UnsafeURL(_port_advice(scheme, port, where))
+
     def _allowed(self, ip: IPAddress) -> bool:
         return any(ip.version == net.version and ip in net for net in self.allowed_networks)
+
+    def _covers(self, ip: IPAddress) -> bool:
+        """In ``allowed_networks``, itself or as the IPv4 address its IPv6 form leads to."""
+        if self._allowed(ip):
+            return True
+        embedded = _embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+        return embedded is not None and self._allowed(embedded[1])
 
     def _blocked_reason(self, ip: IPAddress) -> str | None:
         if self._allowed(ip):
@@ -228,6 +272,22 @@ class URLPolicy:
         if not ip.is_global:
             return "not a globally routable address"
         return None
+
+
+def _odd_port(scheme: str, port: int | None) -> bool:
+    # httpx drops a port equal to the scheme's default, so None is the usual case.
+    return port is not None and port != _DEFAULT_PORTS.get(scheme)
+
+
+def _port_advice(scheme: str, port: int | None, where: str | None = None) -> str:
+    """Why a port is refused, and the two ways out."""
+    default = _DEFAULT_PORTS.get(scheme, 443)
+    outside = f" to {where}, which is not in SYNTHGUARD_WEBHOOK_ALLOWED_NETWORKS" if where else ""
+    return (
+        f"port {port} is not allowed for callbacks{outside}: use {scheme}:// on port {default} "
+        "(leave the port out), or ask the operator to add the receiver's network to "
+        "SYNTHGUARD_WEBHOOK_ALLOWED_NETWORKS"
+    )
 
 
 def _ip_literal(host: str) -> IPAddress | None:
@@ -514,6 +574,8 @@ def deliver(
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         addresses = resolve_pinned(host, port, policy, resolver=resolver)
+        # A host name on another port was let through check_url; its addresses decide now.
+        policy.check_port(parsed.scheme, parsed.port, addresses, host=host)
     except UnsafeURL as exc:
         return result(error=f"unsafe url: {exc}", permanent=True)
     except (OSError, UnicodeError) as exc:
