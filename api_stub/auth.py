@@ -18,7 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from worker.clients import authenticate
 
 from .problems import ProblemError
-from .ratelimit import Decision, client_address
+from .ratelimit import BACKOFF_S, Decision, client_address
 from .state import get_state
 
 # Declares the scheme in OpenAPI; the header is parsed below, to say precisely what is wrong.
@@ -98,7 +98,7 @@ def refuse_unless_allowed(decision: Decision, what: str) -> None:
             503,
             "The rate limiter cannot reach its Redis; retry later.",
             slug="rate-limiter-unavailable",
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(int(BACKOFF_S))},
         )
     raise ProblemError(
         429,

@@ -200,7 +200,7 @@ def _scan_state(counts: dict[str, int]) -> str:
     "or errors. `images` holds up to `limit` images from `offset` (ordered by bucket, key and "
     "version); `counts` and `image_count` always cover the whole scan. Scans of other API clients "
     "answer 404, as unknown ids do.",
-    responses={200: {"description": "The scan."}, **problem_responses(401, 403, 404, 422, 429, 503)},
+    responses={200: {"description": "The scan."}, **problem_responses(401, 404, 422, 429, 503)},
 )
 def get_scan(
     scan_id: Annotated[
@@ -261,7 +261,7 @@ def get_scan(
     summary="Read one image's state and result",
     description="The image's state, score (p(synthetic)), flag, the model that scored it, provenance "
     "signals, or the error that stopped it. Images of other API clients answer 404, as unknown ids do.",
-    responses={200: {"description": "The image."}, **problem_responses(401, 403, 404, 429, 503)},
+    responses={200: {"description": "The image."}, **problem_responses(401, 404, 429, 503)},
 )
 def get_image(
     image_id: Annotated[str, Path(description="The image's id.", examples=[EXAMPLE_IMAGE_ID])],

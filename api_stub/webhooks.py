@@ -167,7 +167,7 @@ def _delivery(row: WebhookDelivery) -> DeliveryOut:
     description="This client's deliveries, newest first, each with every attempt's HTTP status, latency and "
     "error; optionally only one scan's. Also says whether the client's endpoint is disabled, and why, and "
     "lists the scans' callback URLs that are disabled (each URL is disabled on its own).",
-    responses={200: {"description": "The deliveries."}, **problem_responses(401, 403, 404, 422, 429, 503)},
+    responses={200: {"description": "The deliveries."}, **problem_responses(401, 404, 422, 429, 503)},
 )
 def list_deliveries(
     request: Request,
@@ -204,7 +204,7 @@ def list_deliveries(
     description="Queues a new attempt now, with the same `webhook-id` and body, whatever the delivery's "
     "state; if the delivery's URL (the client's webhook URL or a scan's callback URL) is disabled, that URL, "
     "and only it, is enabled again. Other clients' deliveries answer 404.",
-    responses={202: {"description": "Queued."}, **problem_responses(401, 403, 404, 429, 503)},
+    responses={202: {"description": "Queued."}, **problem_responses(401, 404, 429, 503)},
 )
 def replay_delivery(delivery_id: str, request: Request, client: AuthenticatedClient) -> DeliveryOut:
     state = get_state(request)
@@ -231,7 +231,7 @@ def replay_delivery(delivery_id: str, request: Request, client: AuthenticatedCli
     "`url` null) the client's own webhook URL. New events for it are sent again; deliveries it missed while "
     "disabled stay `failed`, replay the ones you want. Enabling an enabled endpoint changes nothing. 404 when "
     "the URL is neither the client's webhook URL nor a callback URL that was disabled.",
-    responses={200: {"description": "The endpoint, enabled."}, **problem_responses(401, 403, 404, 422, 429, 503)},
+    responses={200: {"description": "The endpoint, enabled."}, **problem_responses(401, 404, 422, 429, 503)},
 )
 def enable_webhook_endpoint(
     request: Request, client: AuthenticatedClient, body: EnableRequest | None = None
@@ -256,7 +256,7 @@ def enable_webhook_endpoint(
     responses={
         200: {"description": "The new secret, shown once."},
         **_CONFLICT,
-        **problem_responses(401, 403, 404, 422, 429, 503),
+        **problem_responses(401, 404, 422, 429, 503),
     },
 )
 def rotate_secret(request: Request, client: AuthenticatedClient, body: RotateRequest | None = None) -> RotatedSecret:
@@ -291,7 +291,7 @@ def rotate_secret(request: Request, client: AuthenticatedClient, body: RotateReq
     description="Ends the rotation overlap now: from the next attempt on, deliveries carry only the current "
     "secret's signature. Use it once every receiver verifies with the new secret, or at once when the old "
     "one leaked.",
-    responses={200: {"description": "Done."}, **problem_responses(401, 403, 404, 429, 503)},
+    responses={200: {"description": "Done."}, **problem_responses(401, 404, 429, 503)},
 )
 def revoke_previous(request: Request, client: AuthenticatedClient) -> RevokedSecret:
     with get_state(request).sessions.begin() as session:

@@ -1134,10 +1134,11 @@ def clients_revoke(name: str, grant: Any) -> None:
     images there that are still queued fail with access_denied, unfetched.
     """
     from .clients import remove_grant
+    from .tenancy import Grant
 
     with _one_client(name) as (session, client, _):
         removed = remove_grant(session, client, grant)
-        left = [str(g.bucket) + ("/" + g.prefix if g.prefix else "") for g in client.grants]
+        left = [str(Grant(g.bucket, g.prefix)) for g in client.grants]
     if not removed:
         raise _fail(f"{client.name} has no grant s3://{grant}; its grants: {', '.join(left) or 'none'}")
     click.echo(f"revoked: {client.name} may no longer reach s3://{grant}")
@@ -1155,7 +1156,7 @@ def clients_set(
     callback_hosts: tuple[str, ...],
 ) -> None:
     """Change the lanes and limits of client NAME; options not given stay as they are."""
-    from .clients import check_lanes
+    from .clients import check_lanes, normalize_hosts
 
     with _one_client(name) as (_, client, _):
         if lanes:
@@ -1168,7 +1169,7 @@ def clients_set(
             if value is not None:
                 setattr(client, column, value)
         if callback_hosts:
-            client.callback_hosts = sorted({host.lower().rstrip(".") for host in callback_hosts})
+            client.callback_hosts = normalize_hosts(callback_hosts)
     click.echo(f"updated client {client.name}")
 
 
@@ -1302,6 +1303,7 @@ def clients_list(as_json: bool) -> None:
     each key, to tell keys apart.
     """
     from .models import ApiClient
+    from .tenancy import Grant
 
     with _checked_sessions(_settings())() as session:
         rows = list(session.scalars(select(ApiClient).order_by(ApiClient.created_at, ApiClient.name)))
@@ -1311,7 +1313,7 @@ def clients_list(as_json: bool) -> None:
                 "name": c.name,
                 "key_prefix": c.api_key_prefix,
                 "all_buckets": c.all_buckets,
-                "grants": [f"{g.bucket}/{g.prefix}" if g.prefix else g.bucket for g in c.grants],
+                "grants": [str(Grant(g.bucket, g.prefix)) for g in c.grants],
                 "lanes": c.lanes or list(PRIORITIES),
                 "max_pending_realtime": c.max_pending_realtime,
                 "max_pending_bulk": c.max_pending_bulk,

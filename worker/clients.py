@@ -54,6 +54,11 @@ class NewClient:
     webhook_secret: str
 
 
+def normalize_hosts(hosts: Sequence[str]) -> list[str]:
+    """Callback host names as compared at intake: lower case, no trailing dot, each once."""
+    return sorted({host.lower().rstrip(".") for host in hosts})
+
+
 def check_lanes(lanes: Sequence[str] | None) -> list[str] | None:
     if lanes is None:
         return None
@@ -91,7 +96,7 @@ def create_client(
         max_pending_realtime=max_pending_realtime,
         max_pending_bulk=max_pending_bulk,
         images_per_minute=images_per_minute,
-        callback_hosts=sorted({host.lower().rstrip(".") for host in callback_hosts}) if callback_hosts else None,
+        callback_hosts=normalize_hosts(callback_hosts) if callback_hosts else None,
         webhook_url=webhook_url,
         webhook_secret=(box or SecretBox([])).seal(secret),
         default_threshold=default_threshold,
