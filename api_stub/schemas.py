@@ -199,7 +199,8 @@ class ScanRequest(BaseModel):
     priority: Literal["realtime", "bulk"] = Field(
         "realtime",
         description="`realtime` (uploads, KYC: served first) or `bulk` (backfills: served when realtime "
-        "work is idle).",
+        "work is idle). Realtime images past the client's burst (SYNTHGUARD_REALTIME_BURST queued or "
+        "processing, 32 by default) wait behind other clients' realtime images.",
     )
     threshold: float | None = Field(
         None,

@@ -13,7 +13,9 @@ Same machine, same images, same run:
      (SYNTHGUARD_PREPARE_PROCESSES);
   5. latency: realtime enqueue-to-stored p50/p95 idle and under a bulk backfill, with one
      worker for all lanes and with a realtime worker beside a bulk one (LATENCY_LAYOUTS);
-  6. JPEG DCT-scaled decode (Pillow draft): speed and score drift (not a service default).
+  6. fairness: one client's realtime latency idle and while another client floods the realtime
+     lane, with overflow (SYNTHGUARD_REALTIME_BURST) and without (FAIRNESS_LAYOUTS);
+  7. JPEG DCT-scaled decode (Pillow draft): speed and score drift (not a service default).
 
 Services it needs: Redis (db 10), PostgreSQL (database synthguard_bench, created and
 dropped here). Nothing is downloaded: the checkpoint is built with timm, pretrained=False.
@@ -105,11 +107,12 @@ SETS = {
     "jpeg-12mp": (4000, 3000, "JPEG"),
 }
 SIZES = {
-    # images per set, unique images per set, backfill size, realtime probes, probe interval (s), levers
-    "quick": {"n": {"jpeg-1024": 60, "png-1024": 40, "jpeg-12mp": 16}, "unique": 4, "backfill": 200,
+    # images per set, unique images per set, backfill size, one client's realtime flood, realtime probes,
+    # probe interval (s), levers
+    "quick": {"n": {"jpeg-1024": 60, "png-1024": 40, "jpeg-12mp": 16}, "unique": 4, "backfill": 200, "flood": 200,
               "probes": 8, "interval": 0.3, "ceiling_s": 1.5,
               "levers": [Lever(frozen=False), Lever(prepare=0), Lever(4, threads=1, processes=2, prepare=0)]},
-    "full": {"n": {"jpeg-1024": 500, "png-1024": 240, "jpeg-12mp": 90}, "unique": 8, "backfill": 1000,
+    "full": {"n": {"jpeg-1024": 500, "png-1024": 240, "jpeg-12mp": 90}, "unique": 8, "backfill": 1000, "flood": 1000,
              "probes": 20, "interval": 0.3, "ceiling_s": 3.0,
              "levers": [Lever(frozen=False), Lever(16), Lever(batch_size=8), Lever(prepare=1),
                         Lever(threads=2), Lever(prepare=0), Lever(4, prepare=0), Lever(threads=1, prepare=0),
@@ -121,7 +124,15 @@ SIZES = {
 LATENCY_LAYOUTS = {
     "one worker, all lanes": [(8, None, 0)],
     "realtime worker + all-lanes worker": [(4, "realtime,webhooks", 0), (8, None, 0)],
-    "realtime worker + bulk worker at nice 10": [(4, "realtime,webhooks", 0), (8, "bulk", 10)],
+    "realtime worker + bulk worker at nice 10": [(4, "realtime,webhooks", 0), (8, "overflow,bulk", 10)],
+}
+
+# The fairness stage's configurations: SYNTHGUARD_REALTIME_BURST of the API process (0: one FIFO
+# realtime queue, as before overflow existed), and the worker processes as in LATENCY_LAYOUTS.
+FAIRNESS_LAYOUTS = {
+    "one worker, burst 32 (default)": (32, [(8, None, 0)]),
+    "one worker, burst 0 (one FIFO queue)": (0, [(8, None, 0)]),
+    "realtime worker + all-lanes worker, burst 32": (32, [(4, "realtime,webhooks", 0), (8, None, 0)]),
 }
 
 LOG = print
@@ -512,21 +523,20 @@ def upload(env: Env, prefix: str, blobs: list[bytes], n: int, ext: str) -> list[
 
 
 class Api:
-    def __init__(self, env: Env) -> None:
+    """A real `synthguard api` process (settings overrides as Env.service_env's) and a client of it."""
+
+    def __init__(self, env: Env, name: str = "bench", **overrides: object) -> None:
         import httpx
 
-        from worker.clients import create_client
         from worker.db import get_sessionmaker
 
         self.sessions = get_sessionmaker(env.pg_url)
-        with self.sessions.begin() as session:
-            self.key = create_client(session, "bench", all_buckets=True).api_key
         port = free_port()
-        self.proc = Proc("api", [sys.executable, "-m", "worker.cli", "api", "--port", str(port)], env.service_env(),
-                         env.workdir)
+        self.proc = Proc("api", [sys.executable, "-m", "worker.cli", "api", "--port", str(port)],
+                         env.service_env(**overrides), env.workdir)
         env.procs.append(self.proc)
         self.base = f"http://127.0.0.1:{port}"
-        self.http = httpx.Client(base_url=self.base, timeout=120, headers={"Authorization": f"Bearer {self.key}"})
+        self.http = self.add_client(name)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -538,11 +548,22 @@ class Api:
                 raise RuntimeError("api did not start")
             time.sleep(0.1)
 
-    def scan(self, keys: list[str], priority: str) -> str:
+    def add_client(self, name: str):  # type: ignore[no-untyped-def]
+        """A new API client (every bucket, the default lanes and limits) and an HTTP client with its key."""
+        import httpx
+
+        from worker.clients import create_client
+
+        with self.sessions.begin() as session:
+            key = create_client(session, name, all_buckets=True).api_key
+        return httpx.Client(base_url=self.base, timeout=120, headers={"Authorization": f"Bearer {key}"})
+
+    def scan(self, keys: list[str], priority: str, http=None) -> str:  # type: ignore[no-untyped-def]
         ids = []
         for i in range(0, len(keys), 1000):
-            resp = self.http.post("/v1/scans", json={"objects": [{"bucket": "bench", "key": k} for k in keys[i:i + 1000]],
-                                                      "priority": priority})
+            resp = (http or self.http).post(
+                "/v1/scans", json={"objects": [{"bucket": "bench", "key": k} for k in keys[i:i + 1000]],
+                                   "priority": priority})
             resp.raise_for_status()
             ids.append(resp.json()["id"])
         return ",".join(ids)
@@ -719,6 +740,41 @@ def latency(env: Env, api: Api, worker: Proc, rt_keys: list[str], backfill_keys:
             "backfill_s": backfill_s}
 
 
+def fairness(env: Env, burst: int, specs: list[tuple[int, str | None, int]], warm: list[str],
+             probe_keys: list[str], flood_keys: list[str], probes: int, interval: float) -> dict:
+    """Client beta's realtime latency idle and while client alpha floods the realtime lane."""
+    api = Api(env, name=f"alpha-{secrets.token_hex(3)}", realtime_burst=burst)
+    beta = api.add_client(f"beta-{secrets.token_hex(3)}")
+    workers = [start_worker(env, conc, 32, node=i, queues=queues, nice=nice)
+               for i, (conc, queues, nice) in enumerate(specs)]
+    try:
+        api.wait(api.scan(warm, "bulk").split(","), len(warm))
+        api.wait([api.scan([key], "realtime", beta) for key in warm[:4]], 4)
+
+        def probe(keys: list[str]) -> list[str]:
+            ids = []
+            for k in keys:
+                ids.append(api.scan([k], "realtime", beta))
+                time.sleep(interval)
+            return ids
+
+        idle_ids = probe(probe_keys[:probes])
+        api.wait(idle_ids, probes)
+        t0 = datetime.now(UTC)
+        flood_ids = api.scan(flood_keys, "realtime").split(",")
+        time.sleep(1.0)
+        busy_ids = probe(probe_keys[probes:2 * probes])
+        done_at_last_probe, _, _ = api.progress(flood_ids)
+        api.wait(busy_ids, probes)
+        _, last = api.wait(flood_ids, len(flood_keys))
+        return {"idle": api.latencies(idle_ids), "busy": api.latencies(busy_ids), "flood_n": len(flood_keys),
+                "flood_done_at_last_probe": done_at_last_probe, "flood_s": (last - t0).total_seconds()}
+    finally:
+        for proc in [*workers, api.proc]:
+            proc.stop()
+            env.procs.remove(proc)
+
+
 # --------------------------------------------------------------------- report
 
 
@@ -764,7 +820,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few images: a smoke run of every stage")
     parser.add_argument("--output", default=str(REPO / "bench" / "last_run.md"), help="markdown tables written here")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: ceilings,s3,naive,synthguard,levers,latency,dct")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: ceilings,s3,naive,synthguard,levers,latency,fairness,dct")
     parser.add_argument("--backfill", type=int, default=0,
                         help="images in the latency stage's bulk backfill (default 1000; the issue's 10000 takes "
                              "about 5 minutes per layout on 2 cores)")
@@ -879,6 +935,19 @@ def main() -> int:
                 return out
 
             res["latency"] = stage("latency", lat)
+
+            def fair() -> dict:
+                probe_keys = upload(env, "fair", images["jpeg-1024"], 2 * size["probes"], "jpeg")
+                flood_keys = upload(env, "flood", images["jpeg-1024"], size["flood"], "jpeg")
+                out = {}
+                for name, (burst, specs) in FAIRNESS_LAYOUTS.items():
+                    r = fairness(env, burst, specs, warm, probe_keys, flood_keys, size["probes"], size["interval"])
+                    out[name] = r
+                    LOG(f"  {name}: beta idle p95 {pct(r['idle'], .95):.3f}s, under alpha's flood p95 "
+                        f"{pct(r['busy'], .95):.3f}s; flood {r['flood_s']:.1f}s")
+                return out
+
+            res["fairness"] = stage("fairness", fair)
     finally:
         env.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -978,6 +1047,20 @@ def render(res: dict) -> str:
                 f"({next(iter(la.values()))['backfill_n']} images).", "",
                 table(["workers", "probes", "idle p50 s", "idle p95 s", "busy p50 s", "busy p95 s", "busy max s",
                        "p95 busy/idle", "backfill s", "backfill done at last probe"], rows), ""]
+    fa = res.get("fairness")
+    if fa:
+        rows = []
+        for name, r in fa.items():
+            idle95, busy95 = pct(r["idle"], .95), pct(r["busy"], .95)
+            rows.append([name, len(r["idle"]), pct(r["idle"], .5), idle95, pct(r["busy"], .5), busy95,
+                         max(r["busy"]), f"{busy95 / idle95:.2f}x", f"{r['flood_s']:.1f}",
+                         f"{r['flood_done_at_last_probe']}/{r['flood_n']}"])
+        out += ["### One client's realtime flood: another client's realtime latency (jpeg-1024)", "",
+                "Client beta sends one realtime image at a time, idle and then while client alpha has "
+                f"{next(iter(fa.values()))['flood_n']} realtime images queued (one request per 1000). "
+                "Burst: SYNTHGUARD_REALTIME_BURST of the API.", "",
+                table(["configuration", "probes", "idle p50 s", "idle p95 s", "flood p50 s", "flood p95 s",
+                       "flood max s", "p95 flood/idle", "flood s", "flood done at last probe"], rows), ""]
     d = res.get("dct")
     if d:
         out += [f"### JPEG DCT-scaled decode (Pillow draft to >= {d['short_side']}px short side), not a service default", "",

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from worker.celery_app import QUEUES
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,9 +215,9 @@ def test_every_lane_has_a_worker_and_realtime_one_of_its_own(services: dict[str,
     for name, service in services.items():
         argv = service.get("command") or []
         if argv[:1] == ["worker"]:
-            given = argv[argv.index("--queues") + 1] if "--queues" in argv else "realtime,webhooks,bulk"
-            lanes[name] = set(given.split(","))
-    assert set().union(*lanes.values()) == {"realtime", "webhooks", "bulk"}, lanes
+            given = argv[argv.index("--queues") + 1] if "--queues" in argv else ",".join(QUEUES)
+            lanes[name] = {queue.removeprefix("synthguard.") for queue in given.split(",")}
+    assert set().union(*lanes.values()) == {q.removeprefix("synthguard.") for q in QUEUES}, lanes
     dedicated = [name for name, consumed in lanes.items() if "realtime" in consumed and "bulk" not in consumed]
     assert dedicated, f"no worker keeps realtime images away from a backfill: {lanes}"
     for name in dedicated:

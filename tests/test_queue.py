@@ -298,7 +298,7 @@ def test_a_worker_refuses_an_unknown_queue_before_loading_anything(service_env) 
 
     result = CliRunner().invoke(main, ["worker", "--queues", "realtime,bluk"], env=service_env)
     assert result.exit_code == 2
-    assert "unknown queue 'bluk'" in result.output and "realtime, webhooks, bulk" in result.output
+    assert "unknown queue 'bluk'" in result.output and "realtime, webhooks, overflow, bulk" in result.output
 
 
 def test_the_sweeper_republishes_only_stale_queue_work_to_its_lane(

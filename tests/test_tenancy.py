@@ -21,14 +21,15 @@ from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_stub.app import create_app
-from worker.celery_app import BULK_QUEUE, REALTIME_QUEUE
+from conftest import wait_until
+from worker.celery_app import BULK_QUEUE, OVERFLOW_QUEUE, REALTIME_QUEUE
 from worker.cli import main
 from worker.clients import create_client
 from worker.db import get_sessionmaker
 from worker.detector import Detector
 from worker.errors import ACCESS_DENIED, NotGranted
 from worker.models import FAILED, ApiClient, Image
-from worker.queueing import enqueue
+from worker.queueing import enqueue, realtime_share, sweep_stale
 from worker.scoring import Scorer
 from worker.storage import check_bucket_name, check_object_key
 from worker.tenancy import Grant
@@ -84,7 +85,7 @@ def image_count(sessions: sessionmaker[Session], client_id: uuid.UUID) -> int:
 
 
 def queued_messages(broker: redis.Redis) -> int:
-    return int(broker.llen(REALTIME_QUEUE)) + int(broker.llen(BULK_QUEUE))
+    return sum(int(broker.llen(queue)) for queue in (REALTIME_QUEUE, OVERFLOW_QUEUE, BULK_QUEUE))
 
 
 def assert_problem(response: httpx.Response, status: int, slug: str | None = None) -> dict[str, Any]:
@@ -342,6 +343,117 @@ def test_an_image_quota_gives_429_with_retry_after(api, make_client, sessions, b
     # One more realtime image still fits.
     assert api.post("/v1/scans", json={"objects": objects[2:]}, headers=headers).status_code == 202
     assert queued_messages(broker) == 4
+
+
+# ---------------------------------------------------------------- fairness
+
+
+@pytest.mark.parametrize(
+    ("pending", "count", "burst", "ahead"),
+    [
+        (0, 1, 32, 1),  # one upload, nothing pending: realtime
+        (0, 40, 32, 32),  # a flood's first burst is realtime, the rest overflow
+        (30, 5, 32, 2),
+        (32, 1, 32, 0),  # at the burst: everything new overflows
+        (500, 3, 32, 0),
+        (500, 3, 0, 3),  # burst 0: overflow off
+    ],
+)
+def test_realtime_share(pending: int, count: int, burst: int, ahead: int) -> None:
+    assert realtime_share(pending, count, burst) == ahead
+
+
+def _jpeg(seed: int) -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    out = io.BytesIO()
+    PILImage.new("RGB", (48, 48), (seed * 37 % 256, 90, 160)).save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def _message_ids(broker: redis.Redis, queue: str) -> list[uuid.UUID]:
+    """Image ids of the score messages waiting in ``queue``, oldest first (kombu pushes left)."""
+    import base64
+
+    ids = []
+    for raw in reversed(broker.lrange(queue, 0, -1)):
+        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        ids.append(uuid.UUID(args[0]))
+    return ids
+
+
+def test_one_clients_flood_waits_behind_another_clients_realtime_images(
+    service_settings, celery_app, make_client, sessions, broker, s3_client, start_service
+) -> None:
+    s3_client.create_bucket(Bucket="flood")
+    s3_client.create_bucket(Bucket="kyc")
+    for i in range(7):
+        s3_client.put_object(Bucket="flood", Key=f"f{i}.jpg", Body=_jpeg(i))
+    s3_client.put_object(Bucket="kyc", Key="id.jpg", Body=_jpeg(99))
+    _, alpha = make_client("flood")
+    _, beta = make_client("kyc")
+    settings = service_settings.model_copy(update={"realtime_burst": 2})
+    with TestClient(create_app(settings, celery=celery_app)) as api:
+        objects = [{"bucket": "flood", "key": f"f{i}.jpg"} for i in range(6)]
+        flood = api.post("/v1/scans", json={"objects": objects}, headers=alpha)
+        assert flood.status_code == 202, flood.text
+        upload = api.post("/v1/s3-events", json={"Records": [_event("kyc", "id.jpg")]}, headers=beta)
+        assert upload.status_code == 202, upload.text
+        # alpha still has 6 pending: its next image overflows too, from any intake path.
+        more = api.post("/v1/s3-events", json={"Records": [_event("flood", "f6.jpg")]}, headers=alpha)
+        assert more.status_code == 202, more.text
+    flood_ids = [uuid.UUID(i["id"]) for i in flood.json()["images"]]
+    (beta_id,) = [uuid.UUID(i["id"]) for i in upload.json()["images"]]
+    (late_id,) = [uuid.UUID(i["id"]) for i in more.json()["images"]]
+    assert _message_ids(broker, REALTIME_QUEUE) == [*flood_ids[:2], beta_id]
+    assert _message_ids(broker, OVERFLOW_QUEUE) == [*flood_ids[2:], late_id]
+
+    # One thread: images are scored one at a time, in the order the worker takes them.
+    start_service("worker", concurrency=1)
+    done = wait_until(lambda: _completed(sessions, [*flood_ids, late_id, beta_id]), message="every image")
+    overflowed = [done[i] for i in [*flood_ids[2:], late_id]]
+    assert done[beta_id] < min(overflowed), "beta's upload waited behind alpha's flood"
+
+
+def _completed(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> dict[uuid.UUID, Any] | None:
+    """Each image's completed_at once all are terminal, else None."""
+    with sessions() as session:
+        rows = session.execute(select(Image.id, Image.completed_at).where(Image.id.in_(ids))).all()
+    if len(rows) < len(ids) or any(r.completed_at is None for r in rows):
+        return None
+    return {r.id: r.completed_at for r in rows}
+
+
+def test_the_sweeper_sends_one_clients_lost_flood_back_behind_the_others(
+    service_settings, celery_app, make_client, sessions, broker
+) -> None:
+    alpha_id, _ = make_client("flood")
+    beta_id, _ = make_client("kyc")
+    flood = enqueue(
+        [f"s3://flood/f{i}.jpg" for i in range(5)],
+        client_id=alpha_id,
+        settings=service_settings,
+        sessions=sessions,
+        app=celery_app,
+    )
+    upload = enqueue(
+        ["s3://kyc/id.jpg"], client_id=beta_id, settings=service_settings, sessions=sessions, app=celery_app
+    )
+    broker.flushdb()  # Redis restarted without persistence: every message is gone
+    with sessions.begin() as session:
+        # Older than any image another test of this session may have left queued.
+        session.execute(
+            update(Image)
+            .where(Image.id.in_([*flood.image_ids, *upload.image_ids]))
+            .values(updated_at=Image.updated_at - timedelta(days=30))
+        )
+    assert sweep_stale(sessions, celery_app, stale_after_s=20 * 86400.0, realtime_burst=2) == 6
+    realtime, overflow = _message_ids(broker, REALTIME_QUEUE), _message_ids(broker, OVERFLOW_QUEUE)
+    assert upload.image_ids[0] in realtime
+    assert len(set(realtime) & set(flood.image_ids)) == 2 and set(overflow) < set(flood.image_ids)
+    assert len(overflow) == 3
 
 
 def test_images_per_minute_count_objects_not_requests(api, make_client, sessions) -> None:

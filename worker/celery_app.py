@@ -10,9 +10,13 @@ Choices, and why:
   terminal, so a killed worker's messages come back. The database is still the
   source of truth: the sweeper re-publishes what a broker loses.
 * ``queue_order_strategy="priority"`` and ``prefetch_multiplier=1``: the worker
-  polls ``realtime`` before ``webhooks`` before ``bulk`` whenever a thread frees
-  up, and holds no more messages than it has threads, so a bulk backlog of any
-  size delays a realtime image by at most the work already in flight.
+  polls ``realtime`` before ``webhooks`` before ``overflow`` before ``bulk``
+  whenever a thread frees up, and holds no more messages than it has threads,
+  so a bulk backlog of any size delays a realtime image by at most the work
+  already in flight.
+* ``overflow`` holds a client's realtime images past its burst
+  (``SYNTHGUARD_REALTIME_BURST``, worker.queueing.realtime_share): one client's
+  flood waits there, behind every other client's realtime images.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from .settings import Settings, get_settings
 REALTIME_QUEUE = "synthguard.realtime"
 BULK_QUEUE = "synthguard.bulk"
 WEBHOOKS_QUEUE = "synthguard.webhooks"
+OVERFLOW_QUEUE = "synthguard.overflow"
 # Polling order: first is served first whenever a worker thread is free.
-QUEUES = (REALTIME_QUEUE, WEBHOOKS_QUEUE, BULK_QUEUE)
+QUEUES = (REALTIME_QUEUE, WEBHOOKS_QUEUE, OVERFLOW_QUEUE, BULK_QUEUE)
 LANES = {"realtime": REALTIME_QUEUE, "bulk": BULK_QUEUE}
 
 

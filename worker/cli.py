@@ -684,9 +684,10 @@ def _queue_names(ctx: click.Context, param: click.Parameter, value: str | None) 
     "--queues",
     default=None,
     callback=_queue_names,
-    help="Comma-separated lanes to consume, polled in the order given (default: realtime,webhooks,bulk; "
-    "queue names such as synthguard.bulk work too). One worker with realtime,webhooks beside the "
-    "backfill's keeps realtime latency low (docs/operations.md).",
+    help="Comma-separated queues to consume, polled in the order given (default: "
+    "realtime,webhooks,overflow,bulk; queue names such as synthguard.bulk work too). overflow holds "
+    "realtime images of a client past its burst (SYNTHGUARD_REALTIME_BURST): give it to some worker. One "
+    "worker with realtime,webhooks beside the backfill's keeps realtime latency low (docs/operations.md).",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", help="Celery node name, unique per worker process (default: celery@HOST).")

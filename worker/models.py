@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -133,6 +134,14 @@ class Scan(Base):
     __table_args__ = (
         CheckConstraint("priority IN ('realtime', 'bulk')", name="priority"),
         UniqueConstraint("client_id", "idempotency_key", name="uq_scans_client_id_idempotency_key"),
+        # Intake sums a client's open scans on a lane (tenancy.pending_images); finished ones stay out.
+        Index(
+            "ix_scans_open_client_id_priority",
+            "client_id",
+            "priority",
+            postgresql_where=text("completed_at IS NULL"),
+            sqlite_where=text("completed_at IS NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)

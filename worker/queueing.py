@@ -22,13 +22,13 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .celery_app import LANES, WEBHOOKS_QUEUE
+from .celery_app import LANES, OVERFLOW_QUEUE, WEBHOOKS_QUEUE
 from .db import get_sessionmaker
 from .intake import create_scan, unique_refs
 from .models import PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
 from .settings import Settings, get_settings
 from .storage import ObjectRef, check_ref, parse_s3_uri
-from .tenancy import check_intake, event_lane, lock_client
+from .tenancy import check_intake, event_lane, lock_client, pending_images
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,30 @@ class Enqueued:
     refs: list[ObjectRef] = field(default_factory=list)
 
 
-def publish(app: Celery, image_ids: Iterable[uuid.UUID], lane: str) -> int:
-    """Send one ``score_image`` message per id to the lane's queue; returns how many."""
-    queue = LANES[lane]
+def realtime_share(pending: int, count: int, burst: int) -> int:
+    """How many of ``count`` new realtime images go to the realtime queue; the rest overflow.
+
+    A client with ``pending`` realtime images not yet done keeps the realtime
+    queue for up to ``burst`` of them, so a flood from one client waits in
+    ``synthguard.overflow`` behind the other clients' images instead of in
+    front of them. ``burst`` 0 turns overflow off.
+    """
+    if burst <= 0:
+        return count
+    return max(0, min(count, burst - pending))
+
+
+def publish(app: Celery, image_ids: Sequence[uuid.UUID], lane: str, *, ahead: int | None = None) -> int:
+    """Send one ``score_image`` message per id to the lane's queue; returns how many.
+
+    With ``ahead``, only the first ``ahead`` ids go to the lane's queue and the
+    rest to ``synthguard.overflow`` (see :func:`realtime_share`).
+    """
+    ahead = len(image_ids) if ahead is None else ahead
     sent = 0
     with app.producer_or_acquire() as producer:
         for image_id in image_ids:
+            queue = LANES[lane] if sent < ahead else OVERFLOW_QUEUE
             app.send_task(SCORE_TASK, args=[str(image_id)], queue=queue, producer=producer)
             sent += 1
     return sent
@@ -80,10 +98,10 @@ def publish_deliveries(app: Celery, deliveries: Iterable[tuple[uuid.UUID, int]],
     return sent
 
 
-def publish_quietly(app: Celery, image_ids: Sequence[uuid.UUID], lane: str) -> bool:
+def publish_quietly(app: Celery, image_ids: Sequence[uuid.UUID], lane: str, *, ahead: int | None = None) -> bool:
     """Publish, but a broker outage is not the producer's failure: the sweeper will publish later."""
     try:
-        publish(app, image_ids, lane)
+        publish(app, image_ids, lane, ahead=ahead)
     except Exception as exc:  # noqa: BLE001 - kombu raises many kinds; the rows are safe either way
         log.warning("could not publish %d images to %s (%s); the sweeper will", len(image_ids), lane, exc)
         return False
@@ -167,6 +185,9 @@ def enqueue(
     ``enforce_caps`` (operators' commands turn it off) its pending cap for the
     lane must have room (else :class:`~worker.errors.QuotaExceeded`).
 
+    Realtime images past the client's burst (``SYNTHGUARD_REALTIME_BURST``
+    pending) go to ``synthguard.overflow``; see :func:`realtime_share`.
+
     With ``idempotency_key``, the same key and request return the first scan
     instead of a second one; the same key with a different request raises
     :class:`IdempotencyConflict`.
@@ -186,6 +207,7 @@ def enqueue(
             "webhook_events": sorted(webhook_events) if webhook_events is not None else None,
         }
     )
+    pending = 0
     try:
         with sessions.begin() as session:
             if idempotency_key is not None:
@@ -193,7 +215,9 @@ def enqueue(
                 if found is not None:
                     return found
             if client_id is not None:
-                check_intake(session, client_id, refs, priority, settings, enforce_caps=enforce_caps)
+                pending = check_intake(session, client_id, refs, priority, settings, enforce_caps=enforce_caps)
+            elif priority == "realtime":
+                pending = pending_images(session, None, priority)
             scan, ids = create_scan(
                 session,
                 refs,
@@ -219,7 +243,8 @@ def enqueue(
         if found is None:
             raise
         return found
-    publish_quietly(app or _default_app(), ids, priority)
+    ahead = realtime_share(pending, len(ids), settings.realtime_burst) if priority == "realtime" else None
+    publish_quietly(app or _default_app(), ids, priority, ahead=ahead)
     return Enqueued(scan_id, ids, priority, refs=refs)
 
 
@@ -297,7 +322,7 @@ def enqueue_object_events(
             lane = event_lane(client) if client is not None else "realtime"
         if not events:
             return EventIntake(None, [], [], lane)
-        check_intake(session, client_id, [e.ref for e in events], lane, settings, enforce_caps=True)
+        pending = check_intake(session, client_id, [e.ref for e in events], lane, settings, enforce_caps=True)
         scan, ids = create_scan(
             session,
             [event.ref for event in events],
@@ -323,7 +348,8 @@ def enqueue_object_events(
             fresh.append(image_id)
             new_ids.discard(image_id)
     if fresh:
-        publish_quietly(app or _default_app(), fresh, lane)
+        ahead = realtime_share(pending, len(fresh), settings.realtime_burst) if lane == "realtime" else None
+        publish_quietly(app or _default_app(), fresh, lane, ahead=ahead)
     return EventIntake(scan_id, ids, duplicates, lane)
 
 
@@ -338,6 +364,7 @@ def sweep_stale(
     app: Celery,
     *,
     stale_after_s: float,
+    realtime_burst: int = 0,
     batch: int = 1000,
     limit: int = 100_000,
 ) -> int:
@@ -346,14 +373,19 @@ def sweep_stale(
     Touches ``updated_at`` of what it re-publishes, so the next sweep leaves
     them alone for another ``stale_after_s``. Rows are taken with SKIP LOCKED
     (on PostgreSQL), so two sweepers at once split the work instead of doubling it.
+    Of each client's stale realtime images, the first ``realtime_burst`` go
+    back to the realtime queue and the rest to overflow, as at intake.
     """
     total = 0
+    # Realtime images re-published per client during this sweep: one client's
+    # lost flood must not come back in front of everyone else's images.
+    sent_realtime: dict[uuid.UUID | None, int] = {}
     while total < limit:
         now = utcnow()
         cutoff = now - timedelta(seconds=stale_after_s)
         with sessions.begin() as session:
             rows = session.execute(
-                select(Image.id, Scan.priority)
+                select(Image.id, Image.client_id, Scan.priority)
                 .join(Scan, Scan.id == Image.scan_id)
                 .where(
                     Image.state.in_((QUEUED, PROCESSING)),
@@ -368,10 +400,17 @@ def sweep_stale(
                 session.execute(
                     update(Image).where(Image.id.in_([r.id for r in rows])).values(updated_at=now)
                 )
-        for lane in LANES:
-            ids = [r.id for r in rows if r.priority == lane]
-            if ids:
-                publish(app, ids, lane)
+        bulk = [r.id for r in rows if r.priority == "bulk"]
+        if bulk:
+            publish(app, bulk, "bulk")
+        realtime: dict[uuid.UUID | None, list[uuid.UUID]] = {}
+        for r in rows:
+            if r.priority == "realtime":
+                realtime.setdefault(r.client_id, []).append(r.id)
+        for client_id, ids in realtime.items():
+            before = sent_realtime.get(client_id, 0)
+            publish(app, ids, "realtime", ahead=realtime_share(before, len(ids), realtime_burst))
+            sent_realtime[client_id] = before + len(ids)
         total += len(rows)
         if len(rows) < batch:
             break

@@ -211,6 +211,13 @@ class Settings(BaseSettings):
         description="Images one client may have queued or processing on the realtime lane; past it intake "
         "answers 429. A client's max_pending_realtime overrides it; 0 turns the cap off.",
     )
+    realtime_burst: int = Field(
+        32,
+        ge=0,
+        description="Realtime images one client (or the operators' client-less intake) may have queued or "
+        "processing before its next ones go to synthguard.overflow, served after every other client's "
+        "realtime images, so one client's flood cannot delay the others'. 0 turns overflow off.",
+    )
     client_max_pending_bulk: int = Field(
         1_000_000,
         ge=0,

@@ -86,6 +86,7 @@ def _clear_log_context(**_: object) -> None:
 def score_image(self: Task, image_id: str) -> str:
     """Score one image by id; transient failures come back later with backoff and jitter."""
     scorer = get_scorer()
+    # Overflow images (a client past its realtime burst) are batched and yield like bulk ones.
     realtime = (self.request.delivery_info or {}).get("routing_key") == REALTIME_QUEUE
     try:
         outcome = scorer.process_image(uuid.UUID(image_id), realtime=realtime)
@@ -128,7 +129,9 @@ def sweep(stale_after_s: float | None = None) -> int:
     """Re-publish images a lost message or a dead worker left behind, and send due webhooks."""
     scorer = get_scorer()
     stale = scorer.settings.stale_after_s if stale_after_s is None else stale_after_s
-    images = sweep_stale(scorer.sessions, app, stale_after_s=stale)
+    images = sweep_stale(
+        scorer.sessions, app, stale_after_s=stale, realtime_burst=scorer.settings.realtime_burst
+    )
     with scorer.sessions.begin() as session:
         due_now = due(session, lease_s=stale)
     if due_now:

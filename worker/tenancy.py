@@ -8,7 +8,8 @@
 * **Lanes**: which of ``realtime`` and ``bulk`` a client may queue on.
 * **Pending caps**: images queued or processing per client and lane, counted
   from the open scans' ``pending_count`` under a lock on the client's row, so
-  two concurrent requests cannot both slip under the cap.
+  two concurrent requests cannot both slip under the cap. The same count
+  decides which new realtime images overflow (``queueing.realtime_share``).
 """
 
 from __future__ import annotations
@@ -122,11 +123,15 @@ def pending_cap(client: ApiClient, lane: str, settings: Settings) -> int:
     return settings.client_max_pending_realtime if lane == "realtime" else settings.client_max_pending_bulk
 
 
-def pending_images(session: Session, client_id: uuid.UUID, lane: str) -> int:
-    """Images of the client's open scans in ``lane`` that are not terminal yet."""
+def pending_images(session: Session, client_id: uuid.UUID | None, lane: str) -> int:
+    """Images of the client's open scans in ``lane`` that are not terminal yet.
+
+    ``client_id`` None counts the client-less scans (operators' commands, Python callers).
+    """
+    owner = Scan.client_id.is_(None) if client_id is None else Scan.client_id == client_id
     total = session.scalar(
         select(func.coalesce(func.sum(Scan.pending_count), 0)).where(
-            Scan.client_id == client_id, Scan.priority == lane, Scan.completed_at.is_(None)
+            owner, Scan.priority == lane, Scan.completed_at.is_(None)
         )
     )
     return int(total or 0)
@@ -145,24 +150,26 @@ def check_intake(
     settings: Settings,
     *,
     enforce_caps: bool,
-) -> None:
+) -> int:
     """Every rule of intake for one request, inside the transaction that will write its rows.
 
     Grants first (403), then the lane (403), then the pending cap (429). The
     cap counts every object as new; a redelivered S3 event near the cap may
     be refused though it would add nothing, and its retry finds room later.
+    Returns the images the client already has pending on the lane, which
+    decides how many new realtime ones overflow (queueing.realtime_share).
     """
     client = lock_client(session, client_id)
     if client is None or client.disabled_at is not None:
         raise NotGranted("This API client does not exist or is disabled.", bucket="", key="")
     require_access(session, client_id, refs)
     require_lane(client, lane)
-    if not enforce_caps or not refs:
-        return
-    cap = pending_cap(client, lane, settings)
-    if cap <= 0:
-        return
+    if not refs:
+        return 0
     pending = pending_images(session, client_id, lane)
+    cap = pending_cap(client, lane, settings)
+    if not enforce_caps or cap <= 0:
+        return pending
     if pending + len(refs) > cap:
         raise QuotaExceeded(
             f"This API client has {pending} images queued or processing on the {lane} lane; its cap is "
@@ -170,6 +177,7 @@ def check_intake(
             retry_after_s=QUOTA_RETRY_AFTER_S,
             limit=cap,
         )
+    return pending
 
 
 def event_lane(client: ApiClient) -> str:
