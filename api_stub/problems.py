@@ -15,10 +15,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from worker.db import loggable
 from worker.errors import IntakeRefused, LaneNotAllowed, NotGranted, QuotaExceeded
 
 from .schemas import FieldError, Problem, ValidationProblem
@@ -204,7 +205,11 @@ async def _on_database_unavailable(request: Request, exc: Exception) -> JSONResp
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    if isinstance(exc, DBAPIError):
+        # The database's message quotes the values it refused (object keys, metadata): not logged.
+        log.error("unexpected database error in %s %s: %s", request.method, request.url.path, loggable(exc))
+    else:
+        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, "An unexpected error occurred; it has been logged.")
 
 

@@ -29,6 +29,7 @@ from .schemas import (
     ScanCounts,
     ScanOut,
     ScanRequest,
+    check_idempotency_key,
 )
 from .state import get_state
 
@@ -79,6 +80,11 @@ def _check_callback_url(request_body: ScanRequest, settings: Settings, client: C
 
 
 def _idempotency_key(body_key: str | None, header_key: str | None) -> str | None:
+    if header_key is not None:
+        try:
+            check_idempotency_key(header_key)
+        except ValueError as exc:
+            raise ProblemError(422, f"Idempotency-Key header: {exc}", slug="invalid-idempotency-key") from None
     if body_key and header_key and body_key != header_key:
         raise ProblemError(
             422,

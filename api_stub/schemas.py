@@ -12,6 +12,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from worker.sanitise import first_unsafe
 from worker.storage import (
     MAX_ETAG_LENGTH,
     MAX_KEY_BYTES,
@@ -24,6 +25,8 @@ from worker.storage import (
 MAX_OBJECTS = 1000
 MAX_EVENT_RECORDS = 1000
 MAX_METADATA_BYTES = 4096
+# Deeper metadata is refused (422) before it is walked or stored.
+MAX_JSON_DEPTH = 32
 MAX_URL_LENGTH = 2048
 
 EXAMPLE_SCAN_ID = "8a4f3c0e-4b7e-4f0f-9a63-1f7d0c2b9e11"
@@ -131,8 +134,34 @@ class ObjectIn(BaseModel):
         return None if version_id is None else check_version_id(version_id)
 
 
+def _check_json_text(value: Any, path: str, depth: int = 0) -> None:
+    """Every key and string of a JSON value is text the database stores: no NUL, control
+    characters (but tab and newlines) or lone surrogates; the error names where."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{path} is nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        if (found := first_unsafe(value)) is not None:
+            raise ValueError(f"{path} contains {found}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if (found := first_unsafe(str(key))) is not None:
+                raise ValueError(f"a key of {path} contains {found}")
+            _check_json_text(item, f"{path}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json_text(item, f"{path}[{index}]", depth + 1)
+
+
+def check_idempotency_key(key: str) -> str:
+    if (found := first_unsafe(key)) is not None:
+        raise ValueError(f"idempotency_key contains {found}")
+    return key
+
+
 def check_callback_url(url: str) -> str:
     """Syntax only: http(s), a well-formed host, no credentials. Where it points is checked at send time."""
+    if (found := first_unsafe(url)) is not None:
+        raise ValueError(f"callback_url contains {found}")
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("https", "http"):
         raise ValueError("callback_url must be an https URL")
@@ -246,10 +275,16 @@ class ScanRequest(BaseModel):
     def _check_callback_url(cls, url: str | None) -> str | None:
         return None if url is None else check_callback_url(url)
 
+    @field_validator("idempotency_key")
+    @classmethod
+    def _check_idempotency_key(cls, key: str | None) -> str | None:
+        return None if key is None else check_idempotency_key(key)
+
     @field_validator("metadata")
     @classmethod
     def _check_metadata(cls, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
         if metadata is not None:
+            _check_json_text(metadata, "metadata")
             try:
                 text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
             except ValueError:

@@ -8,13 +8,14 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from worker.clients import SecretRotationConflict, revoke_previous_secret, rotate_webhook_secret
 from worker.models import ApiClient, WebhookDelivery
 from worker.outbox import disabled_callbacks, enable_endpoint_state, replay
 from worker.queueing import publish_deliveries
+from worker.sanitise import first_unsafe
 from worker.secretbox import SecretBox
 
 from .auth import AuthenticatedClient
@@ -103,6 +104,13 @@ class EnableRequest(BaseModel):
         "omitted or null: the client's own webhook URL.",
         max_length=4096,
     )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        if url is not None and (found := first_unsafe(url)) is not None:
+            raise ValueError(f"url contains {found}")
+        return url
 
 
 class EnabledEndpoint(BaseModel):

@@ -26,6 +26,12 @@ for _name in list(os.environ):
         del os.environ[_name]
 
 import pytest  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+# CI runs the same generated examples every time (a landing must not depend on luck);
+# a developer's runs draw new ones. .ci/run sets SYNTHGUARD_TEST_HYPOTHESIS_PROFILE=ci.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+hypothesis_settings.load_profile(os.environ.get("SYNTHGUARD_TEST_HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))

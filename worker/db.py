@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -28,7 +29,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     """An engine suited to many threads: WAL and a busy timeout on SQLite, a pool on PostgreSQL."""
     url = _normalise_url(url)
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"future": True}
+    # A failing statement's parameters hold object keys and metadata; its error message and
+    # log line must not (SYNTHGUARD_LOG_OBJECT_KEYS is the only switch that lets keys into logs).
+    kwargs: dict[str, Any] = {"future": True, "hide_parameters": True}
     if parsed.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         if parsed.database in (None, "", ":memory:"):
@@ -42,6 +45,28 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def loggable(exc: BaseException) -> str:
+    """A database error for the logs: its class, SQLSTATE and statement, never the values.
+
+    The database's own message quotes what it refused (an object key, metadata),
+    and SYNTHGUARD_LOG_OBJECT_KEYS promises keys stay out of logs.
+    """
+    if not isinstance(exc, DBAPIError):
+        return type(exc).__name__
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "diag", None), "sqlstate", None)
+    statement = " ".join((exc.statement or "").split())[:200]
+    return f"{type(orig).__name__} (SQLSTATE {sqlstate or 'unknown'}) in: {statement}"
+
+
+def refusal(exc: BaseException) -> str:
+    """What the database said it refused, without the statement: for the image's own error message."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    said = getattr(getattr(orig, "diag", None), "message_primary", None) or str(orig)
+    first_line = said.splitlines()[0] if said else ""
+    return f"{type(orig).__name__}: {first_line}" if first_line else type(orig).__name__
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

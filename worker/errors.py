@@ -31,6 +31,7 @@ STORAGE_UNAVAILABLE = "storage_unavailable"
 INFERENCE_FAILED = "inference_failed"
 DATABASE_UNAVAILABLE = "database_unavailable"
 INTERNAL_ERROR = "internal_error"
+TOO_MANY_ATTEMPTS = "too_many_attempts"
 
 
 class SynthguardError(Exception):

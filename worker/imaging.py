@@ -269,15 +269,23 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im
     if mode in _SIXTEEN_BIT_MODES:
         # Pillow's own conversion clips at 255, which turns most 16-bit images white.
-        values = np.asarray(im).astype(np.int64, copy=False)
-        grey = (np.clip(values, 0, 0xFFFF) >> 8).astype(np.uint8)
+        values = np.asarray(im)
+        grey = np.empty(values.shape, dtype=np.uint8)
+        for rows in _strips(values):
+            grey[rows] = np.clip(values[rows], 0, 0xFFFF) >> 8
         return Image.fromarray(grey).convert("RGB")
     if mode == "F":
-        floats = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        floats = np.asarray(im)
+        lowest, highest = np.inf, -np.inf
+        for rows in _strips(floats):
+            strip = _finite(floats[rows])
+            if strip.size:
+                lowest, highest = min(lowest, float(strip.min())), max(highest, float(strip.max()))
         # Float images are usually normalised to [0, 1]; anything else is taken as 0..255.
-        if floats.size and floats.min() >= 0.0 and floats.max() <= 1.0:
-            floats = floats * 255.0
-        grey = np.rint(np.clip(floats, 0.0, 255.0)).astype(np.uint8)
+        scale = 255.0 if lowest >= 0.0 and highest <= 1.0 else 1.0
+        grey = np.empty(floats.shape, dtype=np.uint8)
+        for rows in _strips(floats):
+            grey[rows] = np.rint(np.clip(_finite(floats[rows]) * scale, 0.0, 255.0))
         return Image.fromarray(grey).convert("RGB")
     if mode in ("P", "PA") and ("transparency" in im.info or mode == "PA"):
         # Same RGB values as convert("RGB"), without Pillow's warning about byte transparency.
@@ -288,6 +296,24 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise PermanentError(
             f"images in mode {mode!r} cannot be converted to RGB", code=errors.UNSUPPORTED_FORMAT
         ) from exc
+
+
+# Pixels converted per step by _to_rgb: a wide type's copy of the whole image at the pixel cap
+# would take gigabytes (8 bytes a pixel); a strip's is a few megabytes.
+_STRIP_PIXELS = 1 << 18
+
+
+def _strips(values: np.ndarray) -> list[slice]:
+    """Row ranges of ``values`` of about :data:`_STRIP_PIXELS` pixels each."""
+    height = values.shape[0] if values.ndim else 0
+    width = max(1, values.size // max(1, height))
+    step = max(1, _STRIP_PIXELS // width)
+    return [slice(top, top + step) for top in range(0, height, step)]
+
+
+def _finite(strip: np.ndarray) -> np.ndarray:
+    """A float strip in float64 with NaN as 0, +inf as 255 and -inf as 0 (as a float image is read)."""
+    return np.nan_to_num(strip.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
 
 
 def _check_pixels(im: Image.Image, fmt: str, max_pixels: int) -> None:

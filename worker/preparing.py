@@ -58,6 +58,12 @@ _CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signa
 START_TIMEOUT_S = 120.0
 
 
+# What a preparing process may take per pixel of the cap (decoded pixels, conversions, the
+# transform's resize), and beside that, when SYNTHGUARD_PREPARE_MEMORY_MB is unset.
+MEMORY_BYTES_PER_PIXEL = 16
+MEMORY_BASE_BYTES = 512 << 20
+
+
 @dataclass(frozen=True)
 class PrepareSpec:
     """What the CPU stages need; picklable, so that a child process gets its own copy."""
@@ -66,14 +72,22 @@ class PrepareSpec:
     decode_timeout_s: float
     # The detector's per-image transform (PIL image to tensor), as :meth:`Detector.preprocess` runs it.
     transform: Callable[[Image.Image], Any]
+    # Address space a preparing process may add to what it holds once started (not applied in threads).
+    memory_bytes: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, detector: Detector) -> PrepareSpec:
         """The caps of ``settings`` and the transform of ``detector``."""
+        memory_mb = settings.prepare_memory_mb
         return cls(
             max_pixels=settings.max_pixels,
             decode_timeout_s=settings.decode_timeout_s,
             transform=detector.image_transform,
+            memory_bytes=(
+                memory_mb << 20
+                if memory_mb is not None
+                else MEMORY_BYTES_PER_PIXEL * settings.max_pixels + MEMORY_BASE_BYTES
+            ),
         )
 
 
@@ -97,6 +111,18 @@ def prepare_image(
 
     ``checkpoint`` runs between stages (the worker's realtime-first yield point).
     """
+    try:
+        return _prepare(data, spec, checkpoint)
+    except MemoryError:
+        # In a preparing process, its address-space cap; in a thread, the machine's memory.
+        raise PermanentError(
+            "preparing this image needed more memory than a preparing process may take "
+            "(SYNTHGUARD_PREPARE_MEMORY_MB)",
+            code=errors.TOO_LARGE,
+        ) from None
+
+
+def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | None) -> Prepared:
     started = time.perf_counter()
     decoded = decode_image(data, max_pixels=spec.max_pixels, timeout_s=spec.decode_timeout_s)
     decoded_at = time.perf_counter()
@@ -180,6 +206,25 @@ def _keep_freed_memory() -> None:
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
+def _cap_address_space(extra_bytes: int) -> None:
+    """Let this process map at most ``extra_bytes`` more than it has now, for good (soft and hard limit).
+
+    Past it allocations fail (MemoryError in Python, NULL in C decoders) instead of the
+    kernel's OOM killer taking this process, or the worker beside it.
+    """
+    import resource
+
+    try:
+        status = Path("/proc/self/status").read_text()
+        now = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        log.warning("cannot read this process's address space size; preparing without a memory cap")
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = now + extra_bytes if hard == resource.RLIM_INFINITY else min(hard, now + extra_bytes)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def _child_main(conn: Connection, spec: PrepareSpec, job: Job) -> None:
     """A child's loop: one image in, one reply out, until the parent closes the pipe."""
     _keep_freed_memory()
@@ -194,6 +239,8 @@ def _child_main(conn: Connection, spec: PrepareSpec, job: Job) -> None:
         torch.set_num_threads(1)
     except ImportError:
         pass
+    if spec.memory_bytes is not None:
+        _cap_address_space(spec.memory_bytes)
     conn.send("ready")
     while True:
         try:
@@ -214,6 +261,74 @@ def _child_main(conn: Connection, spec: PrepareSpec, job: Job) -> None:
 
 
 # -------------------------------------------------------------------- parent
+
+# What a preparing process keeps of the worker's environment. The rest (AWS credentials, the
+# database and broker URLs, SYNTHGUARD_SECRET_KEY, whatever else a deployment puts there) stays
+# out of the process that parses untrusted files.
+_CHILD_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "TEMP",
+        "TMP",
+        "LD_LIBRARY_PATH",
+        "VIRTUAL_ENV",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONHASHSEED",
+    }
+)
+_CHILD_ENV_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_")
+_FORK_SERVER_LOCK = threading.Lock()
+
+
+def fenced_environ(environ: dict[str, str]) -> dict[str, str]:
+    """The part of ``environ`` a preparing process may see: locale, paths, thread counts."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in _CHILD_ENV_NAMES or name.startswith(_CHILD_ENV_PREFIXES)
+    }
+
+
+def _fork_server_running() -> bool:
+    from multiprocessing import forkserver
+
+    # No public accessor: the fork server's pid is private to multiprocessing.forkserver.
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _ensure_fenced_fork_server() -> None:
+    """Start the fork server, if it is not running, with :func:`fenced_environ` as its environment.
+
+    Children are forked from it and inherit its environment, /proc/PID/environ
+    included; the multiprocessing API takes no environment, so the process's
+    own is swapped for the moment of the start.
+    """
+    from multiprocessing import forkserver
+
+    with _FORK_SERVER_LOCK:
+        if _fork_server_running():
+            return
+        saved = os.environ.copy()
+        try:
+            os.environ.clear()
+            os.environ.update(fenced_environ(saved))
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 class _ChildGone(Exception):
@@ -350,6 +465,7 @@ class ProcessPreparer:
         log.info("decoding, provenance and preprocessing run in %d preparing processes", processes)
 
     def _start(self) -> _Child:
+        _ensure_fenced_fork_server()
         return _Child(self._context, self.spec, self.job, name=f"synthguard-prepare-{next(self._numbers)}")
 
     def prepare(

@@ -40,13 +40,17 @@ import re
 import struct
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from xml.parsers import expat
 
 import numpy as np
 from PIL import Image
+
+from .sanitise import INVALID_UTF8, clean_json, clean_text
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,8 @@ MAX_C2PA_MANIFESTS = 64
 MAX_C2PA_ACTIONS = 256
 MAX_EVIDENCE_STR = 300
 MAX_EVIDENCE_LIST = 32
+# Any string of the stored findings (error messages included) is at most this long.
+MAX_FINDINGS_STR = 2000
 
 # --- C2PA reader settings ----------------------------------------------------
 # remote_manifest_fetch and ocsp_fetch are the two switches that make the SDK
@@ -207,9 +213,17 @@ class Findings:
     def get(self, name: str) -> Signal | None:
         return next((s for s in self.signals if s.name == name), None)
 
+    # What the sanitising boundary changed in the file's text (worker.sanitise), by kind.
+    text_cleaned: dict[str, int] = field(default_factory=dict)
+
     def to_json(self) -> dict[str, Any]:
-        """What ``images.provenance`` stores."""
-        return {"ai": self.ai_strong, "signals": {s.name: s.to_json() for s in self.signals}}
+        """What ``images.provenance`` stores: every string through worker.sanitise, changes counted."""
+        changes = Counter(self.text_cleaned)
+        signals = clean_json({s.name: s.to_json() for s in self.signals}, MAX_FINDINGS_STR, changes)
+        out: dict[str, Any] = {"ai": self.ai_strong, "signals": signals}
+        if changes:
+            out["text_cleaned"] = dict(sorted(changes.items()))
+        return out
 
 
 # ============================================================================ plumbing
@@ -233,10 +247,14 @@ class _Budget:
             raise _BudgetExceeded(f"time budget of {self.seconds:g}s exceeded")
 
 
+# Changes the sanitising boundary made during the current read_provenance call.
+_CLEANED: ContextVar[Counter[str] | None] = ContextVar("provenance_text_cleaned", default=None)
+
+
 def _clip(value: Any, limit: int = MAX_EVIDENCE_STR) -> str:
-    text = value if isinstance(value, str) else str(value)
-    text = text.replace("\x00", "").strip()
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+    """A value from the file as evidence text: through worker.sanitise, clipped to ``limit``."""
+    text = value if isinstance(value, str | bytes) else str(value)
+    return clean_text(text.strip(), limit, _CLEANED.get())
 
 
 def _unique(items: Iterable[str], limit: int = MAX_EVIDENCE_LIST) -> list[str]:
@@ -287,7 +305,13 @@ class _Metadata:
             )
             return
         self.text_bytes += len(raw)
-        self.texts.append((source, key, raw.decode(encoding, errors="replace")))
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            text = raw.decode(encoding, errors="replace")
+            if (cleaned := _CLEANED.get()) is not None:
+                cleaned[INVALID_UTF8] += 1
+        self.texts.append((source, key, text))
 
 
 _XMP_KEYWORD = "XML:com.adobe.xmp"
@@ -1442,6 +1466,15 @@ def read_provenance(
     interrupted and is bounded by the file size instead.
     """
     budget = _Budget(budget_s)
+    cleaned: Counter[str] = Counter()
+    token = _CLEANED.set(cleaned)
+    try:
+        return _read_all(data, fmt, image, budget, cleaned)
+    finally:
+        _CLEANED.reset(token)
+
+
+def _read_all(data: bytes, fmt: str, image: Image.Image | None, budget: _Budget, cleaned: Counter[str]) -> Findings:
     meta, exif, exif_errors = _collect_guarded(data, fmt, budget)
     # Cheap readers first, so that the watermark (the costly one) is what a tight budget cuts.
     read = {
@@ -1455,4 +1488,4 @@ def read_provenance(
         ),
         "sd_watermark": _guarded("sd_watermark", budget, lambda: _read_watermark(image, budget)),
     }
-    return Findings(tuple(read[name] for name in SIGNAL_NAMES))
+    return Findings(tuple(read[name] for name in SIGNAL_NAMES), dict(cleaned))

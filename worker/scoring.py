@@ -27,12 +27,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from . import errors, logs, metrics, outbox, preparing
 from .batching import BatcherClosed, MicroBatcher
-from .db import make_engine, make_sessionmaker
+from .db import loggable, make_engine, make_sessionmaker, refusal
 from .detector import Detector
 from .errors import PermanentError, SynthguardError, TransientError
 from .intake import release_pending
 from .models import DONE, FAILED, PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
 from .priority import RealtimeFirst
+from .sanitise import clean_text
 from .settings import Settings
 from .storage import ObjectRef, Storage
 from .tenancy import access_of
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # Per-image statements go to the table (SQLAlchemy Core), not through the ORM.
 _IMAGES = Image.__table__
+
+# Longest error message stored on an image (worker.sanitise clips it).
+MAX_ERROR_MESSAGE = 2000
 
 # How long the result writer waits for more results after the first of a group.
 # A forward pass hands back its whole batch at once and its threads reach the
@@ -246,7 +250,16 @@ class Scorer:
         claimed = self._claim(image_id)
         if claimed is None:
             return self._current(image_id)
-        ref, attempts, granted = claimed
+        ref, attempts, granted, last_error = claimed
+        if attempts > self.settings.max_attempts:
+            # Every attempt ended without a terminal state: killed, out of memory, or an error that
+            # escaped the handling below. Checked where work is claimed, so no path can loop.
+            return self._fail(
+                image_id,
+                errors.TOO_MANY_ATTEMPTS,
+                f"gave up after {attempts - 1} attempts; last error: "
+                f"{last_error or 'none recorded (the worker stopped during each attempt: killed or out of memory)'}",
+            )
         if ref.is_local and not self.allow_local:
             return self._fail(
                 image_id, errors.ACCESS_DENIED, "local files are scored only by `synthguard scan`, not by workers"
@@ -262,22 +275,36 @@ class Scorer:
             result = self.score(ref, realtime=realtime)
         except PermanentError as exc:
             return self._fail(image_id, exc.code, exc.message)
-        except Exception as exc:
-            transient = exc if isinstance(exc, TransientError) else None
-            code = transient.code if transient else errors.INTERNAL_ERROR
-            message = transient.message if transient else f"{type(exc).__name__}: {exc}"
-            if transient is None:
-                log.exception("unexpected error scoring image %s", image_id)
+        except TransientError as exc:
             if attempts >= self.settings.max_attempts:
-                return self._fail(image_id, code, f"{message} (gave up after {attempts} attempts)")
-            self._requeue(image_id, code, message)
-            if transient is not None:
+                return self._fail(image_id, exc.code, f"{exc.message} (gave up after {attempts} attempts)")
+            self._requeue(image_id, exc.code, exc.message)
+            raise
+        except Exception as exc:
+            # Not an outage and not a verdict on the image: a bug met by this image. It fails
+            # alone, now; retrying the same bytes would meet the same bug.
+            log.exception("unexpected error scoring image %s", image_id)
+            return self._fail(image_id, errors.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        try:
+            return self._store(image_id, result, alone=realtime)
+        except (TransientError, LookupError):
+            raise
+        except Exception as exc:
+            if isinstance(exc, DBAPIError) and database_unavailable(exc):
                 raise
-            raise TransientError(message, code=code) from exc
-        return self._store(image_id, result, alone=realtime)
+            # A value the database refuses (or a bug in storing): this image's fault alone.
+            if isinstance(exc, DBAPIError):
+                # Its message quotes the refused value: the log gets the statement, the image the reason.
+                log.error("storing the result of image %s failed: %s", image_id, loggable(exc))
+                reason = refusal(exc)
+            else:
+                log.exception("storing the result of image %s failed", image_id)
+                reason = f"{type(exc).__name__}: {exc}"
+            return self._fail(image_id, errors.INTERNAL_ERROR, f"storing the result failed: {reason}")
 
-    def _claim(self, image_id: uuid.UUID) -> tuple[ObjectRef, int, bool] | None:
-        """Take the image: its object, this attempt's number, and whether its client may still reach it."""
+    def _claim(self, image_id: uuid.UUID) -> tuple[ObjectRef, int, bool, str | None] | None:
+        """Take the image: its object, this attempt's number, whether its client may still reach it,
+        and the message of its last error."""
         with self.sessions.begin() as session:
             # A Core statement on the table: this runs once per image, and the ORM's bulk-update
             # bookkeeping around it cost the worker's GIL more than the statement itself.
@@ -292,6 +319,7 @@ class Scorer:
                     _IMAGES.c.attempts,
                     _IMAGES.c.scan_id,
                     _IMAGES.c.client_id,
+                    _IMAGES.c.error_message,
                 )
             ).one_or_none()
             # Images without a client are an operator's (CLI); a client's S3 objects are held to its
@@ -306,7 +334,12 @@ class Scorer:
             return None
         # The rest of this run logs with its scan; the key only where worker.logs allows it.
         logs.bind(image_id=image_id, scan_id=row.scan_id, bucket=row.bucket, object_key=row.key)
-        return ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id), int(row.attempts), granted
+        return (
+            ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id),
+            int(row.attempts),
+            granted,
+            row.error_message,
+        )
 
     def _store(self, image_id: uuid.UUID, result: ScoreResult, *, alone: bool = False) -> Outcome:
         """Store one result and wait for its transaction to commit.
@@ -484,6 +517,8 @@ class Scorer:
         return result.score >= threshold or by_provenance
 
     def _fail(self, image_id: uuid.UUID, code: str, message: str) -> Outcome:
+        # Messages may quote the file (a decoder's complaint, a metadata value): one boundary.
+        message = clean_text(message, MAX_ERROR_MESSAGE)
         with self.sessions.begin() as session:
             changed, completed = self._finish(
                 session, image_id, state=FAILED, error_code=code, error_message=message
@@ -496,11 +531,12 @@ class Scorer:
         return Outcome(image_id, FAILED, error_code=code, error_message=message)
 
     def _requeue(self, image_id: uuid.UUID, code: str, message: str) -> None:
+        message = clean_text(f"retrying after {code}: {message}", MAX_ERROR_MESSAGE)
         with self.sessions.begin() as session:
             session.execute(
                 update(Image)
                 .where(Image.id == image_id, Image.state == PROCESSING)
-                .values(state=QUEUED, updated_at=utcnow(), error_message=f"retrying after {code}: {message}")
+                .values(state=QUEUED, updated_at=utcnow(), error_message=message)
             )
 
     @staticmethod

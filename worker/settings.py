@@ -108,6 +108,14 @@ class Settings(BaseSettings):
         15.0, gt=0, description="Time budget for decoding one image."
     )
 
+    prepare_memory_mb: int | None = Field(
+        None,
+        ge=64,
+        description="Address space (MiB) a preparing process may take for one image beyond what it holds "
+        "once started; an image that needs more fails as too_large instead of an out-of-memory kill. "
+        "Unset: 16 bytes per pixel of SYNTHGUARD_MAX_PIXELS plus 512 MiB (about 2 GiB at the default cap).",
+    )
+
     max_attempts: int = Field(
         5, ge=1, description="Attempts per image before a transient error becomes final."
     )

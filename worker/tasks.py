@@ -10,7 +10,7 @@ from celery import Task
 from celery.signals import task_postrun, task_prerun, worker_shutdown
 from celery.worker.control import inspect_command
 
-from . import logs, metrics
+from . import errors, logs, metrics
 from .celery_app import REALTIME_QUEUE, app
 from .errors import TransientError, backoff_delay
 from .outbox import due, send_delivery
@@ -102,6 +102,13 @@ def score_image(self: Task, image_id: str) -> str:
     except LookupError:
         log.warning("image %s is not in the database; message dropped", image_id)
         return "missing"
+    except Exception:
+        # Scorer.process_image fails the image itself wherever it can; what still escapes (its
+        # database refusing even that) leaves the row in place: the sweeper brings it back, and
+        # the claim ends it as too_many_attempts once its attempts are spent.
+        log.exception("image %s: unexpected error; the sweeper will bring it back", image_id)
+        metrics.IMAGES_RETRIED.labels(errors.INTERNAL_ERROR).inc()
+        return "error"
     return outcome.state
 
 
