@@ -9,17 +9,18 @@ never sent).
 from __future__ import annotations
 
 import logging
+import uuid
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker.db import loggable
+from worker.db import database_unavailable, loggable
 from worker.errors import IntakeRefused, LaneNotAllowed, NotGranted, QuotaExceeded
 
 from .schemas import FieldError, Problem, ValidationProblem
@@ -78,6 +79,20 @@ def problem_body(
         body["instance"] = instance
     body.update(extensions)
     return body
+
+
+def parse_id(raw: str, what: str) -> uuid.UUID:
+    """A path id; a malformed one is answered like an unknown one: 404, never 422."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise not_found(what) from None
+
+
+def not_found(what: str) -> ProblemError:
+    """The one 404 of every router: the same for "no such id" and "another client's id",
+    so ids cannot be probed."""
+    return ProblemError(404, f"There is no {what} with this id for this API key.", slug="not-found")
 
 
 def problem_response(
@@ -204,12 +219,17 @@ async def _on_database_unavailable(request: Request, exc: Exception) -> JSONResp
     )
 
 
+async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
+    if database_unavailable(exc):
+        return await _on_database_unavailable(request, exc)
+    # A statement the database refused. Its message quotes the values (object keys, metadata),
+    # so the log gets class, SQLSTATE and statement; handled here, the server logs no traceback.
+    log.error("unexpected database error in %s %s: %s", request.method, request.url.path, loggable(exc))
+    return problem_response(request, 500, "An unexpected error occurred; it has been logged.")
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    if isinstance(exc, DBAPIError):
-        # The database's message quotes the values it refused (object keys, metadata): not logged.
-        log.error("unexpected database error in %s %s: %s", request.method, request.url.path, loggable(exc))
-    else:
-        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, "An unexpected error occurred; it has been logged.")
 
 
@@ -219,8 +239,9 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IntakeRefused, _on_intake_refused)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(OperationalError, _on_database_unavailable)
-    app.add_exception_handler(PoolTimeoutError, _on_database_unavailable)
+    # db.database_unavailable tells an outage (503) from a refused statement (500).
+    app.add_exception_handler(DBAPIError, _on_database_error)
+    app.add_exception_handler(PoolTimeoutError, _on_database_error)
     app.add_exception_handler(Exception, _on_unexpected)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -18,7 +17,7 @@ from worker.webhooks import UnsafeURL, URLPolicy
 
 from .auth import AuthenticatedClient, Caller, refuse_unless_allowed
 from .metrics import IMAGES_ENQUEUED, SCANS_CREATED
-from .problems import ProblemError, problem_responses
+from .problems import ProblemError, not_found, parse_id, problem_responses
 from .schemas import (
     EXAMPLE_IMAGE_ID,
     EXAMPLE_SCAN_ID,
@@ -36,19 +35,6 @@ from .state import get_state
 router = APIRouter(prefix="/v1")
 
 MAX_PAGE = 1000
-
-
-def parse_id(raw: str, what: str) -> uuid.UUID:
-    """A malformed id is answered like an unknown one: 404, never 422."""
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise not_found(what) from None
-
-
-def not_found(what: str) -> ProblemError:
-    # The same answer for "no such id" and "another client's id", so ids cannot be probed.
-    return ProblemError(404, f"There is no {what} with this id for this API key.", slug="not-found")
 
 
 def _check_callback_url(request_body: ScanRequest, settings: Settings, client: Caller) -> None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import re
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeGuard
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from worker.models import as_utc
 from worker.sanitise import first_unsafe
 from worker.storage import (
     MAX_ETAG_LENGTH,
@@ -33,15 +32,7 @@ EXAMPLE_SCAN_ID = "8a4f3c0e-4b7e-4f0f-9a63-1f7d0c2b9e11"
 EXAMPLE_IMAGE_ID = "0d9c7a2e-5a61-4f3b-8e0e-3c2b1a9f8d77"
 EXAMPLE_CLIENT_ID = "5b1d2e3f-0a9c-4c1e-b7d8-6e5f4a3b2c1d"
 
-_HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.IGNORECASE)
-
-
-def _as_utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; every time synthguard stores is UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 # ------------------------------------------------------------------ problems
@@ -158,41 +149,6 @@ def check_idempotency_key(key: str) -> str:
     return key
 
 
-def check_callback_url(url: str) -> str:
-    """Syntax only: http(s), a well-formed host, no credentials. Where it points is checked at send time."""
-    if (found := first_unsafe(url)) is not None:
-        raise ValueError(f"callback_url contains {found}")
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("https", "http"):
-        raise ValueError("callback_url must be an https URL")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("callback_url must not contain credentials; webhooks are signed instead")
-    host = parts.hostname
-    if not host or not _valid_host(host):
-        raise ValueError("callback_url has no valid host name")
-    try:
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        raise ValueError("callback_url has an invalid port") from None
-    if any(ch.isspace() for ch in url):
-        raise ValueError("callback_url must not contain whitespace")
-    return url
-
-
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    try:
-        ascii_host = host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    labels = ascii_host.removesuffix(".").split(".")
-    return len(ascii_host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
-
-
 class ScanRequest(BaseModel):
     """A request to score S3 objects."""
 
@@ -244,7 +200,9 @@ class ScanRequest(BaseModel):
         None,
         max_length=MAX_URL_LENGTH,
         description="Where to POST signed webhooks (`image.flagged`, `scan.completed`) for this scan. "
-        "Must be https (plain http only where the operator allows it).",
+        "Must be https (plain http only where the operator allows it), on port 443 (80 for http) unless "
+        "the operator allows the network, with no credentials and no blocked address; one rule "
+        "(worker.webhooks.URLPolicy) checks it here and again at every send.",
         examples=["https://hooks.example.com/synthguard"],
     )
     webhook_events: list[Literal["image.flagged", "scan.completed"]] | None = Field(
@@ -269,11 +227,6 @@ class ScanRequest(BaseModel):
         "the `Idempotency-Key` header.",
         examples=["upload-7f3a9"],
     )
-
-    @field_validator("callback_url")
-    @classmethod
-    def _check_callback_url(cls, url: str | None) -> str | None:
-        return None if url is None else check_callback_url(url)
 
     @field_validator("idempotency_key")
     @classmethod

@@ -19,8 +19,7 @@ from worker.sanitise import first_unsafe
 from worker.secretbox import SecretBox
 
 from .auth import AuthenticatedClient
-from .problems import ProblemError, problem_responses
-from .scans import not_found, parse_id
+from .problems import ProblemError, not_found, parse_id, problem_responses
 from .schemas import Problem
 from .state import get_state
 

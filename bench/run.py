@@ -1036,12 +1036,7 @@ def render(res: dict) -> str:
                                                          "worker peak RSS MiB (sum of processes)"], rows), ""]
     la = res.get("latency")
     if la:
-        rows = []
-        for layout, r in la.items():
-            idle95, busy95 = pct(r["idle"], .95), pct(r["busy"], .95)
-            rows.append([layout, len(r["idle"]), pct(r["idle"], .5), idle95, pct(r["busy"], .5), busy95,
-                         max(r["busy"]), f"{busy95 / idle95:.2f}x", f"{r['backfill_s']:.1f}",
-                         f"{r['backfill_done_at_last_probe']}/{r['backfill_n']}"])
+        rows = probe_rows(la, "backfill")
         out += ["### Realtime latency, enqueue (row created) to stored (jpeg-1024)", "",
                 "Each layout: probes while idle, then the same number while a bulk backfill runs "
                 f"({next(iter(la.values()))['backfill_n']} images).", "",
@@ -1049,12 +1044,7 @@ def render(res: dict) -> str:
                        "p95 busy/idle", "backfill s", "backfill done at last probe"], rows), ""]
     fa = res.get("fairness")
     if fa:
-        rows = []
-        for name, r in fa.items():
-            idle95, busy95 = pct(r["idle"], .95), pct(r["busy"], .95)
-            rows.append([name, len(r["idle"]), pct(r["idle"], .5), idle95, pct(r["busy"], .5), busy95,
-                         max(r["busy"]), f"{busy95 / idle95:.2f}x", f"{r['flood_s']:.1f}",
-                         f"{r['flood_done_at_last_probe']}/{r['flood_n']}"])
+        rows = probe_rows(fa, "flood")
         out += ["### One client's realtime flood: another client's realtime latency (jpeg-1024)", "",
                 "Client beta sends one realtime image at a time, idle and then while client alpha has "
                 f"{next(iter(fa.values()))['flood_n']} realtime images queued (one request per 1000). "
@@ -1083,6 +1073,17 @@ def render(res: dict) -> str:
         out += ["### Not measured", ""] + [f"- {k}: {v}" for k, v in res["errors"].items()] + [""]
     out += ["GPU: this script measures the CPU path; on a GPU machine run bench/gpu.py (bench/RESULTS.md, GPU section)."]
     return "\n".join(out)
+
+
+def probe_rows(results: dict, load: str) -> list[list[object]]:
+    """One row per configuration: probe latencies idle and under ``load`` ("backfill", "flood")."""
+    rows: list[list[object]] = []
+    for name, r in results.items():
+        idle95, busy95 = pct(r["idle"], .95), pct(r["busy"], .95)
+        rows.append([name, len(r["idle"]), pct(r["idle"], .5), idle95, pct(r["busy"], .5), busy95,
+                     max(r["busy"]), f"{busy95 / idle95:.2f}x", f"{r[load + '_s']:.1f}",
+                     f"{r[load + '_done_at_last_probe']}/{r[load + '_n']}"])
+    return rows
 
 
 def bound(c: dict, name: str) -> float:

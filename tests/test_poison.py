@@ -458,3 +458,27 @@ def test_wide_pixel_modes_convert_in_strips_with_the_same_values(case: str) -> N
     # the 8-bit result and one strip's temporaries. A whole-image int64 or float64 copy alone
     # would add 8 bytes a pixel.
     assert peak < 2 * values.nbytes + 3 * values.size, (peak, values.nbytes)
+
+
+def test_a_refused_statement_in_the_api_is_500_and_logged_without_its_values(
+    service_settings, celery_app, pg_url, caplog
+) -> None:
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from api_stub.app import create_app
+
+    app = create_app(service_settings, celery=celery_app)
+
+    def refused() -> None:  # a route whose statement the database refuses, quoting the value
+        with get_sessionmaker(pg_url)() as session:
+            session.execute(text("SELECT CAST(:key AS integer)"), {"key": "kyc/passport-of-jane-doe.jpg"})
+
+    app.add_api_route("/refused", refused)
+    with caplog.at_level(logging.ERROR), TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/refused")
+    assert response.status_code == 500 and response.headers["content-type"].startswith("application/problem+json")
+    assert "jane-doe" not in response.text
+    logged = "\n".join(r.getMessage() + (str(r.exc_info) if r.exc_info else "") for r in caplog.records)
+    assert "22P02" in logged and "jane-doe" not in logged

@@ -1,4 +1,6 @@
-"""synthguard's engine: fetch, decode, classify and store; the Celery worker runs it.
+"""synthguard's engine and shared core: fetch, decode, classify and store (the Celery worker
+runs it), and what every process shares: settings, models and migrations, intake, tenancy,
+queueing, webhooks, and the ``synthguard`` command. The HTTP API lives in ``api_stub``.
 
 ``from worker import enqueue`` queues S3 objects from producers in the same codebase.
 """

@@ -29,9 +29,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .detector import checkpoint_version
 from .errors import NotGranted, SynthguardError
-from .intake import add_images, release_pending, unique_refs
-from .models import DONE, PROCESSING, QUEUED, Image, Scan, utcnow
-from .queueing import effective_threshold, publish
+from .intake import add_images, effective_threshold, open_scan, release_pending, unique_refs
+from .models import DONE, PROCESSING, QUEUED, Image
+from .queueing import publish
 from .settings import Settings
 from .storage import ObjectRef, Storage
 from .tenancy import access_of, check_intake, require_access
@@ -167,7 +167,9 @@ def run_backfill(
     with sessions.begin() as session:
         if client_id is not None:
             _require_prefix(session, client_id, bucket, prefix, settings)
-        scan_id = _open_scan(session, where, threshold, client_id)
+        scan_id = open_scan(
+            session, origin=ORIGIN, source=where, priority=LANE, scan_threshold=threshold, client_id=client_id
+        )
         image_threshold = effective_threshold(session, settings, client_id, threshold)
     result = BackfillResult(scan_id=scan_id, model_version=version)
 
@@ -227,24 +229,6 @@ def _require_prefix(session: Session, client_id: uuid.UUID, bucket: str, prefix:
             key=prefix,
         )
     check_intake(session, client_id, [], LANE, settings, enforce_caps=False)
-
-
-def _open_scan(session: Session, source: str, threshold: float | None, client_id: uuid.UUID | None) -> uuid.UUID:
-    scan = Scan(
-        id=uuid.uuid4(),
-        client_id=client_id,
-        origin=ORIGIN,
-        source=source,
-        priority=LANE,
-        threshold=threshold,
-        image_count=0,
-        # The listing hold: released by _end_listing, never by a worker.
-        pending_count=1,
-        created_at=utcnow(),
-    )
-    session.add(scan)
-    session.flush()
-    return scan.id
 
 
 def _needs_work(

@@ -33,6 +33,10 @@ OVERFLOW_QUEUE = "synthguard.overflow"
 # Polling order: first is served first whenever a worker thread is free.
 QUEUES = (REALTIME_QUEUE, WEBHOOKS_QUEUE, OVERFLOW_QUEUE, BULK_QUEUE)
 LANES = {"realtime": REALTIME_QUEUE, "bulk": BULK_QUEUE}
+# Task names: the tasks register under these, producers send to them.
+SCORE_TASK = "synthguard.score_image"
+DELIVER_TASK = "synthguard.deliver_webhook"
+SWEEP_TASK = "synthguard.sweep"
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -47,8 +51,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_default_exchange=REALTIME_QUEUE,
         task_default_routing_key=REALTIME_QUEUE,
         task_routes={
-            "synthguard.sweep": {"queue": REALTIME_QUEUE},
-            "synthguard.deliver_webhook": {"queue": WEBHOOKS_QUEUE},
+            SWEEP_TASK: {"queue": REALTIME_QUEUE},
+            DELIVER_TASK: {"queue": WEBHOOKS_QUEUE},
         },
         task_serializer="json",
         accept_content=["json"],
@@ -67,7 +71,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         },
         beat_schedule={
             "synthguard-sweep": {
-                "task": "synthguard.sweep",
+                "task": SWEEP_TASK,
                 "schedule": settings.sweep_interval_s,
                 # The scheduler's configuration decides what "stale" means.
                 "kwargs": {"stale_after_s": settings.stale_after_s},

@@ -19,11 +19,10 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from .models import PRIORITIES, ApiClient, ClientGrant, utcnow
-from .secretbox import PLAIN_PREFIX, SecretBox
+from .secretbox import SECRET_PREFIX, SecretBox
 from .tenancy import Grant
 
 KEY_PREFIX = "sg_"
-SECRET_PREFIX = PLAIN_PREFIX
 
 
 def new_api_key() -> str:
@@ -38,11 +37,6 @@ def hash_api_key(api_key: str) -> str:
 def new_webhook_secret() -> str:
     """A Standard Webhooks secret: ``whsec_`` + base64 of 32 random bytes."""
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; they were written in UTC.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=utcnow().tzinfo)
 
 
 @dataclass(frozen=True)
@@ -160,7 +154,7 @@ def authenticate(session: Session, api_key: str) -> ApiClient | None:
     if client is None or client.api_key_hash == digest:
         return client
     until = client.api_key_previous_until
-    return client if until is not None and _aware(until) > utcnow() else None
+    return client if until is not None and until > utcnow() else None
 
 
 def rotate_api_key(session: Session, client: ApiClient, *, overlap_s: float = 0.0) -> str:
@@ -207,7 +201,7 @@ def signing_secrets(client: ApiClient, box: SecretBox, now: datetime | None = No
     now = now or utcnow()
     found = [box.open(client.webhook_secret)] if client.webhook_secret else []
     until = client.webhook_secret_previous_until
-    if client.webhook_secret_previous and until is not None and _aware(until) > now:
+    if client.webhook_secret_previous and until is not None and until > now:
         # Rotation overlap: receivers still on the old secret keep verifying.
         found.append(box.open(client.webhook_secret_previous))
     return found
@@ -224,8 +218,8 @@ def rotate_webhook_secret(
     """
     now = utcnow()
     until = client.webhook_secret_previous_until
-    if not revoke_previous and client.webhook_secret_previous and until is not None and _aware(until) > now:
-        raise SecretRotationConflict(_aware(until))
+    if not revoke_previous and client.webhook_secret_previous and until is not None and until > now:
+        raise SecretRotationConflict(until)
     secret = new_webhook_secret()
     if revoke_previous or overlap_s <= 0:
         client.webhook_secret_previous = None

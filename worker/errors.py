@@ -11,6 +11,10 @@
 * :class:`IntakeRefused`: a producer asked for something its client may not
   have (an object outside its grants, a lane it may not use, more work than
   its quota). Raised before any row or message exists; the API answers 403 or 429.
+* Refusals of one request or call that are not about an image:
+  :class:`IdempotencyConflict` (a reused key), :class:`UnsafeURL` (a callback
+  URL the policy refuses), :class:`ImageNotFound`. They keep the stdlib base
+  (``ValueError``, ``LookupError``) their callers catch.
 """
 
 from __future__ import annotations
@@ -111,6 +115,24 @@ class QuotaExceeded(IntakeRefused):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.limit = limit
+
+
+class ImageNotFound(SynthguardError, LookupError):
+    """The image id is not in the database (a message that outlived its row)."""
+
+    code = "image_not_found"
+
+
+class IdempotencyConflict(SynthguardError, ValueError):
+    """The idempotency key was used before with a different request."""
+
+    code = "idempotency_conflict"
+
+
+class UnsafeURL(SynthguardError, ValueError):
+    """A callback URL the policy refuses; the message says exactly why."""
+
+    code = "unsafe_url"
 
 
 def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:

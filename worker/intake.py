@@ -14,7 +14,8 @@ from sqlalchemy import Insert, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from .models import QUEUED, Image, Scan, utcnow
+from .models import QUEUED, ApiClient, Image, Scan, utcnow
+from .settings import Settings
 from .storage import ObjectRef
 
 
@@ -108,6 +109,48 @@ def create_scan(
             ],
         )
     return scan, ids
+
+
+def effective_threshold(session: Session, settings: Settings, client_id: uuid.UUID | None, scan_threshold: float | None) -> float:
+    """The scan's threshold, else the client's default, else ``SYNTHGUARD_THRESHOLD``."""
+    if scan_threshold is not None:
+        return scan_threshold
+    if client_id is not None:
+        default = session.scalar(select(ApiClient.default_threshold).where(ApiClient.id == client_id))
+        if default is not None:
+            return float(default)
+    return settings.threshold
+
+
+def open_scan(
+    session: Session,
+    *,
+    origin: str,
+    source: str | None,
+    priority: str,
+    scan_threshold: float | None,
+    client_id: uuid.UUID | None,
+) -> uuid.UUID:
+    """An empty scan that grows by :func:`add_images` (a backfill listing a prefix, page by page).
+
+    Its ``pending_count`` starts at 1, a hold meaning "still adding": the caller
+    releases it (:func:`release_pending`) when no more images come, so no worker
+    can complete the scan before then.
+    """
+    scan = Scan(
+        id=uuid.uuid4(),
+        client_id=client_id,
+        origin=origin,
+        source=source,
+        priority=priority,
+        threshold=scan_threshold,
+        image_count=0,
+        pending_count=1,
+        created_at=utcnow(),
+    )
+    session.add(scan)
+    session.flush()
+    return scan.id
 
 
 def add_images(

@@ -24,6 +24,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     Uuid,
     text,
@@ -52,6 +53,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC. Naive means UTC: every time synthguard writes is UTC, and SQLite
+    hands back timezone-aware columns without their zone."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp column whose values always come back aware, in UTC, on any backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+    def coerce_compared_value(self, op: Any, value: Any) -> Any:
+        # As the plain column type would: ``updated_at - timedelta(...)`` binds an interval.
+        return self.impl.coerce_compared_value(op, value)
+
+
 class Base(DeclarativeBase):
     # Named constraints keep migrations reproducible on PostgreSQL and SQLite alike.
     metadata = MetaData(
@@ -64,7 +85,7 @@ class Base(DeclarativeBase):
         }
     )
     type_annotation_map: ClassVar[dict[Any, Any]] = {
-        datetime: DateTime(timezone=True),
+        datetime: UtcDateTime(),
         dict[str, Any]: JSONType,
         uuid.UUID: Uuid(),
     }

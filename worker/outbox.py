@@ -202,11 +202,6 @@ class Claimed:
     secrets: list[str]
 
 
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; they were written in UTC.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=utcnow().tzinfo)
-
-
 def claim(
     session: Session, delivery_id: uuid.UUID, attempt: int, *, hold_s: float, box: SecretBox
 ) -> Claimed | None:
@@ -266,7 +261,7 @@ def record(
         delivery.state = DELIVERY_FAILED
         # An unsafe URL is refused, not failing: it disables nothing (the next scan may name a good one).
         if client is not None and (result.gone or not result.permanent):
-            hours = (now - _aware(delivery.created_at)).total_seconds() / 3600
+            hours = (now - delivery.created_at).total_seconds() / 3600
             reason = (
                 f"{delivery.url} answered 410 Gone"
                 if result.gone

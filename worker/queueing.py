@@ -22,24 +22,19 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .celery_app import LANES, OVERFLOW_QUEUE, WEBHOOKS_QUEUE
+from .celery_app import DELIVER_TASK, LANES, OVERFLOW_QUEUE, SCORE_TASK, WEBHOOKS_QUEUE
 from .db import get_sessionmaker
-from .intake import create_scan, unique_refs
-from .models import PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
+from .errors import IdempotencyConflict
+from .intake import create_scan, effective_threshold, unique_refs
+from .models import PROCESSING, QUEUED, Image, Scan, utcnow
 from .settings import Settings, get_settings
 from .storage import ObjectRef, check_ref, parse_s3_uri
 from .tenancy import check_intake, event_lane, lock_client, pending_images
 
 log = logging.getLogger(__name__)
 
-SCORE_TASK = "synthguard.score_image"
-DELIVER_TASK = "synthguard.deliver_webhook"
 # Scans run in-process by the CLI: their images are not queue work.
 IN_PROCESS_ORIGINS = ("cli", "demo")
-
-
-class IdempotencyConflict(ValueError):
-    """The idempotency key was used before with a different request."""
 
 
 @dataclass(frozen=True)
@@ -128,17 +123,6 @@ def as_ref(obj: ObjectRef | str | tuple[str, str] | tuple[str, str, str | None])
 def request_hash(payload: Any) -> str:
     """A stable digest of a request body, to tell a retry from a different request."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-def effective_threshold(session: Session, settings: Settings, client_id: uuid.UUID | None, scan_threshold: float | None) -> float:
-    """The scan's threshold, else the client's default, else ``SYNTHGUARD_THRESHOLD``."""
-    if scan_threshold is not None:
-        return scan_threshold
-    if client_id is not None:
-        default = session.scalar(select(ApiClient.default_threshold).where(ApiClient.id == client_id))
-        if default is not None:
-            return float(default)
-    return settings.threshold
 
 
 def _existing(session: Session, client_id: uuid.UUID | None, key: str, digest: str) -> Enqueued | None:

@@ -22,14 +22,14 @@ from typing import Any, Self
 
 import torch
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import errors, logs, metrics, outbox, preparing
 from .batching import BatcherClosed, MicroBatcher
-from .db import loggable, make_engine, make_sessionmaker, refusal
+from .db import database_unavailable, loggable, make_engine, make_sessionmaker, refusal
 from .detector import Detector
-from .errors import PermanentError, SynthguardError, TransientError
+from .errors import ImageNotFound, PermanentError, SynthguardError, TransientError
 from .intake import release_pending
 from .models import DONE, FAILED, PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
 from .priority import RealtimeFirst
@@ -97,13 +97,6 @@ class Outcome:
             error_message=row.error_message,
             changed=False,
         )
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """True for a database that is down, restarting or unreachable (retry later), not a bad statement."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
 
 
 class Scorer:
@@ -403,35 +396,10 @@ class Scorer:
         once by the images it lost here, and the write that reaches zero
         completes the scan.
         """
-        detector = self.detector
-        image_ids = sorted({image_id for image_id, _ in items})
         writer_of: dict[uuid.UUID, int] = {}  # image -> the item that stores it
         answers: dict[uuid.UUID, Outcome] = {}
         with self.sessions.begin() as session:
-            # Locks rows in id order, and scans below in id order after all images: every
-            # writer (batches, _fail, other processes) takes them in one global order, so none
-            # waits on another in a cycle. NO KEY UPDATE is what the UPDATE takes anyway; it
-            # leaves foreign-key checks of concurrent inserts unblocked.
-            columns = _IMAGES.c
-            rows = {
-                row.id: row
-                for row in session.execute(
-                    select(
-                        columns.id,
-                        columns.scan_id,
-                        columns.state,
-                        columns.threshold,
-                        columns.score,
-                        columns.flagged,
-                        columns.error_code,
-                        columns.error_message,
-                    )
-                    .where(columns.id.in_(image_ids))
-                    .order_by(columns.id)
-                    .with_for_update(key_share=True)
-                )
-            }
-            now = utcnow()
+            rows = self._lock_images(session, sorted({image_id for image_id, _ in items}))
             changes: list[dict[str, Any]] = []
             released: dict[uuid.UUID, int] = {}
             for index, (image_id, result) in enumerate(items):
@@ -445,65 +413,122 @@ class Scorer:
                 writer_of[image_id] = index
                 answers[image_id] = Outcome(image_id, DONE, score=result.score, flagged=flagged)
                 released[row.scan_id] = released.get(row.scan_id, 0) + 1
-                values = {
-                    "etag": result.etag,
-                    "version_id": result.version_id,
-                    "sha256": result.sha256,
-                    "size_bytes": result.size_bytes,
-                    "format": result.format,
-                    "width": result.width,
-                    "height": result.height,
-                    "score": result.score,
-                    "flagged": flagged,
-                    "model_name": detector.name,
-                    "model_version": detector.version,
-                    "provenance": result.provenance,
-                }
-                changes.append({"image_id": image_id, **{f"new_{k}": v for k, v in values.items()}})
-            if changes:
-                per_image = {key[4:]: bindparam(key) for key in changes[0] if key.startswith("new_")}
-                # One statement, executed for all rows (psycopg pipelines them): few round trips.
-                session.execute(
-                    update(_IMAGES)
-                    .where(_IMAGES.c.id == bindparam("image_id"))
-                    .values(state=DONE, updated_at=now, completed_at=now, error_code=None, error_message=None)
-                    .values(per_image),
-                    sorted(changes, key=lambda change: change["image_id"]),
-                )
+                changes.append({"image_id": image_id, **self._stored_values(result, flagged)})
+            self._mark_done(session, changes)
             completed = [scan for scan in sorted(released) if release_pending(session, scan, released[scan])]
             flagged_ids = [image_id for image_id in sorted(writer_of) if answers[image_id].flagged]
-            deliveries: list[uuid.UUID] = []
-            if flagged_ids:
-                # Only where image.flagged events have somewhere to go: a client without a
-                # webhook pays one small query per batch, not an image and a scan loaded per image.
-                wanted = outbox.scans_wanting(session, sorted(released), EVENT_IMAGE_FLAGGED)
-                flagged_ids = [image_id for image_id in flagged_ids if rows[image_id].scan_id in wanted]
-            if flagged_ids or completed:
-                # Loaded once, after the writes, and held here: the session's identity map is weak,
-                # and the outbox helpers would otherwise select image, scan and client again per event.
-                scans = list(session.scalars(select(Scan).where(Scan.id.in_(sorted(released)))))
-                client_ids = sorted({scan.client_id for scan in scans if scan.client_id is not None})
-                held: list[Any] = [
-                    *scans,
-                    *session.scalars(select(ApiClient).where(ApiClient.id.in_(client_ids))),
-                    *session.scalars(select(Image).where(Image.id.in_(flagged_ids))),
-                ]
-                for image_id in flagged_ids:
-                    deliveries += self._outbox(session, image_id, None)
-                for scan_id in completed:
-                    deliveries += self._outbox(session, None, scan_id)
-                del held
+            deliveries = self._announce(session, rows, sorted(released), flagged_ids, completed)
         self._publish(deliveries)
         out: list[Outcome | Exception] = []
         for index, (image_id, _) in enumerate(items):
             answer = answers.get(image_id)
             if answer is None:
-                out.append(LookupError(f"image {image_id} does not exist"))
+                out.append(ImageNotFound(f"image {image_id} does not exist"))
             elif writer_of.get(image_id, index) != index:
                 out.append(replace(answer, changed=False))  # a duplicate of an image stored in this batch
             else:
                 out.append(answer)
         return out
+
+    @staticmethod
+    def _lock_images(session: Session, image_ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
+        """The images' current state, their rows locked until the transaction ends.
+
+        Locks rows in id order, and scans (release_pending) in id order after all
+        images: every writer (batches, _fail, other processes) takes them in one
+        global order, so none waits on another in a cycle. NO KEY UPDATE is what
+        the UPDATE takes anyway; it leaves foreign-key checks of concurrent inserts
+        unblocked.
+        """
+        columns = _IMAGES.c
+        return {
+            row.id: row
+            for row in session.execute(
+                select(
+                    columns.id,
+                    columns.scan_id,
+                    columns.state,
+                    columns.threshold,
+                    columns.score,
+                    columns.flagged,
+                    columns.error_code,
+                    columns.error_message,
+                )
+                .where(columns.id.in_(image_ids))
+                .order_by(columns.id)
+                .with_for_update(key_share=True)
+            )
+        }
+
+    def _stored_values(self, result: ScoreResult, flagged: bool | None) -> dict[str, Any]:
+        """The columns one result sets, keyed by their bind names in :meth:`_mark_done`."""
+        return {
+            "etag": result.etag,
+            "version_id": result.version_id,
+            "sha256": result.sha256,
+            "size_bytes": result.size_bytes,
+            "format": result.format,
+            "width": result.width,
+            "height": result.height,
+            "score": result.score,
+            "flagged": flagged,
+            "model_name": self.detector.name,
+            "model_version": self.detector.version,
+            "provenance": result.provenance,
+        }
+
+    @staticmethod
+    def _mark_done(session: Session, changes: list[dict[str, Any]]) -> None:
+        """One UPDATE executed for every changed image (psycopg pipelines them): few round trips."""
+        if not changes:
+            return
+        now = utcnow()
+        columns = [name for name in changes[0] if name != "image_id"]
+        # Bind names must differ from column names in an UPDATE ... WHERE with bindparams.
+        params = [
+            {"image_id": change["image_id"], **{f"v_{name}": change[name] for name in columns}}
+            for change in sorted(changes, key=lambda change: change["image_id"])
+        ]
+        session.execute(
+            update(_IMAGES)
+            .where(_IMAGES.c.id == bindparam("image_id"))
+            .values(state=DONE, updated_at=now, completed_at=now, error_code=None, error_message=None)
+            .values({name: bindparam(f"v_{name}") for name in columns}),
+            params,
+        )
+
+    def _announce(
+        self,
+        session: Session,
+        rows: dict[uuid.UUID, Any],
+        scan_ids: list[uuid.UUID],
+        flagged_ids: list[uuid.UUID],
+        completed: list[uuid.UUID],
+    ) -> list[uuid.UUID]:
+        """Outbox rows for the images flagged and the scans completed by this transaction."""
+        if flagged_ids:
+            # Only where image.flagged events have somewhere to go: a client without a
+            # webhook pays one small query per batch, not an image and a scan loaded per image.
+            wanted = outbox.scans_wanting(session, scan_ids, EVENT_IMAGE_FLAGGED)
+            flagged_ids = [image_id for image_id in flagged_ids if rows[image_id].scan_id in wanted]
+        if not flagged_ids and not completed:
+            return []
+        # Loaded once, after the writes, and held here: the session's identity map is weak,
+        # and the outbox helpers would otherwise select image, scan and client again per event.
+        scans = list(session.scalars(select(Scan).where(Scan.id.in_(scan_ids))))
+        client_ids = sorted({scan.client_id for scan in scans if scan.client_id is not None})
+        held: list[Any] = [
+            *scans,
+            *session.scalars(select(ApiClient).where(ApiClient.id.in_(client_ids))),
+            *session.scalars(select(Image).where(Image.id.in_(flagged_ids))),
+        ]
+        deliveries: list[uuid.UUID] = []
+        for image_id in flagged_ids:
+            deliveries += self._outbox(session, image_id, None)
+        for scan_id in completed:
+            deliveries += self._outbox(session, None, scan_id)
+        del held
+        return deliveries
 
     def _verdict(self, result: ScoreResult, threshold: float) -> bool | None:
         """Flagged when the score reaches the threshold, or a strong provenance signal says AI.
@@ -557,11 +582,12 @@ class Scorer:
     def _outbox(self, session: Session, flagged_image: uuid.UUID | None, completed_scan: uuid.UUID | None) -> list[uuid.UUID]:
         """Webhook deliveries decided by this transaction, written in it (transactional outbox)."""
         lease_s = self.settings.stale_after_s
-        ids = [
-            flagged_image and outbox.add_image_flagged(session, flagged_image, lease_s=lease_s),
-            completed_scan and outbox.add_scan_completed(session, completed_scan, lease_s=lease_s),
-        ]
-        return [i for i in ids if i]
+        ids: list[uuid.UUID | None] = []
+        if flagged_image is not None:
+            ids.append(outbox.add_image_flagged(session, flagged_image, lease_s=lease_s))
+        if completed_scan is not None:
+            ids.append(outbox.add_scan_completed(session, completed_scan, lease_s=lease_s))
+        return [delivery_id for delivery_id in ids if delivery_id is not None]
 
     def _publish(self, deliveries: list[uuid.UUID]) -> None:
         if deliveries and self.on_outbox is not None:
@@ -574,7 +600,7 @@ class Scorer:
         with self.sessions() as session:
             image = session.get(Image, image_id)
             if image is None:
-                raise LookupError(f"image {image_id} does not exist")
+                raise ImageNotFound(f"image {image_id} does not exist")
             return Outcome.unchanged(image_id, image)
 
 

@@ -15,7 +15,9 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from .errors import ConfigError
 from .settings import Settings
 
-PLAIN_PREFIX = "whsec_"  # what an unencrypted Standard Webhooks secret starts with
+# What a Standard Webhooks secret starts with (and so an unencrypted one as stored). The one
+# definition: signing (worker.webhooks) and issuing (worker.clients) import it from here.
+SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
 
 def new_secret_key() -> str:
@@ -52,7 +54,7 @@ class SecretBox:
 
     def open(self, stored: str) -> str:
         """The secret a stored value holds; ``ConfigError`` when no configured key opens it."""
-        if stored.startswith(PLAIN_PREFIX):
+        if stored.startswith(SECRET_PREFIX):
             return stored
         if self._fernet is None:
             raise ConfigError("a webhook secret is encrypted but SYNTHGUARD_SECRET_KEY is not set")
@@ -68,7 +70,7 @@ class SecretBox:
         """``stored`` under the first key (plain values encrypted, old-key tokens rotated)."""
         if self._fernet is None:
             raise ConfigError("SYNTHGUARD_SECRET_KEY is not set: there is nothing to encrypt with")
-        if stored.startswith(PLAIN_PREFIX):
+        if stored.startswith(SECRET_PREFIX):
             return self.seal(stored)
         try:
             return self._fernet.rotate(stored.encode()).decode()
@@ -80,7 +82,7 @@ class SecretBox:
 
 
 def is_plain(stored: str | None) -> bool:
-    return stored is not None and stored.startswith(PLAIN_PREFIX)
+    return stored is not None and stored.startswith(SECRET_PREFIX)
 
 
 def require_secret_key(settings: Settings, what: str) -> None:

@@ -11,7 +11,7 @@ from celery.signals import task_postrun, task_prerun, worker_shutdown
 from celery.worker.control import inspect_command
 
 from . import errors, logs, metrics
-from .celery_app import REALTIME_QUEUE, app
+from .celery_app import DELIVER_TASK, REALTIME_QUEUE, SCORE_TASK, SWEEP_TASK, app
 from .errors import TransientError, backoff_delay
 from .outbox import due, send_delivery
 from .queueing import publish_deliveries, sweep_stale
@@ -62,7 +62,7 @@ def _close_scorer(**_: object) -> None:
 
 
 # What the first argument of each task names, for the log context.
-_SUBJECT_FIELD = {"synthguard.score_image": "image_id", "synthguard.deliver_webhook": "delivery_id"}
+_SUBJECT_FIELD = {SCORE_TASK: "image_id", DELIVER_TASK: "delivery_id"}
 
 
 @task_prerun.connect
@@ -82,7 +82,7 @@ def _clear_log_context(**_: object) -> None:
     logs.clear()
 
 
-@app.task(name="synthguard.score_image", bind=True, max_retries=None)
+@app.task(name=SCORE_TASK, bind=True, max_retries=None)
 def score_image(self: Task, image_id: str) -> str:
     """Score one image by id; transient failures come back later with backoff and jitter."""
     scorer = get_scorer()
@@ -112,7 +112,7 @@ def score_image(self: Task, image_id: str) -> str:
     return outcome.state
 
 
-@app.task(name="synthguard.deliver_webhook", ignore_result=True)
+@app.task(name=DELIVER_TASK, ignore_result=True)
 def deliver_webhook(delivery_id: str, attempt: int) -> str:
     """Attempt one webhook delivery; a short retry is scheduled here, a long one by the sweeper."""
     scorer = get_scorer()
@@ -131,7 +131,7 @@ def deliver_webhook(delivery_id: str, attempt: int) -> str:
     )
 
 
-@app.task(name="synthguard.sweep")
+@app.task(name=SWEEP_TASK)
 def sweep(stale_after_s: float | None = None) -> int:
     """Re-publish images a lost message or a dead worker left behind, and send due webhooks."""
     scorer = get_scorer()

@@ -39,11 +39,15 @@ from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
 
 from . import __version__
+from .errors import UnsafeURL
+from .models import as_utc
+from .secretbox import SECRET_PREFIX
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -71,7 +75,6 @@ EVENT_SCAN_COMPLETED = "scan.completed"
 EVENT_TEST = "webhook.test"
 
 USER_AGENT = f"synthguard/{__version__}"
-SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 # We only need the status line; a receiver answering with a novel must not cost us memory or time.
 MAX_RESPONSE_BYTES = 64 * 1024
 # Bounds the DNS name of a callback host (RFC 1035), so nothing odd reaches the resolver.
@@ -81,10 +84,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # socket.getaddrinfo's shape; tests pass their own to script DNS answers.
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]
-
-
-class UnsafeURL(ValueError):
-    """A callback URL the policy refuses; the message says exactly why."""
 
 
 # ------------------------------------------------------------------ address policy
@@ -195,7 +194,12 @@ class URLPolicy:
         if not isinstance(url, str) or not url:
             raise UnsafeURL("empty URL")
         if any(ch.isspace() or not ch.isprintable() for ch in url):
-            raise UnsafeURL("URL contains whitespace or control characters")
+            try:
+                netloc = urlsplit(url).netloc
+            except ValueError:  # e.g. an unclosed "[" of an IPv6 literal
+                netloc = ""
+            where = "host" if any(ch.isspace() or not ch.isprintable() for ch in netloc) else "URL"
+            raise UnsafeURL(f"{where} contains whitespace or control characters")
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
@@ -443,9 +447,7 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 def _iso_utc(moment: datetime) -> str:
-    # Naive datetimes are UTC here: that is what SQLite hands back for our aware columns.
-    aware = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    return aware.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return as_utc(moment).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _json_default(value: object) -> object:
