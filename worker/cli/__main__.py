@@ -1,0 +1,5 @@
+"""``python -m worker.cli``: the same command as ``synthguard``."""
+
+from . import main
+
+main()

@@ -1,0 +1,325 @@
+"""Scoring in this process: ``scan``, ``results`` and ``demo``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..errors import ConfigError, SynthguardError
+from ..settings import Settings
+from ._base import UNTRAINED_NOTE, _fail, _load_detector, _safe_url, _settings, main
+
+
+def _collect_refs(sources: Sequence[str], settings: Settings, recursive: bool) -> list[Any]:
+    from ..storage import Storage, iter_local, parse_s3_uri
+
+    refs: list[Any] = []
+    local: list[str] = []
+    storage: Storage | None = None
+    for source in sources:
+        if source.startswith("s3://"):
+            try:
+                bucket, prefix = parse_s3_uri(source)
+            except ValueError as exc:
+                raise _fail(str(exc)) from exc
+            storage = storage or Storage(settings)
+            try:
+                refs.extend(storage.list_prefix(bucket, prefix))
+            except SynthguardError as exc:
+                raise _fail(f"cannot list {source}: {exc.message}") from exc
+        else:
+            local.append(source)
+    if local:
+        try:
+            refs.extend(iter_local(local, recursive=recursive))
+        except SynthguardError as exc:
+            raise _fail(exc.message) from exc
+    return refs
+
+
+def _run_scan(
+    settings: Settings,
+    refs: Sequence[Any],
+    *,
+    origin: str,
+    source: str,
+    allow_untrained: bool = False,
+) -> tuple[uuid.UUID, sessionmaker[Session]]:
+    """Write the scan's rows, then score every image in-process. Returns the scan id."""
+    from ..db import ensure_schema, make_engine, make_sessionmaker
+    from ..intake import create_scan
+    from ..scoring import Scorer, process_with_retries
+
+    detector = _load_detector(settings, allow_untrained=allow_untrained)
+    engine = make_engine(settings.database_url, pool_size=settings.concurrency)
+    try:
+        ensure_schema(engine)
+    except ConfigError as exc:
+        raise _fail(exc.message) from exc
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as session:
+        scan, image_ids = create_scan(
+            session, refs, origin=origin, source=source, threshold=settings.threshold
+        )
+        scan_id = scan.id
+
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    with Scorer(settings, detector, sessions=sessions, allow_local=True) as scorer, progress:
+        task = progress.add_task("scan", total=len(image_ids))
+        with ThreadPoolExecutor(scorer.concurrency, thread_name_prefix="synthguard-scan") as pool:
+            futures = [pool.submit(process_with_retries, scorer, image_id) for image_id in image_ids]
+            for future in as_completed(futures):
+                future.result()
+                progress.advance(task)
+    return scan_id, sessions
+
+
+def _image_dict(image: Any) -> dict[str, Any]:
+    from ..detector import UNTRAINED_VERSION
+
+    out = {
+        "id": str(image.id),
+        "uri": image.uri,
+        "bucket": image.bucket,
+        "key": image.key,
+        "version_id": image.version_id,
+        "etag": image.etag,
+        "sha256": image.sha256,
+        "state": image.state,
+        "score": image.score,
+        "flagged": image.flagged,
+        "threshold": image.threshold,
+        "format": image.format,
+        "width": image.width,
+        "height": image.height,
+        "model_name": image.model_name,
+        "model_version": image.model_version,
+        "provenance": image.provenance,
+        "error_code": image.error_code,
+        "error_message": image.error_message,
+        "attempts": image.attempts,
+        "created_at": image.created_at.isoformat() if image.created_at else None,
+        "completed_at": image.completed_at.isoformat() if image.completed_at else None,
+    }
+    if image.model_version == UNTRAINED_VERSION:
+        out["warning"] = UNTRAINED_NOTE
+    return out
+
+
+def _print_scan(
+    session: Session, scan_id: uuid.UUID, *, as_json: bool, limit: int | None = None
+) -> tuple[int, bool]:
+    """Print one scan's images; returns how many did not end ``done``, and whether any is untrained."""
+    from ..detector import UNTRAINED_VERSION
+    from ..models import DONE, Image, Scan
+
+    scan = session.get(Scan, scan_id)
+    if scan is None:
+        raise _fail(f"no scan {scan_id}")
+    query = select(Image).where(Image.scan_id == scan_id).order_by(Image.created_at, Image.key)
+    if limit:
+        query = query.limit(limit)
+    images = list(session.scalars(query))
+    counts: dict[str, int] = {}
+    for image in images:
+        counts[image.state] = counts.get(image.state, 0) + 1
+    untrained = any(i.model_version == UNTRAINED_VERSION for i in images)
+    not_done = sum(1 for i in images if i.state != DONE)
+
+    if as_json:
+        doc: dict[str, Any] = {
+            "scan_id": str(scan.id),
+            "source": scan.source,
+            "created_at": scan.created_at.isoformat(),
+            "completed_at": scan.completed_at.isoformat() if scan.completed_at else None,
+            "counts": counts,
+            "images": [_image_dict(i) for i in images],
+        }
+        if untrained:
+            doc["warning"] = UNTRAINED_NOTE
+        click.echo(json.dumps(doc, indent=2))
+        return not_done, untrained
+
+    if untrained:
+        # No table: every line must carry the warning, so none can be quoted without it.
+        click.echo(f"[{UNTRAINED_NOTE}] scan {scan.id}: random weights, scores below mean nothing")
+        for image in images:
+            score = "" if image.score is None else f"untrained output {image.score:.4f}"
+            error = f"{image.error_code}: {image.error_message}" if image.error_code else ""
+            click.echo(f"[{UNTRAINED_NOTE}] {image.uri}  {image.state}  {score}{error}")
+        click.echo(f"[{UNTRAINED_NOTE}] {len(images)} images: {_summary(counts)}")
+        return not_done, untrained
+
+    # Piped output keeps each row on one line, so it can be grepped; a terminal wraps to fit.
+    console = Console(width=None if Console().is_terminal else 1000)
+    table = Table(title=f"scan {scan.id}", title_justify="left")
+    for column, justify in (
+        ("image", "left"),
+        ("state", "left"),
+        ("p(synthetic)", "right"),
+        ("flagged", "left"),
+        ("provenance", "left"),
+        ("model", "left"),
+        ("error", "left"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for image in images:
+        score = "" if image.score is None else f"{image.score:.4f}"
+        flagged = "" if image.flagged is None else ("yes" if image.flagged else "no")
+        error = f"{image.error_code}: {image.error_message}" if image.error_code else ""
+        model = f"{image.model_name}@{image.model_version}" if image.model_version else ""
+        table.add_row(
+            image.uri, image.state, score, flagged, _provenance_summary(image.provenance), model, error
+        )
+    console.print(table)
+    console.print(f"{len(images)} images: {_summary(counts)}")
+    return not_done, untrained
+
+
+def _provenance_summary(provenance: dict[str, Any] | None) -> str:
+    """One cell: the AI evidence found (and by which tool), or the signals present that say otherwise."""
+    if not provenance:
+        return ""
+    signals = provenance.get("signals", {})
+    if provenance.get("ai"):
+        strong = [n for n, sig in signals.items() if sig.get("ai") and sig.get("strength") == "strong"]
+        tools = sorted({t for sig in signals.values() for t in sig.get("evidence", {}).get("tools", [])})
+        return "AI: " + ", ".join(strong) + (f" ({', '.join(tools)})" if tools else "")
+    found = [n for n, sig in signals.items() if sig.get("found")]
+    return ", ".join(found) + " (no AI claim)" if found else ""
+
+
+def _summary(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no images"
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option(
+    "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
+)
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk local directories.")
+@click.option("--concurrency", type=click.IntRange(1), help="Fetch/decode threads [SYNTHGUARD_CONCURRENCY].")
+def scan(
+    sources: tuple[str, ...], as_json: bool, threshold: float | None, recursive: bool, concurrency: int | None
+) -> None:
+    """Score images in-process and store the results (no broker needed).
+
+    SOURCES are local files, local directories, or s3://bucket/prefix URIs
+    (every object under the prefix). Exit code 0 when every image was scored,
+    1 when any could not be (each gets an error code in the output).
+    """
+    settings = _settings(threshold=threshold, concurrency=concurrency)
+    refs = _collect_refs(sources, settings, recursive)
+    if not refs:
+        raise _fail(f"no images found in {' '.join(sources)}")
+    scan_id, sessions = _run_scan(settings, refs, origin="cli", source=" ".join(sources))
+    with sessions() as session:
+        not_done, _ = _print_scan(session, scan_id, as_json=as_json)
+    sys.exit(1 if not_done else 0)
+
+
+@main.command()
+@click.argument("scan_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--limit", type=click.IntRange(1), help="Show at most this many images.")
+def results(scan_id: str | None, as_json: bool, limit: int | None) -> None:
+    """Print stored results of SCAN_ID (default: the latest scan)."""
+    from ..db import ensure_schema, make_engine, make_sessionmaker
+    from ..models import Scan
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        ensure_schema(engine)
+    except ConfigError as exc:
+        raise _fail(exc.message) from exc
+    with make_sessionmaker(engine)() as session:
+        if scan_id is None:
+            latest = session.scalar(select(Scan.id).order_by(Scan.created_at.desc()).limit(1))
+            if latest is None:
+                raise _fail("no scans stored yet")
+            target = latest
+        else:
+            try:
+                target = uuid.UUID(scan_id)
+            except ValueError as exc:
+                raise _fail(f"{scan_id!r} is not a scan id") from exc
+        _print_scan(session, target, as_json=as_json, limit=limit)
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("synthguard-demo"),
+    show_default=True,
+    help="Where the sample images are written.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def demo(directory: Path, as_json: bool) -> None:
+    """Make a small sample set, scan it, and print the results.
+
+    Uses the configured checkpoint, or the published weights from the hub.
+    Offline and with nothing configured, it runs on random weights and says
+    so on every line: such scores are not detections. Two samples are broken
+    on purpose to show how errors are reported.
+    """
+    from ..demo import make_samples
+
+    settings = _settings()
+    samples = make_samples(directory)
+    refs = list(_collect_refs([str(directory)], settings, recursive=True))
+    scan_id, sessions = _run_scan(settings, refs, origin="demo", source=str(directory), allow_untrained=True)
+    with sessions() as session:
+        _, untrained = _print_scan(session, scan_id, as_json=as_json)
+        unexpected = list(_unexpected_outcomes(session, scan_id, samples))
+    for line in unexpected:
+        click.secho(line, fg="red", err=True)
+    if not as_json:
+        prefix = f"[{UNTRAINED_NOTE}] " if untrained else ""
+        click.echo(
+            f"{prefix}stored in {_safe_url(settings.database_url)}; "
+            f"`synthguard results {scan_id}` shows them again"
+        )
+    sys.exit(1 if unexpected else 0)
+
+
+def _unexpected_outcomes(
+    session: Session, scan_id: uuid.UUID, samples: dict[str, str | None]
+) -> Iterator[str]:
+    from ..models import DONE, Image
+
+    for image in session.scalars(select(Image).where(Image.scan_id == scan_id)):
+        expected = samples.get(Path(image.key).name)
+        got = image.error_code if image.state != DONE else None
+        if got != expected:
+            yield f"{image.key}: expected {expected or 'a score'}, got {got or 'a score'}"
