@@ -714,30 +714,28 @@ def run_naive(env: Env, sets: dict[str, list[str]], warm_keys: list[str]) -> dic
     return out
 
 
-def latency(env: Env, api: Api, worker: Proc, rt_keys: list[str], backfill_keys: list[str], probes: int,
-            interval: float) -> dict:
+def probe_under_load(api: Api, probe_keys: list[str], load_keys: list[str], load_priority: str, load: str,
+                     probes: int, interval: float, prober=None) -> dict:  # type: ignore[no-untyped-def]
+    """Realtime probes one at a time (as ``prober``, default the Api's own client), idle and then while
+    ``load_keys`` are queued on ``load_priority``; the load is named ``load`` in the result's keys."""
     def probe(keys: list[str]) -> list[str]:
         ids = []
         for k in keys:
-            ids.append(api.scan([k], "realtime"))
+            ids.append(api.scan([k], "realtime", prober))
             time.sleep(interval)
         return ids
 
-    idle_ids = probe(rt_keys[:probes])
+    idle_ids = probe(probe_keys[:probes])
     api.wait(idle_ids, probes)
-    idle = api.latencies(idle_ids)
-
     t0 = datetime.now(UTC)
-    bulk_ids = api.scan(backfill_keys, "bulk").split(",")
+    load_ids = api.scan(load_keys, load_priority).split(",")
     time.sleep(1.0)
-    busy_ids = probe(rt_keys[probes:2 * probes])
-    done_at_last_probe, _, _ = api.progress(bulk_ids)
+    busy_ids = probe(probe_keys[probes:2 * probes])
+    done_at_last_probe, _, _ = api.progress(load_ids)
     api.wait(busy_ids, probes)
-    busy = api.latencies(busy_ids)
-    _, last = api.wait(bulk_ids, len(backfill_keys))
-    backfill_s = (last - t0).total_seconds()
-    return {"idle": idle, "busy": busy, "backfill_n": len(backfill_keys), "backfill_done_at_last_probe": done_at_last_probe,
-            "backfill_s": backfill_s}
+    _, last = api.wait(load_ids, len(load_keys))
+    return {"idle": api.latencies(idle_ids), "busy": api.latencies(busy_ids), f"{load}_n": len(load_keys),
+            f"{load}_done_at_last_probe": done_at_last_probe, f"{load}_s": (last - t0).total_seconds()}
 
 
 def fairness(env: Env, burst: int, specs: list[tuple[int, str | None, int]], warm: list[str],
@@ -750,25 +748,7 @@ def fairness(env: Env, burst: int, specs: list[tuple[int, str | None, int]], war
     try:
         api.wait(api.scan(warm, "bulk").split(","), len(warm))
         api.wait([api.scan([key], "realtime", beta) for key in warm[:4]], 4)
-
-        def probe(keys: list[str]) -> list[str]:
-            ids = []
-            for k in keys:
-                ids.append(api.scan([k], "realtime", beta))
-                time.sleep(interval)
-            return ids
-
-        idle_ids = probe(probe_keys[:probes])
-        api.wait(idle_ids, probes)
-        t0 = datetime.now(UTC)
-        flood_ids = api.scan(flood_keys, "realtime").split(",")
-        time.sleep(1.0)
-        busy_ids = probe(probe_keys[probes:2 * probes])
-        done_at_last_probe, _, _ = api.progress(flood_ids)
-        api.wait(busy_ids, probes)
-        _, last = api.wait(flood_ids, len(flood_keys))
-        return {"idle": api.latencies(idle_ids), "busy": api.latencies(busy_ids), "flood_n": len(flood_keys),
-                "flood_done_at_last_probe": done_at_last_probe, "flood_s": (last - t0).total_seconds()}
+        return probe_under_load(api, probe_keys, flood_keys, "realtime", "flood", probes, interval, beta)
     finally:
         for proc in [*workers, api.proc]:
             proc.stop()
@@ -923,7 +903,7 @@ def main() -> int:
                         api.wait(ids, len(warm))
                         ids = [api.scan([key], "realtime") for key in warm[:4]]
                         api.wait(ids, len(ids))
-                        r = latency(env, api, workers[0], rt, backfill, size["probes"], size["interval"])
+                        r = probe_under_load(api, rt, backfill, "bulk", "backfill", size["probes"], size["interval"])
                     finally:
                         for worker in workers:
                             worker.stop()

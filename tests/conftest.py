@@ -365,3 +365,35 @@ def wait_until(predicate, timeout: float = 120.0, interval: float = 0.1, message
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+# ------------------------------------------------- shared by the service tests
+
+
+@pytest.fixture
+def sessions(pg_url: str):  # type: ignore[no-untyped-def]
+    """Sessions on the test database."""
+    from worker.db import get_sessionmaker
+
+    return get_sessionmaker(pg_url)
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[object]:
+    """The test broker's Redis, to look at the queues."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def api(service_settings, celery_app):  # type: ignore[no-untyped-def]
+    """The HTTP API in this process, bound to the test database and broker."""
+    from fastapi.testclient import TestClient
+
+    from api_stub.app import create_app
+
+    with TestClient(create_app(service_settings, celery=celery_app)) as client:
+        yield client

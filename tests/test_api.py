@@ -6,11 +6,10 @@ import json
 import re
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,11 +31,6 @@ def _closed_port() -> int:
 
 
 @pytest.fixture
-def sessions(pg_url: str) -> sessionmaker[Session]:
-    return get_sessionmaker(pg_url)
-
-
-@pytest.fixture
 def new_client(sessions: sessionmaker[Session]) -> Callable[..., tuple[uuid.UUID, dict[str, str]]]:
     """Create an API client; returns its id and the headers that authenticate as it."""
 
@@ -49,19 +43,6 @@ def new_client(sessions: sessionmaker[Session]) -> Callable[..., tuple[uuid.UUID
         return client_id, {"Authorization": f"Bearer {created.api_key}"}
 
     return make
-
-
-@pytest.fixture
-def api(service_settings, celery_app) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
-    with TestClient(create_app(service_settings, celery=celery_app)) as client:
-        yield client
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def assert_problem(response: Any, status: int) -> dict[str, Any]:

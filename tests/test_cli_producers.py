@@ -26,7 +26,6 @@ from conftest import synthguard_command, wait_until
 from worker.backfill import BackfillResult, TokenBucket, run_backfill
 from worker.celery_app import BULK_QUEUE, REALTIME_QUEUE
 from worker.cli import main
-from worker.db import get_sessionmaker
 from worker.detector import Detector, checkpoint_version
 from worker.models import DONE, FAILED, QUEUED, ApiClient, Image, Scan
 from worker.scoring import Scorer
@@ -36,18 +35,6 @@ OLD_VERSION = "sha256:000000000000"
 
 def _invoke(args: list[str], env: dict[str, str]) -> Any:
     return CliRunner().invoke(main, args, env=env, catch_exceptions=False)
-
-
-@pytest.fixture
-def sessions(pg_url: str):  # type: ignore[no-untyped-def]
-    return get_sessionmaker(pg_url)
-
-
-@pytest.fixture
-def broker(redis_url: str):  # type: ignore[no-untyped-def]
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _message_ids(broker: redis.Redis, queue: str) -> list[uuid.UUID]:

@@ -14,11 +14,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 from test_webhook_delivery import SMALL_IMAGE, WEBHOOK_ENV, Receiver, running_receiver
 
-from api_stub.app import create_app
 from conftest import TEST_SECRET_KEY, wait_until
 from worker import outbox
 from worker.clients import NewClient, create_client
@@ -55,12 +53,6 @@ def tenant(pg_url, main_hook, callback_hook, s3_client, bucket, fixtures_dir) ->
     main_hook.secrets = callback_hook.secrets = [new.webhook_secret]
     s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=(fixtures_dir / SMALL_IMAGE).read_bytes())
     return new
-
-
-@pytest.fixture
-def api(service_settings, celery_app) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
-    with TestClient(create_app(service_settings, celery=celery_app)) as http:
-        yield http
 
 
 def _auth(client: NewClient) -> dict[str, str]:

@@ -127,11 +127,6 @@ def test_object_keys_are_logged_only_when_allowed(captured) -> None:  # type: ig
 # ---------------------------------------------------------------- real worker
 
 
-@pytest.fixture
-def sessions(pg_url: str):  # type: ignore[no-untyped-def]
-    return get_sessionmaker(pg_url)
-
-
 def _run_worker(start_service, s3_client, bucket, fixtures_dir, service_settings, celery_app, sessions, **env):  # type: ignore[no-untyped-def]
     """Score one JPEG and one SVG through a real JSON-logging worker; the ids, the keys, the log lines."""
     keys = ["kyc/Jane Doe/selfie.jpg", "kyc/Jane Doe/drawing.svg"]

@@ -130,11 +130,6 @@ def _floats_close(a: Any, b: Any) -> bool:
 # ---------------------------------------------------------------- the engine
 
 
-@pytest.fixture
-def sessions(pg_url: str) -> sessionmaker[Session]:
-    return get_sessionmaker(pg_url)
-
-
 def _png(**chunks: str) -> bytes:
     info = PngInfo()
     for key, value in chunks.items():
@@ -287,16 +282,12 @@ def test_an_image_whose_attempts_all_ended_in_a_crash_ends_too_many_attempts(
 
 
 @pytest.fixture
-def api(service_settings, celery_app, sessions):  # type: ignore[no-untyped-def]
-    from fastapi.testclient import TestClient
-
-    from api_stub.app import create_app
-
+def api(api, sessions):  # type: ignore[no-untyped-def]
+    """conftest's API, authenticated as a new client with every bucket."""
     with sessions.begin() as session:
         created = create_client(session, f"texts-{uuid.uuid4().hex[:8]}", all_buckets=True)
-    with TestClient(create_app(service_settings, celery=celery_app)) as client:
-        client.headers["Authorization"] = f"Bearer {created.api_key}"
-        yield client
+    api.headers["Authorization"] = f"Bearer {created.api_key}"
+    return api
 
 
 def _raw(body: str) -> dict[str, Any]:

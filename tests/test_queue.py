@@ -21,17 +21,11 @@ import redis
 from sqlalchemy import func, select
 
 from conftest import BAD_FIXTURES, good_fixture_files, wait_until
-from worker.db import get_sessionmaker
 from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan
 from worker.preparing import usable_cores
 from worker.queueing import enqueue, publish
 
 SMALL_IMAGE = "real/earth_apollo17.jpg"
-
-
-@pytest.fixture
-def sessions(pg_url: str):  # type: ignore[no-untyped-def]
-    return get_sessionmaker(pg_url)
 
 
 def _states(sessions, ids: list[uuid.UUID]) -> dict[str, int]:  # type: ignore[no-untyped-def]

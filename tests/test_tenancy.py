@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +25,6 @@ from conftest import wait_until
 from worker.celery_app import BULK_QUEUE, OVERFLOW_QUEUE, REALTIME_QUEUE
 from worker.cli import main
 from worker.clients import create_client
-from worker.db import get_sessionmaker
 from worker.detector import Detector
 from worker.errors import ACCESS_DENIED, NotGranted
 from worker.models import FAILED, ApiClient, Image
@@ -35,18 +34,6 @@ from worker.storage import check_bucket_name, check_object_key
 from worker.tenancy import Grant
 
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture
-def sessions(pg_url: str) -> sessionmaker[Session]:
-    return get_sessionmaker(pg_url)
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 @pytest.fixture
@@ -69,12 +56,6 @@ def make_client(sessions: sessionmaker[Session]) -> Callable[..., tuple[uuid.UUI
         return client_id, {"Authorization": f"Bearer {created.api_key}"}
 
     return make
-
-
-@pytest.fixture
-def api(service_settings, celery_app) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
-    with TestClient(create_app(service_settings, celery=celery_app)) as client:
-        yield client
 
 
 def image_count(sessions: sessionmaker[Session], client_id: uuid.UUID) -> int:

@@ -9,13 +9,11 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from conftest import _free_port, wait_until
 from worker.celery_app import QUEUES
-from worker.db import get_sessionmaker
 from worker.metrics import STAGES, QueueDepthCollector, stamp_start
 from worker.models import DONE, FAILED, Image
 from worker.preparing import usable_cores
@@ -47,11 +45,6 @@ def _terminal(sessions, ids: list[uuid.UUID]) -> bool:  # type: ignore[no-untype
     with sessions() as session:
         n = session.scalar(select(func.count()).where(Image.id.in_(ids), Image.state.in_((DONE, FAILED))))
     return n == len(ids)
-
-
-@pytest.fixture
-def sessions(pg_url: str):  # type: ignore[no-untyped-def]
-    return get_sessionmaker(pg_url)
 
 
 def test_a_real_worker_exports_metrics_that_move(

@@ -200,7 +200,7 @@ def enqueue(
                     return found
             if client_id is not None:
                 pending = check_intake(session, client_id, refs, priority, settings, enforce_caps=enforce_caps)
-            elif priority == "realtime":
+            elif priority == "realtime" and settings.realtime_burst > 0:
                 pending = pending_images(session, None, priority)
             scan, ids = create_scan(
                 session,

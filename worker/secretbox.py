@@ -54,7 +54,7 @@ class SecretBox:
 
     def open(self, stored: str) -> str:
         """The secret a stored value holds; ``ConfigError`` when no configured key opens it."""
-        if stored.startswith(SECRET_PREFIX):
+        if is_plain(stored):
             return stored
         if self._fernet is None:
             raise ConfigError("a webhook secret is encrypted but SYNTHGUARD_SECRET_KEY is not set")
@@ -70,7 +70,7 @@ class SecretBox:
         """``stored`` under the first key (plain values encrypted, old-key tokens rotated)."""
         if self._fernet is None:
             raise ConfigError("SYNTHGUARD_SECRET_KEY is not set: there is nothing to encrypt with")
-        if stored.startswith(SECRET_PREFIX):
+        if is_plain(stored):
             return self.seal(stored)
         try:
             return self._fernet.rotate(stored.encode()).decode()
@@ -82,6 +82,7 @@ class SecretBox:
 
 
 def is_plain(stored: str | None) -> bool:
+    """A stored webhook secret in plain text (``whsec_...``), not sealed."""
     return stored is not None and stored.startswith(SECRET_PREFIX)
 
 

@@ -156,8 +156,9 @@ def check_intake(
     Grants first (403), then the lane (403), then the pending cap (429). The
     cap counts every object as new; a redelivered S3 event near the cap may
     be refused though it would add nothing, and its retry finds room later.
-    Returns the images the client already has pending on the lane, which
-    decides how many new realtime ones overflow (queueing.realtime_share).
+    Returns the images the client already has pending on a realtime lane,
+    which decides how many new ones overflow (queueing.realtime_share); 0
+    on bulk when no cap is checked.
     """
     client = lock_client(session, client_id)
     if client is None or client.disabled_at is not None:
@@ -166,9 +167,11 @@ def check_intake(
     require_lane(client, lane)
     if not refs:
         return 0
+    cap = pending_cap(client, lane, settings) if enforce_caps else 0
+    if cap <= 0 and lane != "realtime":
+        return 0  # no cap to check and no overflow to decide: no count needed
     pending = pending_images(session, client_id, lane)
-    cap = pending_cap(client, lane, settings)
-    if not enforce_caps or cap <= 0:
+    if cap <= 0:
         return pending
     if pending + len(refs) > cap:
         raise QuotaExceeded(
