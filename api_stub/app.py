@@ -1,9 +1,10 @@
 """The producer-facing HTTP API: ``create_app`` builds it (``synthguard api`` serves it).
 
 One module per concept: ``auth`` (API keys, rate limit), ``scans`` and
-``events`` (the endpoints producers call), ``operations`` (health, readiness,
-metrics), ``problems`` (every error as RFC 9457 problem details), ``schemas``
-(bodies and their documentation), ``bodylimit`` and ``requestlog`` (middleware: body cap;
+``events`` (the endpoints producers call), ``webhooks`` (deliveries, endpoints,
+signing secrets), ``operations`` (health, readiness, metrics), ``problems``
+(every error as RFC 9457 problem details), ``schemas`` (a package: bodies and
+their documentation, by concept), ``bodylimit`` and ``requestlog`` (middleware: body cap;
 metrics, access log and request ids), ``metrics`` (the API's Prometheus metrics).
 The API never migrates the database: operators run ``synthguard db upgrade``.
 """

@@ -16,6 +16,7 @@ from .state import get_state
 
 router = APIRouter(prefix="/v1")
 
+
 def object_event(record: S3EventRecord) -> ObjectEvent | None:
     """The object a record announces, or None when it announces no object to score."""
     if not is_object_created(record.eventName) or record.s3 is None:

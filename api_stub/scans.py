@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import uuid
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
 
+from worker.errors import UnsafeURL
 from worker.intake import unique_refs
 from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan
+from worker.netguard import URLPolicy
 from worker.queueing import IdempotencyConflict, enqueue
 from worker.settings import Settings
 from worker.storage import ObjectRef
-from worker.webhooks import UnsafeURL, URLPolicy
 
 from .auth import AuthenticatedClient, Caller, refuse_unless_allowed
 from .metrics import IMAGES_ENQUEUED, SCANS_CREATED
@@ -35,6 +38,18 @@ from .state import get_state
 router = APIRouter(prefix="/v1")
 
 MAX_PAGE = 1000
+
+_Owned = TypeVar("_Owned", Scan, Image)
+
+
+def _owned(session: Session, model: type[_Owned], raw_id: str, client_id: uuid.UUID, what: str) -> _Owned:
+    """The client's row of ``model`` with this path id; another client's answers the same 404 as none."""
+    row = session.scalar(
+        select(model).where(model.id == parse_id(raw_id, what), model.client_id == client_id)
+    )
+    if row is None:
+        raise not_found(what)
+    return row
 
 
 def _check_callback_url(request_body: ScanRequest, settings: Settings, client: Caller) -> None:
@@ -203,11 +218,9 @@ def get_scan(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Most images to list.")] = MAX_PAGE,
     offset: Annotated[int, Query(ge=0, description="Images to skip before listing.")] = 0,
 ) -> ScanOut:
-    sid = parse_id(scan_id, "scan")
     with get_state(request).sessions() as session:
-        scan = session.scalar(select(Scan).where(Scan.id == sid, Scan.client_id == client.id))
-        if scan is None:
-            raise not_found("scan")
+        scan = _owned(session, Scan, scan_id, client.id, "scan")
+        sid = scan.id
         rows = session.execute(
             select(
                 Image.state,
@@ -260,9 +273,5 @@ def get_image(
     request: Request,
     client: AuthenticatedClient,
 ) -> ImageDetail:
-    iid = parse_id(image_id, "image")
     with get_state(request).sessions() as session:
-        image = session.scalar(select(Image).where(Image.id == iid, Image.client_id == client.id))
-        if image is None:
-            raise not_found("image")
-        return ImageDetail.model_validate(image)
+        return ImageDetail.model_validate(_owned(session, Image, image_id, client.id, "image"))

@@ -50,6 +50,8 @@ sys.path.insert(0, str(REPO))
 from worker import provenance  # noqa: E402
 from worker.errors import PermanentError  # noqa: E402
 from worker.imaging import decode_image, sniff_format  # noqa: E402
+from worker.provenance import _containers, c2pa, exif, generation_params, watermark, xmp  # noqa: E402
+from worker.provenance._base import Budget  # noqa: E402
 
 FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))
 FIXTURE_FOLDERS = ("real", "generated", "c2pa", "formats")
@@ -119,24 +121,22 @@ def measure(data: bytes, runs: int) -> tuple[dict[str, float], dict[str, Any], s
     """ms per reader (median of ``runs``), the findings, and the image's size."""
     fmt = sniff_format(data)
     image = decode_image(data, max_pixels=MAX_PIXELS).image
-    budget = provenance._Budget(BUDGET_S)
-    meta = provenance._collect(data, fmt, budget)
-    exif, exif_errors = provenance._exif_fields(meta)
+    budget = Budget(BUDGET_S)
+    meta = _containers.collect(data, fmt, budget)
+    fields, field_errors = exif.read_fields(meta)
 
     def container() -> None:
-        provenance._exif_fields(provenance._collect(data, fmt, provenance._Budget(BUDGET_S)))
+        exif.read_fields(_containers.collect(data, fmt, Budget(BUDGET_S)))
 
     readers: dict[str, Callable[[], object]] = {
         "decode": lambda: decode_image(data, max_pixels=MAX_PIXELS),
         "read_provenance": lambda: provenance.read_provenance(data, fmt, image),
         "container": container,
-        "c2pa": lambda: provenance._read_c2pa(data, fmt, meta, provenance._Budget(BUDGET_S)),
-        "iptc_xmp": lambda: provenance._read_xmp(meta, provenance._Budget(BUDGET_S)),
-        "generation_params": lambda: provenance._read_generation_params(
-            meta, exif, provenance._Budget(BUDGET_S)
-        ),
-        "exif_software": lambda: provenance._read_exif_software(meta, exif, exif_errors),
-        "sd_watermark": lambda: provenance._read_watermark(image, provenance._Budget(BUDGET_S)),
+        "c2pa": lambda: c2pa.read(data, fmt, meta, Budget(BUDGET_S)),
+        "iptc_xmp": lambda: xmp.read(meta, Budget(BUDGET_S)),
+        "generation_params": lambda: generation_params.read(meta, fields, Budget(BUDGET_S)),
+        "exif_software": lambda: exif.read_software(meta, fields, field_errors),
+        "sd_watermark": lambda: watermark.read(image, Budget(BUDGET_S)),
     }
     ms = {name: median_ms(fn, runs) for name, fn in readers.items()}
     findings = provenance.read_provenance(data, fmt, image, budget_s=BUDGET_S).to_json()
@@ -235,8 +235,8 @@ def watermark_stages(image: Image.Image) -> dict[str, Callable[[], object]]:
     """The watermark's steps one at a time, each over all of the image's strips, as the reader runs them."""
     width, height = image.size
     nbx, nby = (width // 4 * 2) // 4, (height // 4 * 2) // 4
-    rows_total = min(nby, max(1, provenance.WM_MAX_SCAN_PIXELS // (64 * nbx)))
-    strip = max(1, provenance.WM_STRIP_PIXELS // (64 * nbx))
+    rows_total = min(nby, max(1, watermark.MAX_SCAN_PIXELS // (64 * nbx)))
+    strip = max(1, watermark.STRIP_PIXELS // (64 * nbx))
     tops = range(0, rows_total, strip)
     n = 8 * min(strip, rows_total)
     rgbx = np.empty((n, 8 * nbx, 4), np.uint8)
@@ -255,32 +255,30 @@ def watermark_stages(image: Image.Image) -> dict[str, Callable[[], object]]:
 
     def planes() -> None:
         for _ in tops:
-            provenance._u_planes(bgr[::2], bgr[1], u, tmp)
+            watermark.u_planes(bgr[::2], bgr[1], u, tmp)
 
     return {
         "paste into numpy": paste,
         "uint8 -> float32": widen,
-        "_u_planes": planes,
-        "_block_bits": lambda: [provenance._block_bits(u) for _ in tops],
-        "_vote": lambda: provenance._vote(bits),
+        "u_planes": planes,
+        "block_bits": lambda: [watermark.block_bits(u) for _ in tops],
+        "vote": lambda: watermark.vote(bits),
     }
 
 
 def gil_report(data: bytes, runs: int) -> list[list[str]]:
     fmt = sniff_format(data)
     image = decode_image(data, max_pixels=MAX_PIXELS).image
-    meta = provenance._collect(data, fmt, provenance._Budget(BUDGET_S))
-    exif, _ = provenance._exif_fields(meta)
+    meta = _containers.collect(data, fmt, Budget(BUDGET_S))
+    fields, _ = exif.read_fields(meta)
     stages: dict[str, Callable[[], object]] = {
         "read_provenance": lambda: provenance.read_provenance(data, fmt, image),
-        "container (_collect)": lambda: provenance._collect(data, fmt, provenance._Budget(BUDGET_S)),
-        "exif fields": lambda: provenance._exif_fields(meta),
-        "c2pa": lambda: provenance._read_c2pa(data, fmt, meta, provenance._Budget(BUDGET_S)),
-        "iptc_xmp": lambda: provenance._read_xmp(meta, provenance._Budget(BUDGET_S)),
-        "generation_params": lambda: provenance._read_generation_params(
-            meta, exif, provenance._Budget(BUDGET_S)
-        ),
-        "sd_watermark": lambda: provenance._read_watermark(image, provenance._Budget(BUDGET_S)),
+        "container (collect)": lambda: _containers.collect(data, fmt, Budget(BUDGET_S)),
+        "exif fields": lambda: exif.read_fields(meta),
+        "c2pa": lambda: c2pa.read(data, fmt, meta, Budget(BUDGET_S)),
+        "iptc_xmp": lambda: xmp.read(meta, Budget(BUDGET_S)),
+        "generation_params": lambda: generation_params.read(meta, fields, Budget(BUDGET_S)),
+        "sd_watermark": lambda: watermark.read(image, Budget(BUDGET_S)),
     }
     stages.update({f"  wm: {k}": v for k, v in watermark_stages(image).items()})
     rows = []
@@ -309,7 +307,7 @@ def thread_scaling(data: bytes, seconds: float) -> list[list[str]]:
     counts = sorted({1, 2, cores, 8, 16})
     stages: dict[str, Callable[[], object]] = {
         "read_provenance": lambda: provenance.read_provenance(data, fmt, image),
-        "sd_watermark": lambda: provenance._read_watermark(image, provenance._Budget(BUDGET_S)),
+        "sd_watermark": lambda: watermark.read(image, Budget(BUDGET_S)),
     }
     rows = []
     slots = threading.BoundedSemaphore(cores)

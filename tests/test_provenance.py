@@ -25,7 +25,13 @@ from PIL import Image, PngImagePlugin
 from conftest import FIXTURES
 from worker import provenance
 from worker.imaging import decode_image, sniff_format
-from worker.provenance import Findings, read_provenance
+from worker.provenance import (
+    Findings,
+    c2pa,
+    read_provenance,
+    watermark,
+)
+from worker.provenance._base import Budget
 
 MAX_PIXELS = 100_000_000
 IPTC = "http://cv.iptc.org/newscodes/digitalsourcetype/"
@@ -345,7 +351,7 @@ def test_c2pa_trained_algorithmic_media_counts_as_ai() -> None:
         },
         "validation_state": "Valid",
     }
-    sig = provenance._c2pa_signal(store, None)
+    sig = c2pa.store_signal(store, None)
     assert (sig.found, sig.ai, sig.strength) == (True, True, "strong")
     assert sig.evidence["claim_generator"] == "Editor/1.0"
     assert sig.evidence["ai_source_types"] == [IPTC + "trainedAlgorithmicMedia"]
@@ -588,13 +594,13 @@ def test_real_photos_carry_no_watermark(path: Path) -> None:
 
 
 def test_watermark_thresholds_keep_false_positives_below_1e8() -> None:
-    needed = [provenance.min_matching_bits(len(p.bits)) for p in provenance.WM_PAYLOADS]
+    needed = [watermark.min_matching_bits(len(p.bits)) for p in watermark.PAYLOADS]
     assert needed == [43, 31, 101]  # of 48 (SDXL), 32 (SDV2), 136 (StableDiffusionV1)
 
     def tail(n: int, k: int) -> float:  # chance of k or more matches when every bit is a coin flip
         return sum(math.comb(n, j) for j in range(k, n + 1)) / 2**n
 
-    for payload, k in zip(provenance.WM_PAYLOADS, needed, strict=True):
+    for payload, k in zip(watermark.PAYLOADS, needed, strict=True):
         n = len(payload.bits)
         assert tail(n, k) <= 1e-8 < tail(n, k - 1)
 
@@ -604,9 +610,9 @@ def test_watermark_decoder_uses_opencv_colour_conversion_bit_for_bit() -> None:
     rng = np.random.default_rng(7)
     rgb = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
     expected = cv2.cvtColor(np.ascontiguousarray(rgb[..., ::-1]), cv2.COLOR_BGR2YUV)[..., 1]
-    assert np.array_equal(provenance._u_plane(rgb, swapped=False), expected)
+    assert np.array_equal(watermark.u_plane(rgb, swapped=False), expected)
     swapped = cv2.cvtColor(rgb, cv2.COLOR_BGR2YUV)[..., 1]
-    assert np.array_equal(provenance._u_plane(rgb, swapped=True), swapped)
+    assert np.array_equal(watermark.u_plane(rgb, swapped=True), swapped)
 
 
 def test_u_plane_matches_opencv_for_every_colour() -> None:
@@ -617,9 +623,9 @@ def test_u_plane_matches_opencv_for_every_colour() -> None:
         rgb = np.stack([chunk >> 16, (chunk >> 8) & 255, chunk & 255], axis=-1).astype(np.uint8)
         rgb = rgb.reshape(1024, 1024, 3)
         bgr_u = cv2.cvtColor(np.ascontiguousarray(rgb[..., ::-1]), cv2.COLOR_BGR2YUV)[..., 1]
-        assert np.array_equal(provenance._u_plane(rgb, swapped=False), bgr_u)
+        assert np.array_equal(watermark.u_plane(rgb, swapped=False), bgr_u)
         assert np.array_equal(
-            provenance._u_plane(rgb, swapped=True), cv2.cvtColor(rgb, cv2.COLOR_BGR2YUV)[..., 1]
+            watermark.u_plane(rgb, swapped=True), cv2.cvtColor(rgb, cv2.COLOR_BGR2YUV)[..., 1]
         )
 
 
@@ -646,7 +652,7 @@ def test_float_haar_ll_is_the_half_sum_or_a_hair_above() -> None:
 def _reference_block_bits(rgb: np.ndarray, *, swapped: bool) -> np.ndarray:
     """The decoder's bits the plain way: float64 U plane, PyWavelets' Haar ops, argmax per block."""
     tap = 0.7071067811865476
-    u = provenance._u_plane(rgb, swapped=swapped).astype(np.float64)
+    u = watermark.u_plane(rgb, swapped=swapped).astype(np.float64)
     rows = u[1::2, :] * tap + u[0::2, :] * tap
     ll = rows[:, 1::2] * tap + rows[:, 0::2] * tap
     nby, nbx = ll.shape[0] // 4, ll.shape[1] // 4
@@ -670,8 +676,8 @@ def test_block_bits_match_the_float_reference_bit_for_bit(kind: str) -> None:
             pytest.skip("shared fixtures not found")
         photo = decode_image((FIXTURES / "real" / "P1000827.jpg").read_bytes(), max_pixels=MAX_PIXELS)
         rgb = np.asarray(photo.image)[:752, :1024]
-    planes = np.stack([provenance._u_plane(rgb, swapped=False), provenance._u_plane(rgb, swapped=True)])
-    bits = provenance._block_bits(planes)
+    planes = np.stack([watermark.u_plane(rgb, swapped=False), watermark.u_plane(rgb, swapped=True)])
+    bits = watermark.block_bits(planes)
     assert np.array_equal(bits[0], _reference_block_bits(rgb, swapped=False))
     assert np.array_equal(bits[1], _reference_block_bits(rgb, swapped=True))
 
@@ -680,10 +686,10 @@ def test_watermark_read_does_not_depend_on_the_strip_size(
     carriers: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     marked = Image.fromarray(embed(carriers["generated"], SDXL_BITS, as_bgr=False))
-    whole = provenance._read_watermark(marked, provenance._Budget(10.0))
+    whole = watermark.read(marked, Budget(10.0))
     # 3 block rows a step: 128 rows end on a partial step.
-    monkeypatch.setattr(provenance, "WM_STRIP_PIXELS", 3 * 64 * 128)
-    stepped = provenance._read_watermark(marked, provenance._Budget(10.0))
+    monkeypatch.setattr(watermark, "STRIP_PIXELS", 3 * 64 * 128)
+    stepped = watermark.read(marked, Budget(10.0))
     assert stepped == whole
     assert (whole.found, whole.evidence["payload"], whole.evidence["blocks"]) == (True, "SDXL", 128 * 128)
 
@@ -695,12 +701,12 @@ def test_watermark_reads_the_pixels_of_odd_sized_images_as_the_image_holds_them(
     nbx, nby = (517 // 4 * 2) // 4, (301 // 4 * 2) // 4
     planes = np.stack(
         [
-            provenance._u_plane(rgb[: 8 * nby, : 8 * nbx], swapped=False),
-            provenance._u_plane(rgb[: 8 * nby, : 8 * nbx], swapped=True),
+            watermark.u_plane(rgb[: 8 * nby, : 8 * nbx], swapped=False),
+            watermark.u_plane(rgb[: 8 * nby, : 8 * nbx], swapped=True),
         ]
     )
-    expected = provenance._vote(provenance._block_bits(planes))[0]
-    sig = provenance._read_watermark(Image.fromarray(rgb), provenance._Budget(10.0))
+    expected = watermark.vote(watermark.block_bits(planes))[0]
+    sig = watermark.read(Image.fromarray(rgb), Budget(10.0))
     assert sig.evidence["blocks"] == nby * nbx
     assert sig.evidence["candidates"] == expected
 
@@ -709,8 +715,8 @@ def test_votes_are_the_mean_bit_of_each_payload_position() -> None:
     rng = np.random.default_rng(3)
     for blocks in (48, 100, 4099):
         bits = rng.integers(0, 2, size=(2, blocks), dtype=np.uint8)
-        candidates, _ = provenance._vote(bits)
-        for payload in provenance.WM_PAYLOADS:
+        candidates, _ = watermark.vote(bits)
+        for payload in watermark.PAYLOADS:
             n = len(payload.bits)
             if blocks < n:
                 assert payload.name not in candidates
@@ -733,7 +739,7 @@ def test_small_or_missing_images_are_not_checked() -> None:
 def test_watermark_read_fits_the_budget_on_a_1024_image(carriers: dict[str, np.ndarray]) -> None:
     image = Image.fromarray(carriers["generated"])
     started = time.perf_counter()
-    sig = provenance._read_watermark(image, provenance._Budget(2.0))
+    sig = watermark.read(image, Budget(2.0))
     elapsed = time.perf_counter() - started
     assert sig.error is None and sig.evidence["blocks"] == 128 * 128
     assert elapsed < 1.0, f"watermark read took {elapsed:.3f}s on 1024x1024"

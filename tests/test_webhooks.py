@@ -34,19 +34,18 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from worker import __version__
+from worker.errors import UnsafeURL
+from worker.netguard import URLPolicy, resolve_pinned
 from worker.webhooks import (
     EVENT_IMAGE_FLAGGED,
     MAX_RESPONSE_BYTES,
     RETRY_AFTER_CAP_S,
     RETRY_SCHEDULE_S,
     AttemptResult,
-    UnsafeURL,
-    URLPolicy,
     build_body,
     deliver,
     next_delay,
     parse_retry_after,
-    resolve_pinned,
     sign,
 )
 

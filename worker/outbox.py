@@ -45,8 +45,9 @@ from .models import (
     WebhookEndpoint,
     utcnow,
 )
+from .netguard import URLPolicy
 from .secretbox import SecretBox
-from .webhooks import EVENT_IMAGE_FLAGGED, EVENT_SCAN_COMPLETED, URLPolicy, build_body, deliver, next_delay
+from .webhooks import EVENT_IMAGE_FLAGGED, EVENT_SCAN_COMPLETED, build_body, deliver, next_delay
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from celery.worker.control import inspect_command
 from . import errors, logs, metrics
 from .celery_app import DELIVER_TASK, REALTIME_QUEUE, SCORE_TASK, SWEEP_TASK, app
 from .errors import TransientError, backoff_delay
+from .netguard import URLPolicy
 from .outbox import due, send_delivery
 from .queueing import publish_deliveries, sweep_stale
 from .scoring import Scorer
 from .secretbox import SecretBox
 from .settings import get_settings
-from .webhooks import URLPolicy
 
 log = logging.getLogger(__name__)
 

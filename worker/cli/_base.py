@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,6 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from .. import __version__
 from ..errors import ConfigError
 from ..settings import Settings
+
+if TYPE_CHECKING:  # imported where used: `synthguard --help` should not load torch or Celery
+    from celery import Celery
+
+    from ..detector import Detector
 
 UNTRAINED_NOTE = "UNTRAINED MODEL: not a detection"
 # Long-running processes whose logs default to JSON lines (SYNTHGUARD_LOG_FORMAT overrides).
@@ -66,7 +71,7 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _load_detector(settings: Settings, *, allow_untrained: bool) -> Any:
+def _load_detector(settings: Settings, *, allow_untrained: bool) -> Detector:
     from ..detector import Detector
 
     try:
@@ -105,7 +110,7 @@ def _require_secret_key(settings: Settings, what: str) -> None:
 
 
 @contextmanager
-def _producer_app(settings: Settings) -> Iterator[Any]:
+def _producer_app(settings: Settings) -> Iterator[Celery]:
     """The Celery app to publish with, bound to this command's SYNTHGUARD_BROKER_URL."""
     from ..celery_app import app, create_app
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 from sqlalchemy import select
@@ -16,6 +16,13 @@ from ..errors import ConfigError
 from ..models import PRIORITIES
 from ..settings import Settings
 from ._base import _checked_sessions, _fail, _require_secret_key, _safe_url, _settings, main
+
+if TYPE_CHECKING:
+    from ..models import ApiClient
+    from ..secretbox import SecretBox
+    from ..tenancy import Grant
+
+_Command = TypeVar("_Command", bound=Callable[..., object])
 
 # ------------------------------------------------------------------------ db
 
@@ -61,8 +68,10 @@ def webhooks_test(url: str, secret: str | None, as_json: bool) -> None:
     import uuid as uuid_module
 
     from ..clients import new_webhook_secret
+    from ..errors import UnsafeURL
     from ..models import utcnow
-    from ..webhooks import EVENT_TEST, UnsafeURL, URLPolicy, build_body, deliver
+    from ..netguard import URLPolicy
+    from ..webhooks import EVENT_TEST, build_body, deliver
 
     settings = _settings()
     policy = URLPolicy.from_settings(settings)
@@ -110,7 +119,8 @@ def clients() -> None:
 
 def _check_webhook_url(url: str, settings: Settings) -> str:
     """The sender's own URL policy (scheme, host, blocked IP literals), applied up front."""
-    from ..webhooks import UnsafeURL, URLPolicy
+    from ..errors import UnsafeURL
+    from ..netguard import URLPolicy
 
     try:
         URLPolicy.from_settings(settings).check_url(url)
@@ -119,7 +129,9 @@ def _check_webhook_url(url: str, settings: Settings) -> str:
     return url
 
 
-def _grants(ctx: click.Context, param: click.Parameter, values: Any) -> Any:
+def _grants(
+    ctx: click.Context, param: click.Parameter, values: str | tuple[str, ...]
+) -> Grant | list[Grant]:
     """``BUCKET[/PREFIX]`` values as grants, each checked against S3's naming rules."""
     from ..tenancy import Grant
 
@@ -131,7 +143,7 @@ def _grants(ctx: click.Context, param: click.Parameter, values: Any) -> Any:
     return parsed[0] if single else parsed
 
 
-def _limit_options(command: Any) -> Any:
+def _limit_options(command: _Command) -> _Command:
     """The per-client lanes and limits, shared by ``clients create`` and ``clients set``."""
     for option in reversed(
         [
@@ -201,7 +213,7 @@ def _limit_options(command: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "api_key", "webhook_secret"} as JSON.')
 def clients_create(
     name: str,
-    grants: list[Any],
+    grants: list[Grant],
     all_buckets: bool,
     webhook_url: str | None,
     threshold: float | None,
@@ -272,7 +284,7 @@ def clients_create(
     )
 
 
-def _secret_box(settings: Settings) -> Any:
+def _secret_box(settings: Settings) -> SecretBox:
     from ..secretbox import SecretBox
 
     try:
@@ -282,7 +294,7 @@ def _secret_box(settings: Settings) -> Any:
 
 
 @contextmanager
-def _one_client(name: str) -> Iterator[tuple[Session, Any, Settings]]:
+def _one_client(name: str) -> Iterator[tuple[Session, ApiClient, Settings]]:
     """A transaction holding the client NAME (a name or an id), or a clear error."""
     from ..clients import ClientNotFound, find_client
 
@@ -298,7 +310,7 @@ def _one_client(name: str) -> Iterator[tuple[Session, Any, Settings]]:
 @clients.command("grant")
 @click.argument("name")
 @click.argument("grant", metavar="BUCKET[/PREFIX]", callback=_grants)
-def clients_grant(name: str, grant: Any) -> None:
+def clients_grant(name: str, grant: Grant) -> None:
     """Let client NAME (a name or an id) have objects in BUCKET, or under BUCKET/PREFIX/, scored."""
     from ..clients import add_grant
 
@@ -310,7 +322,7 @@ def clients_grant(name: str, grant: Any) -> None:
 @clients.command("revoke")
 @click.argument("name")
 @click.argument("grant", metavar="BUCKET[/PREFIX]", callback=_grants)
-def clients_revoke(name: str, grant: Any) -> None:
+def clients_revoke(name: str, grant: Grant) -> None:
     """Take a grant away from client NAME, exactly as `clients list` shows it.
 
     From then on the client's requests for those objects are 403, and its

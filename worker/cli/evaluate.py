@@ -3,113 +3,40 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
-from sqlalchemy import select
 
 from ..errors import ConfigError, SynthguardError
 from ..settings import Settings
-from ._base import _checked_sessions, _fail, _settings, main
-from .scan import _collect_refs, _run_scan
+from ._base import _fail, _load_detector, _settings, main
+
+if TYPE_CHECKING:
+    from ..evaluation import LabelledRef, ScoredSet
 
 
-def _eval_set(source: str, settings: Settings) -> tuple[list[Any], int]:
+def _eval_set(source: str, settings: Settings) -> tuple[list[LabelledRef], int]:
     """The labelled images of SOURCE (ai/ and real/ folders, or a CSV), and how many had no label."""
-    import os
-
-    from ..evaluation import label_refs, read_label_csv
-    from ..storage import parse_s3_uri
-
-    if not source.startswith("s3://") and source.lower().endswith(".csv"):
-        try:
-            return read_label_csv(Path(source)), 0
-        except (OSError, ValueError) as exc:
-            raise _fail(f"cannot read {source}: {exc}") from exc
-    if source.startswith("s3://"):
-        try:
-            _, root = parse_s3_uri(source)
-        except ValueError as exc:
-            raise _fail(str(exc)) from exc
-    else:
-        # abspath, as iter_local names files: resolving links here would break the prefix match.
-        root = os.path.abspath(source)
-        if not os.path.isdir(root):
-            raise _fail(f"{source}: not a directory or a .csv file")
-    target = source.rstrip("/") + "/" if source.startswith("s3://") else root
-    return label_refs(_collect_refs([target], settings, recursive=True), root)
-
-
-def _eval_scores(settings: Settings, labelled: Sequence[Any], source: str) -> tuple[list[Any], str, str]:
-    """Score the labelled set with the configured checkpoint; returns (items, model name, version).
-
-    An image whose bytes (sha256) this model version already scored is taken
-    from the database, not scored again: re-running an evaluation, or
-    evaluating a second model, pays only for what is new.
-    """
-    from ..detector import checkpoint_version
-    from ..evaluation import ScoredItem
-    from ..models import DONE, Image
-    from ..storage import Storage
+    from ..evaluation import labelled_set
 
     try:
-        version = checkpoint_version(settings)
+        return labelled_set(source, settings)
+    except (ValueError, SynthguardError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _eval_scores(settings: Settings, labelled: list[LabelledRef], source: str) -> ScoredSet:
+    """Score the labelled set with the configured checkpoint (stored results of the same bytes reused)."""
+    from ..evaluation import score_labelled
+
+    try:
+        return score_labelled(
+            settings, labelled, source, load_detector=partial(_load_detector, allow_untrained=False)
+        )
     except ConfigError as exc:
         raise _fail(exc.message) from exc
-    storage = Storage(settings)
-
-    def digest(item: Any) -> str | None:
-        try:
-            return storage.fetch(item.ref).sha256
-        except SynthguardError:
-            return None  # scored below, where the failure is recorded like any other
-
-    with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="synthguard-eval") as pool:
-        digests = list(pool.map(digest, labelled))
-    cached: dict[str, Any] = {}
-    wanted = sorted({d for d in digests if d})
-    with _checked_sessions(settings)() as session:
-        for start in range(0, len(wanted), 500):
-            rows = session.scalars(
-                select(Image)
-                .where(
-                    Image.sha256.in_(wanted[start : start + 500]),
-                    Image.model_version == version,
-                    Image.state == DONE,
-                )
-                .order_by(Image.completed_at)
-            )
-            cached.update((row.sha256, row) for row in rows)  # the latest result wins
-    todo = [item.ref for item, d in zip(labelled, digests, strict=True) if d not in cached]
-    fresh: dict[tuple[str | None, str], Any] = {}
-    if todo:
-        scan_id, sessions = _run_scan(settings, todo, origin="eval", source=source)
-        with sessions() as session:
-            fresh = {
-                (i.bucket, i.key): i for i in session.scalars(select(Image).where(Image.scan_id == scan_id))
-            }
-    names = {row.model_name for row in [*cached.values(), *fresh.values()] if row.model_name}
-    items = []
-    for item, d in zip(labelled, digests, strict=True):
-        row = cached.get(d) if d else None
-        from_cache = row is not None
-        row = row or fresh[(item.ref.bucket, item.ref.key)]
-        done = row.state == DONE and row.score is not None
-        items.append(
-            ScoredItem(
-                uri=item.ref.uri,
-                label=item.label,
-                group=item.group,
-                score=row.score if done else None,
-                provenance_ai=bool((row.provenance or {}).get("ai")),
-                error=None if done else f"{row.error_code}: {row.error_message}",
-                cached=from_cache,
-            )
-        )
-    return items, ", ".join(sorted(names)) or settings.model_arch, version
 
 
 @main.command("eval")

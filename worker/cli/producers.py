@@ -7,7 +7,9 @@ import signal
 import sys
 import threading
 import uuid
-from typing import Any, Self
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import click
 from rich.console import Console
@@ -23,8 +25,14 @@ from ..errors import ConfigError
 from ..models import PRIORITIES
 from ._base import _checked_sessions, _fail, _producer_app, _settings, main
 
+if TYPE_CHECKING:
+    from ..backfill import BackfillResult
+    from ..storage import ObjectRef
 
-def _s3_objects(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[Any]:
+_Command = TypeVar("_Command", bound=Callable[..., object])
+
+
+def _s3_objects(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[ObjectRef]:
     from ..intake import unique_refs
     from ..queueing import as_ref
 
@@ -38,7 +46,7 @@ def _s3_objects(ctx: click.Context, param: click.Parameter, values: tuple[str, .
     return unique_refs(refs)
 
 
-def _client_option(command: Any) -> Any:
+def _client_option(command: _Command) -> _Command:
     return click.option(
         "--client",
         metavar="NAME",
@@ -74,7 +82,7 @@ def _client_id(sessions: sessionmaker[Session], name: str | None) -> uuid.UUID |
 @_client_option
 @click.option("--json", "as_json", is_flag=True, help="Print the scan and image ids as JSON.")
 def enqueue_command(
-    objects: list[Any], priority: str, threshold: float | None, client: str | None, as_json: bool
+    objects: list[ObjectRef], priority: str, threshold: float | None, client: str | None, as_json: bool
 ) -> None:
     """Queue exactly these objects for the workers: one scan, one queued image each.
 
@@ -124,7 +132,7 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: Callable[[int, FrameType | None], object] | int | None = None
         self._installed = False
 
     def __call__(self) -> bool:
@@ -137,7 +145,7 @@ class _StopRequest:
             self._installed = True
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: the handler may run in the middle of a write or a transaction.
         self.requested = True
         signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
@@ -147,7 +155,7 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
 
 
-def _print_backfill(result: Any, where: str, as_json: bool) -> None:
+def _print_backfill(result: BackfillResult, where: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result.summary(), indent=2))
     else:
@@ -249,7 +257,7 @@ def backfill(
     )
     task = progress.add_task("backfill", total=None, listed=0, enqueued=0, skipped=0)
 
-    def show(now: Any) -> None:
+    def show(now: BackfillResult) -> None:
         progress.update(task, listed=now.listed, enqueued=now.enqueued, skipped=now.skipped)
 
     with _producer_app(settings) as app, _StopRequest() as stop, progress:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -21,66 +21,30 @@ from rich.progress import (
 )
 from rich.table import Table
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from ..errors import ConfigError, SynthguardError
 from ..settings import Settings
 from ._base import UNTRAINED_NOTE, _fail, _load_detector, _safe_url, _settings, main
 
-
-def _collect_refs(sources: Sequence[str], settings: Settings, recursive: bool) -> list[Any]:
-    from ..storage import Storage, iter_local, parse_s3_uri
-
-    refs: list[Any] = []
-    local: list[str] = []
-    storage: Storage | None = None
-    for source in sources:
-        if source.startswith("s3://"):
-            try:
-                bucket, prefix = parse_s3_uri(source)
-            except ValueError as exc:
-                raise _fail(str(exc)) from exc
-            storage = storage or Storage(settings)
-            try:
-                refs.extend(storage.list_prefix(bucket, prefix))
-            except SynthguardError as exc:
-                raise _fail(f"cannot list {source}: {exc.message}") from exc
-        else:
-            local.append(source)
-    if local:
-        try:
-            refs.extend(iter_local(local, recursive=recursive))
-        except SynthguardError as exc:
-            raise _fail(exc.message) from exc
-    return refs
+if TYPE_CHECKING:
+    from ..inprocess_scan import LocalScan
+    from ..models import Image
+    from ..storage import ObjectRef
 
 
-def _run_scan(
-    settings: Settings,
-    refs: Sequence[Any],
-    *,
-    origin: str,
-    source: str,
-    allow_untrained: bool = False,
-) -> tuple[uuid.UUID, sessionmaker[Session]]:
-    """Write the scan's rows, then score every image in-process. Returns the scan id."""
-    from ..db import ensure_schema, make_engine, make_sessionmaker
-    from ..intake import create_scan
-    from ..scoring import Scorer, process_with_retries
+def _collect_refs(sources: Sequence[str], settings: Settings, recursive: bool) -> list[ObjectRef]:
+    from ..inprocess_scan import collect_refs
 
-    detector = _load_detector(settings, allow_untrained=allow_untrained)
-    engine = make_engine(settings.database_url, pool_size=settings.concurrency)
     try:
-        ensure_schema(engine)
-    except ConfigError as exc:
-        raise _fail(exc.message) from exc
-    sessions = make_sessionmaker(engine)
-    with sessions.begin() as session:
-        scan, image_ids = create_scan(
-            session, refs, origin=origin, source=source, threshold=settings.threshold
-        )
-        scan_id = scan.id
+        return collect_refs(sources, settings, recursive=recursive)
+    except (ValueError, SynthguardError) as exc:
+        raise _fail(str(exc)) from exc
 
+
+@contextmanager
+def _progress_bar(total: int) -> Iterator[Callable[[], None]]:
+    """A "scoring" bar on stderr, drawn only at a terminal; yields what advances it by one image."""
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("scoring"),
@@ -90,43 +54,49 @@ def _run_scan(
         console=console,
         disable=not console.is_terminal,
     )
-    with Scorer(settings, detector, sessions=sessions, allow_local=True) as scorer, progress:
-        task = progress.add_task("scan", total=len(image_ids))
-        with ThreadPoolExecutor(scorer.concurrency, thread_name_prefix="synthguard-scan") as pool:
-            futures = [pool.submit(process_with_retries, scorer, image_id) for image_id in image_ids]
-            for future in as_completed(futures):
-                future.result()
-                progress.advance(task)
-    return scan_id, sessions
+    with progress:
+        task = progress.add_task("scan", total=total)
+        yield lambda: progress.advance(task)
 
 
-def _image_dict(image: Any) -> dict[str, Any]:
+def _run_scan(
+    settings: Settings,
+    refs: Sequence[ObjectRef],
+    *,
+    origin: str,
+    source: str,
+    allow_untrained: bool = False,
+) -> LocalScan:
+    """Write the scan's rows, then score every image in-process, with a progress bar."""
+    from ..inprocess_scan import score_scan, write_scan
+
+    detector = _load_detector(settings, allow_untrained=allow_untrained)
+    try:
+        local = write_scan(settings, refs, origin=origin, source=source)
+    except ConfigError as exc:
+        raise _fail(exc.message) from exc
+    score_scan(settings, detector, local, progress=_progress_bar)
+    return local
+
+
+def _image_dict(image: Image) -> dict[str, Any]:
+    """The API's ``ImageOut`` of the image, and what a local run shows beyond it."""
+    # The CLI composes the engine and the API; importing the API's schema here is no upward import.
+    from api_stub.schemas import ImageOut
+
     from ..detector import UNTRAINED_VERSION
 
-    out = {
-        "id": str(image.id),
-        "uri": image.uri,
-        "bucket": image.bucket,
-        "key": image.key,
-        "version_id": image.version_id,
-        "etag": image.etag,
-        "sha256": image.sha256,
-        "state": image.state,
-        "score": image.score,
-        "flagged": image.flagged,
-        "threshold": image.threshold,
-        "format": image.format,
-        "width": image.width,
-        "height": image.height,
-        "model_name": image.model_name,
-        "model_version": image.model_version,
-        "provenance": image.provenance,
-        "error_code": image.error_code,
-        "error_message": image.error_message,
-        "attempts": image.attempts,
-        "created_at": image.created_at.isoformat() if image.created_at else None,
-        "completed_at": image.completed_at.isoformat() if image.completed_at else None,
-    }
+    out: dict[str, Any] = ImageOut.model_validate(image).model_dump(mode="json")
+    out.update(
+        uri=image.uri,
+        sha256=image.sha256,
+        format=image.format,
+        width=image.width,
+        height=image.height,
+        # pydantic writes UTC as "Z"; the CLI has always printed isoformat()'s "+00:00".
+        created_at=image.created_at.isoformat() if image.created_at else None,
+        completed_at=image.completed_at.isoformat() if image.completed_at else None,
+    )
     if image.model_version == UNTRAINED_VERSION:
         out["warning"] = UNTRAINED_NOTE
     return out
@@ -240,9 +210,9 @@ def scan(
     refs = _collect_refs(sources, settings, recursive)
     if not refs:
         raise _fail(f"no images found in {' '.join(sources)}")
-    scan_id, sessions = _run_scan(settings, refs, origin="cli", source=" ".join(sources))
-    with sessions() as session:
-        not_done, _ = _print_scan(session, scan_id, as_json=as_json)
+    local = _run_scan(settings, refs, origin="cli", source=" ".join(sources))
+    with local.sessions() as session:
+        not_done, _ = _print_scan(session, local.scan_id, as_json=as_json)
     sys.exit(1 if not_done else 0)
 
 
@@ -298,17 +268,17 @@ def demo(directory: Path, as_json: bool) -> None:
     settings = _settings()
     samples = make_samples(directory)
     refs = list(_collect_refs([str(directory)], settings, recursive=True))
-    scan_id, sessions = _run_scan(settings, refs, origin="demo", source=str(directory), allow_untrained=True)
-    with sessions() as session:
-        _, untrained = _print_scan(session, scan_id, as_json=as_json)
-        unexpected = list(_unexpected_outcomes(session, scan_id, samples))
+    local = _run_scan(settings, refs, origin="demo", source=str(directory), allow_untrained=True)
+    with local.sessions() as session:
+        _, untrained = _print_scan(session, local.scan_id, as_json=as_json)
+        unexpected = list(_unexpected_outcomes(session, local.scan_id, samples))
     for line in unexpected:
         click.secho(line, fg="red", err=True)
     if not as_json:
         prefix = f"[{UNTRAINED_NOTE}] " if untrained else ""
         click.echo(
             f"{prefix}stored in {_safe_url(settings.database_url)}; "
-            f"`synthguard results {scan_id}` shows them again"
+            f"`synthguard results {local.scan_id}` shows them again"
         )
     sys.exit(1 if unexpected else 0)
 

@@ -1,0 +1,272 @@
+"""The ``sd_watermark`` signal: Stable Diffusion's invisible ``dwtDct`` watermark, read with numpy alone.
+
+SD 1.x, SD 2.x and SDXL payloads, in both channel orders their encoders used.
+The bits are the ones invisible-watermark's decoder (OpenCV, PyWavelets) would
+read, computed from integer sums of the U plane; every payload is voted on
+from the same bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ._base import NONE, STRONG, Budget, Signal, missing
+
+# The encoder works on the U plane of OpenCV's BGR->YUV, takes its Haar LL band,
+# and in every 4x4 block of that band quantises the largest non-DC magnitude
+# so that (value mod 36) lands at 9 (bit 0) or 27 (bit 1); bit i goes into
+# blocks i, i+n, i+2n, ... in row-major order.
+SCALE = 36.0
+MIN_PIXELS = 256 * 256  # the encoder refuses smaller images
+# The top rows only: more add votes, not information. Not less, though: marks weakened by
+# 4:2:0 JPEG need the votes (on a marked 12 MP photo a 1 MP cap lost an SDXL mark this finds).
+MAX_SCAN_PIXELS = 4_000_000
+# Pixels converted per step: about 4 MB of float32 buffers per image, reused step to step.
+# Larger steps stop fitting the caches and cost page faults (fresh pages every step) that
+# outweigh the arithmetic; smaller ones pay numpy's per-call overhead.
+STRIP_PIXELS = 131_072
+FALSE_POSITIVE = 1e-8  # per payload and channel order, for an unmarked image
+_HAAR = 0.7071067811865476  # PyWavelets' Haar tap; same float ops give the same LL band bit for bit
+# OpenCV's BGR->YUV multipliers (14-bit fixed point) as float32: each is an integer over 2**14.
+_Y_RED, _Y_GREEN, _Y_BLUE, _U_BLUE_MINUS_Y = (np.float32(c / (1 << 14)) for c in (4899, 9617, 1868, 8061))
+
+
+def _payload_bits(data: bytes) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+
+
+@dataclass(frozen=True)
+class Payload:
+    name: str
+    tool: str
+    bits: np.ndarray
+
+
+PAYLOADS: tuple[Payload, ...] = (
+    # SDXL (sgm and diffusers): a fixed 48-bit message.
+    Payload(
+        "SDXL",
+        "Stable Diffusion XL",
+        np.array(
+            [int(c) for c in format(0b101100111110110010010000011110111011000110011110, "048b")], np.uint8
+        ),
+    ),
+    # The Stability reference scripts: the bytes of a string.
+    Payload("SDV2", "Stable Diffusion 2", _payload_bits(b"SDV2")),
+    Payload("StableDiffusionV1", "Stable Diffusion 1", _payload_bits(b"StableDiffusionV1")),
+)
+
+
+@functools.lru_cache(maxsize=16)
+def min_matching_bits(n_bits: int, p_false: float = FALSE_POSITIVE) -> int:
+    """Fewest matching bits whose chance on an unmarked image is at most ``p_false``.
+
+    On an unmarked image the decoded bits behave like fair coins (measured on
+    thousands of crops of real photos and generated images, re-encoded at
+    random JPEG qualities), so the chance of ``k`` or more matches is a binomial
+    tail.
+    """
+    total = 2**n_bits
+    tail = 0
+    for k in range(n_bits, -1, -1):
+        tail += math.comb(n_bits, k)
+        if tail / total > p_false:
+            return k + 1
+    return 0
+
+
+def u_planes(blue_red: np.ndarray, green: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit BGR->YUV U channel for both channel orders, bit-exact, into ``out``.
+
+    ``blue_red`` holds our blue and red planes (float32, integer values),
+    ``green`` our green plane, which is scaled in place. ``out[0]`` is the U
+    plane of an encoder handed BGR ("bgr"); ``out[1]`` of one handed RGB as if
+    it were BGR ("rgb", diffusers), whose "blue" was our red.
+
+    OpenCV computes Y = (4899 R + 9617 G + 1868 B + 2**13) >> 14 and
+    U = ((B - Y) * 8061 + (128 << 14) + 2**13) >> 14. Here every product and
+    partial sum is a multiple of 2**-14 below 2**8 in magnitude, i.e. needs at
+    most 22 significant bits, which float32 holds exactly, so floor() gives the
+    shifts bit for bit. U never leaves [3, 253] (B - Y is within +-255), so OpenCV's
+    saturation never applies.
+    """
+    green *= _Y_GREEN
+    green += 0.5  # OpenCV's rounding term, 2**13 / 2**14
+    np.multiply(blue_red[::-1], _Y_RED, out=out)
+    out += green
+    np.multiply(blue_red, _Y_BLUE, out=tmp)
+    out += tmp
+    np.floor(out, out=out)  # Y
+    np.subtract(blue_red, out, out=out)
+    out *= _U_BLUE_MINUS_Y
+    out += 128.5
+    np.floor(out, out=out)
+    return out
+
+
+def u_plane(rgb: np.ndarray, *, swapped: bool) -> np.ndarray:
+    """OpenCV's 8-bit BGR->YUV U channel of RGB pixels, bit-exact (float32 holding integers).
+
+    ``swapped``: the encoder was handed RGB as if it were BGR (diffusers does
+    this), so its "blue" was our red.
+    """
+    blue_red = np.stack([rgb[..., 2], rgb[..., 0]]).astype(np.float32)
+    out = np.empty_like(blue_red)
+    u_planes(blue_red, rgb[..., 1].astype(np.float32), out, np.empty_like(out))
+    return out[1 if swapped else 0]
+
+
+# The bit of a block is "(LL mod 36) > 18" for its largest non-DC LL coefficient. Exactly,
+# LL is half the sum of a 2x2 pixel block of U; PyWavelets' float ops (a tap whose square is a
+# hair above 1/2) give that half-sum or at most 1.2e-13 above it, never below (checked over
+# every 8-bit input; a test does). Sums are integers, so the bit is "(sum mod 72) > 36", and
+# the largest float LL is the one of the largest sum, except at ties where LL is exactly
+# 18 mod 36 (sum mod 72 == 36): there the rounding decides, so the float ops are replayed.
+_SUM_PERIOD = int(2 * SCALE)
+
+
+def _tie_bits(blocks: np.ndarray) -> np.ndarray:
+    """The bit of whole 8x8 U blocks through PyWavelets' float Haar LL, as the reference decoder gets it."""
+    u = blocks.astype(np.float64)
+    rows = u[:, 1::2, :] * _HAAR + u[:, 0::2, :] * _HAAR
+    ll = rows[:, :, 1::2] * _HAAR + rows[:, :, 0::2] * _HAAR
+    # U is never negative, so the largest magnitude is the largest value.
+    return (ll.reshape(len(ll), 16)[:, 1:].max(axis=1) % SCALE) > SCALE / 2
+
+
+def block_bits(u: np.ndarray) -> np.ndarray:
+    """The bit every 4x4 block of each U plane's Haar LL band carries, row-major: (planes, blocks).
+
+    ``u``: U planes of shape (planes, rows, cols), rows and cols multiples of 8.
+    """
+    planes, rows, cols = u.shape
+    nby, nbx = rows // 8, cols // 8
+    pairs = u[:, 0::2] + u[:, 1::2]
+    sums = pairs[:, :, 0::2] + pairs[:, :, 1::2]  # twice the LL band, exact in float32
+    # Largest non-DC sum per 4x4 block: columns 1-3 of every row, then the rows.
+    quads = sums.reshape(planes, rows // 2, nbx, 4)
+    right = np.maximum(quads[..., 2], quads[..., 3])
+    np.maximum(right, quads[..., 1], out=right)
+    whole = np.maximum(right, quads[..., 0]).reshape(planes, nby, 4, nbx)
+    right = right.reshape(planes, nby, 4, nbx)
+    largest = np.maximum(whole[:, :, 1], whole[:, :, 2])
+    np.maximum(largest, whole[:, :, 3], out=largest)
+    np.maximum(largest, right[:, :, 0], out=largest)
+    phase = largest.astype(np.int16) % _SUM_PERIOD  # float remainder is several times slower
+    bits = phase > _SUM_PERIOD // 2
+    ties = np.flatnonzero(phase == _SUM_PERIOD // 2)
+    if ties.size:
+        plane, by, bx = np.unravel_index(ties, phase.shape)
+        bits.ravel()[ties] = _tie_bits(u.reshape(planes, nby, 8, nbx, 8)[plane, by, :, bx, :])
+    return bits.reshape(planes, nby * nbx)
+
+
+def vote(
+    bits: np.ndarray,
+) -> tuple[dict[str, dict[str, Any]], tuple[float, Payload, dict[str, Any]] | None]:
+    """Each payload's best match over both channel orders, and the best payload found, if any.
+
+    ``bits``: (2, blocks), the block bits of the "bgr" and "rgb" channel orders.
+    """
+    blocks = bits.shape[1]
+    candidates: dict[str, dict[str, Any]] = {}
+    best: tuple[float, Payload, dict[str, Any]] | None = None
+    for payload in PAYLOADS:
+        n = len(payload.bits)
+        if blocks < n:  # some bit has no block
+            continue
+        needed = min_matching_bits(n)
+        # Bit i sits in blocks i, i+n, i+2n, ...: the columns of the blocks laid out n a row.
+        # Sums over whole rows (numpy lets go of the GIL there, not in bincount), then the rest.
+        full, rest = divmod(blocks, n)
+        sums = bits[:, : full * n].reshape(2, full, n).sum(axis=1, dtype=np.int64)
+        sums[:, :rest] += bits[:, full * n :]
+        counts = np.full(n, float(full))
+        counts[:rest] += 1
+        for index, order in enumerate(("bgr", "rgb")):
+            votes = sums[index] / counts
+            # Threshold at the mean vote, not at 0.5: flat areas push every bit
+            # the same way (the quantised value stops being the block's largest),
+            # and that common bias cancels out here.
+            decoded = votes > votes.mean()
+            matched = int(np.count_nonzero(decoded == payload.bits.astype(bool)))
+            current = candidates.get(payload.name)
+            if current is None or matched > current["bits_matched"]:
+                candidates[payload.name] = {
+                    "bits_matched": matched,
+                    "bits_total": n,
+                    "bits_needed": needed,
+                    "channel_order": order,
+                }
+        entry = candidates.get(payload.name)
+        if entry and entry["bits_matched"] >= needed:
+            score = entry["bits_matched"] / n
+            if best is None or score > best[0]:
+                best = (score, payload, entry)
+    return candidates, best
+
+
+def read(image: Image.Image | None, budget: Budget) -> Signal:
+    """The ``sd_watermark`` signal from the decoded pixels (None: not checked)."""
+    if image is None:
+        return missing("sd_watermark", checked=False, reason="no decoded image given")
+    width, height = image.size
+    if width * height < MIN_PIXELS:
+        return missing("sd_watermark", checked=False, reason="image smaller than 256x256 pixels")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    # Blocks are 8x8 pixels (4x4 in the half-size LL band) over the top-left
+    # multiple-of-4 crop that the encoder worked on.
+    nbx, nby = (width // 4 * 2) // 4, (height // 4 * 2) // 4
+    rows_total = min(nby, max(1, MAX_SCAN_PIXELS // (64 * nbx)))
+    strip = max(1, STRIP_PIXELS // (64 * nbx))
+    # "bgr": the encoder was handed BGR, as the Stability reference scripts and sgm do;
+    # "rgb": it was handed RGB as if it were BGR, as diffusers does. Both come from the
+    # same pixel loads, as index 0 and 1 of the arrays below.
+    cols, window_rows = 8 * nbx, 8 * min(strip, rows_total)
+    # Pillow writes the pixels straight into this array (RGB and a pad byte, its own layout):
+    # its paste copies with the GIL released, where crop() and tobytes() hold it.
+    rgbx = np.empty((window_rows, cols, 4), np.uint8)
+    window = Image.frombuffer("RGBX", (cols, window_rows), rgbx, "raw", "RGBX", 0, 1)
+    image.load()
+    # Blue, green, red: one widening copy fills all three (per-band copies cost more), and
+    # planes 0 and 2 are the blue and red that u_planes wants together.
+    bgr = np.empty((3, window_rows, cols), np.float32)
+    u, tmp = (np.empty((2, window_rows, cols), np.float32) for _ in range(2))
+    bits = np.empty((2, rows_total * nbx), np.uint8)
+    error = None
+    rows_done = 0
+    for top in range(0, rows_total, strip):
+        if budget.expired:
+            error = f"time budget exceeded after {rows_done} of {rows_total} block rows"
+            break
+        bottom = min(rows_total, top + strip)
+        n = 8 * (bottom - top)
+        # The whole image placed 8*top rows up: Pillow clips it to the window, which gets
+        # rows 8*top onwards of the image's left columns, with no intermediate image.
+        window.im.paste(image.im, (0, -8 * top, width, height - 8 * top))
+        np.copyto(bgr[:, :n], rgbx[:n, :, 2::-1].transpose(2, 0, 1))
+        u_planes(bgr[::2, :n], bgr[1, :n], u[:, :n], tmp[:, :n])
+        bits[:, top * nbx : bottom * nbx] = block_bits(u[:, :n])
+        rows_done = bottom
+    if rows_done == 0:
+        return missing("sd_watermark", error, checked=False)
+    blocks = rows_done * nbx
+    candidates, best = vote(bits[:, :blocks])
+    evidence: dict[str, Any] = {
+        "method": "dwtDct",
+        "checked": True,
+        "blocks": int(blocks),
+        "candidates": candidates,
+    }
+    if best is None:
+        return Signal("sd_watermark", False, False, NONE, evidence, error)
+    _, payload, entry = best
+    evidence.update(payload=payload.name, tool=payload.tool, **entry)
+    return Signal("sd_watermark", True, True, STRONG, evidence, error)
