@@ -147,6 +147,13 @@ def _queue(sessions: sessionmaker[Session], bucket: str, keys: list[str], **scan
     return ids
 
 
+def _stored_pngs(s3_client: Any, sessions: sessionmaker[Session], bucket: str, keys: list[str]) -> list[uuid.UUID]:
+    """A small PNG under each key, queued as one scan."""
+    for key in keys:
+        s3_client.put_object(Bucket=bucket, Key=key, Body=_png())
+    return _queue(sessions, bucket, keys)
+
+
 def _row(sessions: sessionmaker[Session], image_id: uuid.UUID) -> Image:
     with sessions() as session:
         row = session.get(Image, image_id)
@@ -195,10 +202,7 @@ def _scorer_with(settings: Any, sessions: sessionmaker[Session], score: Any) -> 
 def test_a_result_the_database_refuses_fails_only_its_image_at_once(
     settings_factory, pg_url, sessions, s3_client, bucket, s3_endpoint
 ) -> None:
-    keys = [f"img{i}.png" for i in range(6)]
-    for key in keys:
-        s3_client.put_object(Bucket=bucket, Key=key, Body=_png())
-    ids = _queue(sessions, bucket, keys)
+    ids = _stored_pngs(s3_client, sessions, bucket, [f"img{i}.png" for i in range(6)])
 
     def score(ref: ObjectRef, original: Any) -> ScoreResult:
         result = original()
@@ -222,10 +226,7 @@ def test_a_result_the_database_refuses_fails_only_its_image_at_once(
 def test_a_bug_met_by_one_image_fails_it_at_once_and_never_its_batch_mates(
     settings_factory, pg_url, sessions, s3_client, bucket, s3_endpoint
 ) -> None:
-    keys = [f"b{i}.png" for i in range(4)]
-    for key in keys:
-        s3_client.put_object(Bucket=bucket, Key=key, Body=_png())
-    ids = _queue(sessions, bucket, keys)
+    ids = _stored_pngs(s3_client, sessions, bucket, [f"b{i}.png" for i in range(4)])
 
     def score(ref: ObjectRef, original: Any) -> ScoreResult:
         if ref.key == "b1.png":

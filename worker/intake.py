@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Insert, insert, select, update
@@ -59,46 +60,37 @@ def create_scan(
     one per ref, in order: the new image's, or the one stored before under its
     key; the scan's ``image_count`` and ``pending_count`` count only new images.
     """
+    request = {
+        "origin": origin,
+        "source": source,
+        "priority": priority,
+        "threshold": scan_threshold,
+        "callback_url": callback_url,
+        "meta": meta,
+        "webhook_events": webhook_events,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+    }
     if dedupe_keys is not None:
         return _create_deduplicated(
             session,
             list(refs),
             list(dedupe_keys),
             client_id=client_id,
-            scan_fields={
-                "origin": origin,
-                "source": source,
-                "priority": priority,
-                "threshold": scan_threshold,
-                "callback_url": callback_url,
-                "meta": meta,
-                "webhook_events": webhook_events,
-                "idempotency_key": idempotency_key,
-                "request_hash": request_hash,
-            },
+            scan_fields=request,
             threshold=threshold,
         )
     objects = unique_refs(refs)
     now = utcnow()
-    scan = Scan(
-        id=uuid.uuid4(),
+    scan = _add_scan(
+        session,
+        now,
         client_id=client_id,
-        origin=origin,
-        source=source,
-        priority=priority,
-        threshold=scan_threshold,
-        callback_url=callback_url,
-        meta=meta,
-        webhook_events=webhook_events,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
         image_count=len(objects),
         pending_count=len(objects),
-        created_at=now,
         completed_at=now if not objects else None,
+        **request,
     )
-    session.add(scan)
-    session.flush()
     ids = [uuid.uuid4() for _ in objects]
     if objects:
         session.execute(
@@ -111,7 +103,9 @@ def create_scan(
     return scan, ids
 
 
-def effective_threshold(session: Session, settings: Settings, client_id: uuid.UUID | None, scan_threshold: float | None) -> float:
+def effective_threshold(
+    session: Session, settings: Settings, client_id: uuid.UUID | None, scan_threshold: float | None
+) -> float:
     """The scan's threshold, else the client's default, else ``SYNTHGUARD_THRESHOLD``."""
     if scan_threshold is not None:
         return scan_threshold
@@ -137,8 +131,9 @@ def open_scan(
     releases it (:func:`release_pending`) when no more images come, so no worker
     can complete the scan before then.
     """
-    scan = Scan(
-        id=uuid.uuid4(),
+    scan = _add_scan(
+        session,
+        utcnow(),
         client_id=client_id,
         origin=origin,
         source=source,
@@ -146,10 +141,7 @@ def open_scan(
         threshold=scan_threshold,
         image_count=0,
         pending_count=1,
-        created_at=utcnow(),
     )
-    session.add(scan)
-    session.flush()
     return scan.id
 
 
@@ -168,7 +160,10 @@ def add_images(
     ids = [uuid.uuid4() for _ in refs]
     session.execute(
         insert(Image),
-        [_image_row(image_id, scan_id, client_id, ref, threshold, now) for image_id, ref in zip(ids, refs, strict=True)],
+        [
+            _image_row(image_id, scan_id, client_id, ref, threshold, now)
+            for image_id, ref in zip(ids, refs, strict=True)
+        ],
     )
     session.execute(
         update(Scan)
@@ -198,8 +193,21 @@ def release_pending(session: Session, scan_id: uuid.UUID, count: int = 1) -> boo
     return True
 
 
+def _add_scan(session: Session, now: datetime, **fields: Any) -> Scan:
+    """A new scan row with these columns, flushed so that its images can point at it."""
+    scan = Scan(id=uuid.uuid4(), created_at=now, **fields)
+    session.add(scan)
+    session.flush()
+    return scan
+
+
 def _image_row(
-    image_id: uuid.UUID, scan_id: uuid.UUID, client_id: uuid.UUID | None, ref: ObjectRef, threshold: float, now: Any
+    image_id: uuid.UUID,
+    scan_id: uuid.UUID,
+    client_id: uuid.UUID | None,
+    ref: ObjectRef,
+    threshold: float,
+    now: Any,
 ) -> dict[str, Any]:
     return {
         "id": image_id,
@@ -246,9 +254,7 @@ def _create_deduplicated(
     for ref, key in zip(refs, dedupe_keys, strict=True):
         objects.setdefault(key, ref)
     now = utcnow()
-    scan = Scan(id=uuid.uuid4(), client_id=client_id, created_at=now, **scan_fields)
-    session.add(scan)
-    session.flush()
+    scan = _add_scan(session, now, client_id=client_id, **scan_fields)
     proposed = {key: uuid.uuid4() for key in objects}
     if objects:
         session.execute(
@@ -260,7 +266,9 @@ def _create_deduplicated(
         )
     # Whoever holds each key now, this insert or an earlier one: that image is the answer.
     rows = session.execute(
-        select(Image.dedupe_key, Image.id).where(Image.client_id == client_id, Image.dedupe_key.in_(list(objects)))
+        select(Image.dedupe_key, Image.id).where(
+            Image.client_id == client_id, Image.dedupe_key.in_(list(objects))
+        )
     )
     stored = {key: image_id for key, image_id in rows}
     ids = [stored[key] for key in dedupe_keys]

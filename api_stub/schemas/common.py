@@ -9,6 +9,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from worker.models import as_utc
 
+__all__ = [
+    "EXAMPLE_CLIENT_ID",
+    "EXAMPLE_IMAGE_ID",
+    "EXAMPLE_SCAN_ID",
+    "FieldError",
+    "Problem",
+    "UtcDatetime",
+    "ValidationProblem",
+]
+
 EXAMPLE_SCAN_ID = "8a4f3c0e-4b7e-4f0f-9a63-1f7d0c2b9e11"
 EXAMPLE_IMAGE_ID = "0d9c7a2e-5a61-4f3b-8e0e-3c2b1a9f8d77"
 EXAMPLE_CLIENT_ID = "5b1d2e3f-0a9c-4c1e-b7d8-6e5f4a3b2c1d"

@@ -14,6 +14,19 @@ from worker.storage import MAX_ETAG_LENGTH, check_bucket_name, check_object_key,
 from .common import EXAMPLE_SCAN_ID
 from .scans import ImageRef
 
+__all__ = [
+    "MAX_EVENT_RECORDS",
+    "TEST_EVENT",
+    "EventImage",
+    "EventsAccepted",
+    "S3Bucket",
+    "S3Entity",
+    "S3EventRecord",
+    "S3Notification",
+    "S3Object",
+    "is_object_created",
+]
+
 MAX_EVENT_RECORDS = 1000
 
 
@@ -124,7 +137,11 @@ def _is_notification(body: Any) -> TypeGuard[dict[str, Any]]:
 
 
 def _is_sqs_message(record: Any) -> bool:
-    return isinstance(record, dict) and record.get("eventSource") == "aws:sqs" and isinstance(record.get("body"), str)
+    return (
+        isinstance(record, dict)
+        and record.get("eventSource") == "aws:sqs"
+        and isinstance(record.get("body"), str)
+    )
 
 
 def _json_or_none(text: str) -> Any:

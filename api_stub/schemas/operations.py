@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+__all__ = ["Health", "Readiness"]
+
 
 class Health(BaseModel):
     """The process is alive."""

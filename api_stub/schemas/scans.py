@@ -19,6 +19,22 @@ from worker.storage import (
 
 from .common import EXAMPLE_IMAGE_ID, EXAMPLE_SCAN_ID, UtcDatetime
 
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_METADATA_BYTES",
+    "MAX_OBJECTS",
+    "MAX_URL_LENGTH",
+    "ImageDetail",
+    "ImageOut",
+    "ImageRef",
+    "ObjectIn",
+    "ScanAccepted",
+    "ScanCounts",
+    "ScanOut",
+    "ScanRequest",
+    "check_idempotency_key",
+]
+
 MAX_OBJECTS = 1000
 MAX_METADATA_BYTES = 4096
 # Deeper metadata is refused (422) before it is walked or stored.

@@ -9,6 +9,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worker.sanitise import first_unsafe
 
+__all__ = [
+    "Attempt",
+    "DeliveryList",
+    "DeliveryOut",
+    "DisabledCallback",
+    "EnableRequest",
+    "EnabledEndpoint",
+    "Endpoint",
+    "RevokedSecret",
+    "RotateRequest",
+    "RotatedSecret",
+]
+
 
 class Attempt(BaseModel):
     """One try at sending a delivery."""
@@ -30,7 +43,9 @@ class DeliveryOut(BaseModel):
     scan_id: uuid.UUID | None = Field(description="The scan the event is about.")
     image_id: uuid.UUID | None = Field(description="The image, for `image.flagged`.")
     url: str = Field(description="Where it is sent.")
-    state: str = Field(description="`pending` (will be tried), `delivered` (a 2xx answer) or `failed` (given up).")
+    state: str = Field(
+        description="`pending` (will be tried), `delivered` (a 2xx answer) or `failed` (given up)."
+    )
     attempts: int = Field(description="Attempts made so far.")
     next_attempt_at: datetime | None = Field(description="When the next attempt is due, while pending.")
     last_status: int | None = Field(description="HTTP status of the last attempt.")
