@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,6 +143,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, what: str, exited: Callable[[], bool] = lambda: False) -> None:
+    """Return once 127.0.0.1:``port`` accepts connections; raise if ``exited()`` or after 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if exited() or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------- images
@@ -250,15 +264,7 @@ class Env:
                     dict(os.environ), self.workdir)
         self.procs.append(moto)
         self.moto = moto
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("moto did not start") from None
-                time.sleep(0.05)
+        wait_for_port(port, "moto")
         self.s3 = boto3.client("s3", endpoint_url=self.s3_url)
         self.s3.create_bucket(Bucket="bench")
         self._build_checkpoint()
