@@ -359,6 +359,61 @@ def test_c2pa_trained_algorithmic_media_counts_as_ai() -> None:
     assert Findings((sig,)).ai_strong
 
 
+def _jpeg_with_segment(marker: int, body: bytes) -> bytes:
+    """A JPEG with one more segment right after SOI."""
+    data = encode(gradient(), "JPEG", quality=90)
+    return data[:2] + bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body + data[2:]
+
+
+PLAIN_PNG = encode(gradient(), "PNG")
+PLAIN_JPEG = encode(gradient(), "JPEG", quality=90)
+REMOTE_XMP = xmp_packet(IPTC + "digitalCapture").replace(
+    b"<rdf:Description ", b'<rdf:Description xmlns:dcterms="http://purl.org/dc/terms/" '
+    b'dcterms:provenance="https://example.invalid/manifest.c2pa" ',
+)
+# (case, file, whether the C2PA SDK must be asked: a manifest may be there, or the walk could not tell)
+SDK_CASES = [
+    ("plain png", PLAIN_PNG, False),
+    ("plain jpeg", PLAIN_JPEG, False),
+    ("plain webp", encode(gradient(), "WEBP", quality=90), False),
+    ("png with ordinary xmp", with_xmp("png", xmp_packet(IPTC + "digitalCapture")), False),
+    ("jpeg with ordinary xmp", with_xmp("jpeg", xmp_packet(IPTC + "digitalCapture")), False),
+    ("png with a caBX chunk", png_insert(PLAIN_PNG, png_chunk(b"caBX", b"\x00" * 16)), True),
+    ("jpeg with an APP11 segment", _jpeg_with_segment(0xEB, b"XX" + bytes(16)), True),
+    ("jpeg naming a remote manifest", with_xmp("jpeg", REMOTE_XMP), True),
+    ("webp naming a remote manifest", with_xmp("webp", REMOTE_XMP), True),
+    ("png cut before IEND", PLAIN_PNG[:-12], True),
+    ("png with a damaged chunk type", png_insert(PLAIN_PNG, png_chunk(b"t\x00Xt", b"x")), True),
+    # After APP0 (SOI, then 18 bytes of JFIF), where a sniffer still sees a JPEG.
+    ("jpeg with stray bytes between segments", PLAIN_JPEG[:20] + b"\x00\x00" + PLAIN_JPEG[20:], True),
+    ("jpeg cut before its scan", PLAIN_JPEG[:20], True),
+    ("webp cut short", encode(gradient(), "WEBP", quality=90)[:-10], True),
+]
+
+
+@pytest.mark.parametrize(("case", "data", "asked"), SDK_CASES, ids=[c[0] for c in SDK_CASES])
+def test_the_c2pa_sdk_is_asked_only_where_a_manifest_may_be(
+    monkeypatch: pytest.MonkeyPatch, case: str, data: bytes, asked: bool
+) -> None:
+    import c2pa as sdk
+
+    calls: list[str] = []
+
+    class Counting(sdk.Reader):  # type: ignore[misc,name-defined]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            calls.append(case)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sdk, "Reader", Counting)
+    gated = signal(read_bytes(data, with_image=False), "c2pa")
+    assert bool(calls) == asked
+    if not asked:
+        # What the SDK itself answers for such a file: no manifest, and nothing wrong.
+        monkeypatch.setattr(c2pa, "_names_remote_manifest", lambda meta: True)
+        assert signal(read_bytes(data, with_image=False), "c2pa") == gated
+        assert calls and (gated.found, gated.error) == (False, None)
+
+
 # ----------------------------------------------------------------------------- no network
 
 

@@ -4,8 +4,11 @@ Each format says where its next chunk is; :func:`_walk` applies the bounds
 every format shares (how many chunks, how far into the file, the time budget,
 a chunk that runs past the end) and hands the chunks on. What they hold (text,
 XMP packets, EXIF blocks, whether a C2PA box is present) is gathered into
-:class:`Metadata` for the readers. Formats without a walker here are searched
-for XMP packets and, for TIFF, HEIF and AVIF, their EXIF block.
+:class:`Metadata` for the readers, with whether the walk reached the container's
+own end (``complete``): then what it did not see is not there, and the C2PA
+SDK, the one costly reader of metadata, is asked only where a manifest may be.
+Formats without a walker here are searched for XMP packets and, for TIFF, HEIF
+and AVIF, their EXIF block.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class Metadata:
     # (source, TIFF bytes, possibly behind an "Exif\0\0" prefix)
     exif: list[tuple[str, bytes]] = field(default_factory=list)
     c2pa_box: bool = False  # a JUMBF/C2PA container was seen
+    app11: bool = False  # a JPEG APP11 segment, JUMBF-marked or not
+    # The walk reached the container's own end (PNG's IEND, JPEG's first scan, the RIFF size)
+    # without a broken chunk: what it did not see is not in the file's metadata.
+    complete: bool = False
     # Errors routed to the signal that would have read the data; "*" goes to all metadata signals.
     errors: dict[str, list[str]] = field(default_factory=dict)
     text_bytes: int = 0
@@ -99,6 +106,13 @@ class _Chunk:
     fits: bool  # the body (and any trailer) lies inside the file
 
 
+@dataclass
+class _Cursor:
+    """Whether a chunk iterator stopped where its container ends, not where the data ran out."""
+
+    at_end: bool = False
+
+
 def _walk(
     container: str, unit: str, chunks: Iterator[_Chunk], meta: Metadata, budget: Budget
 ) -> Iterator[_Chunk]:
@@ -130,11 +144,14 @@ def _png_chunks(data: bytes) -> Iterator[_Chunk]:
         pos = body_end + 4  # CRC
 
 
-def _jpeg_segments(data: bytes) -> Iterator[_Chunk]:
+def _jpeg_segments(data: bytes, cursor: _Cursor) -> Iterator[_Chunk]:
     pos, end = 2, min(len(data), MAX_SCAN_BYTES)
+    strays = False
     while pos + 4 <= end:
         if data[pos] != 0xFF:
             # Stray bytes between segments (some cameras write them): resync on the next marker.
+            # Past them the walk is a guess, not a reading of the whole container.
+            strays = True
             nxt = data.find(b"\xff", pos, end)
             if nxt < 0:
                 return
@@ -148,6 +165,7 @@ def _jpeg_segments(data: bytes) -> Iterator[_Chunk]:
             pos += 2
             continue
         if marker in (0xDA, 0xD9):  # start of scan / end of image: metadata lives before
+            cursor.at_end = not strays
             return
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         seg_end = pos + 2 + length
@@ -157,8 +175,9 @@ def _jpeg_segments(data: bytes) -> Iterator[_Chunk]:
         pos = seg_end
 
 
-def _riff_chunks(data: bytes) -> Iterator[_Chunk]:
-    riff_end = min(len(data), 8 + int.from_bytes(data[4:8], "little"), MAX_SCAN_BYTES)
+def _riff_chunks(data: bytes, cursor: _Cursor) -> Iterator[_Chunk]:
+    declared_end = 8 + int.from_bytes(data[4:8], "little")
+    riff_end = min(len(data), declared_end, MAX_SCAN_BYTES)
     pos = 12
     while pos + 8 <= riff_end:
         fourcc = data[pos : pos + 4]
@@ -166,9 +185,11 @@ def _riff_chunks(data: bytes) -> Iterator[_Chunk]:
         body_end = pos + 8 + size
         yield _Chunk(fourcc, repr(fourcc), pos, pos + 8, body_end, body_end <= riff_end)
         pos = body_end + (size & 1)  # bodies are padded to even sizes
+    cursor.at_end = pos == declared_end == riff_end
 
 
 def _read_png(data: bytes, meta: Metadata, budget: Budget) -> None:
+    well_named = True
     for chunk in _walk("PNG", "chunk", _png_chunks(data), meta, budget):
         if chunk.kind in (b"tEXt", b"zTXt", b"iTXt"):
             _png_text(chunk.kind, data, chunk.start, chunk.end, meta)
@@ -177,7 +198,10 @@ def _read_png(data: bytes, meta: Metadata, budget: Budget) -> None:
         elif chunk.kind == b"caBX":
             meta.c2pa_box = True
         elif chunk.kind == b"IEND":
+            meta.complete = well_named
             return
+        # A chunk type is four ASCII letters; anything else is a damaged file, not a reading of it.
+        well_named = well_named and chunk.kind.isascii() and chunk.kind.isalpha()
 
 
 def _png_text(ctype: bytes, data: bytes, start: int, end: int, meta: Metadata) -> None:
@@ -224,16 +248,21 @@ _JPEG_XMP_EXT = b"http://ns.adobe.com/xmp/extension/\x00"
 
 def _read_jpeg(data: bytes, meta: Metadata, budget: Budget) -> None:
     extended: dict[bytes, bytearray] = {}
-    for segment in _walk("JPEG", "segment", _jpeg_segments(data), meta, budget):
+    cursor = _Cursor()
+    for segment in _walk("JPEG", "segment", _jpeg_segments(data, cursor), meta, budget):
         marker, start, end = segment.kind[0], segment.start, segment.end
         if marker == 0xE1:
             _jpeg_app1(data, start, end, meta, extended)
-        elif marker == 0xEB and data[start : start + 2] == b"JP":
-            meta.c2pa_box = True  # JUMBF (ISO 19566-5) in APP11: where C2PA lives in JPEG
+        elif marker == 0xEB:
+            # JUMBF (ISO 19566-5) in APP11: where C2PA lives in JPEG. The SDK reads APP11
+            # segments whatever their first bytes, so any of them may hold a manifest.
+            meta.c2pa_box = meta.c2pa_box or data[start : start + 2] == b"JP"
+            meta.app11 = True
         elif marker == 0xFE and end - start <= MAX_TEXT_BYTES:
             meta.add_text("jpeg:COM", "Comment", data[start:end], "utf-8")
     for guid, packet in extended.items():
         meta.xmp.append((f"jpeg:APP1 extended XMP {guid.decode('latin-1')}", bytes(packet)))
+    meta.complete = cursor.at_end
 
 
 def _jpeg_app1(data: bytes, start: int, end: int, meta: Metadata, extended: dict[bytes, bytearray]) -> None:
@@ -264,13 +293,15 @@ def _jpeg_app1(data: bytes, start: int, end: int, meta: Metadata, extended: dict
 
 
 def _read_webp(data: bytes, meta: Metadata, budget: Budget) -> None:
-    for chunk in _walk("WebP", "chunk", _riff_chunks(data), meta, budget):
+    cursor = _Cursor()
+    for chunk in _walk("WebP", "chunk", _riff_chunks(data, cursor), meta, budget):
         if chunk.kind == b"EXIF":
             meta.exif.append(("webp:EXIF", data[chunk.start : chunk.end]))
         elif chunk.kind == b"XMP ":
             meta.xmp.append(("webp:XMP", data[chunk.start : chunk.end]))
         elif chunk.kind == b"C2PA":
             meta.c2pa_box = True
+    meta.complete = cursor.at_end
 
 
 def _scan_xmp_packets(data: bytes, meta: Metadata) -> None:

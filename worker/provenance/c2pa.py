@@ -198,6 +198,10 @@ def read(data: bytes, fmt: str, meta: Metadata, budget: Budget) -> Signal:
         import c2pa  # the native library loads on first use, not at worker import
     except ImportError as exc:
         return missing("c2pa", f"c2pa-python is not installed ({exc})")
+    if meta.complete and not (meta.c2pa_box or meta.app11) and not _names_remote_manifest(meta):
+        # The walk saw the whole container and no manifest, embedded or referenced: the SDK
+        # would find none either, and asking it costs several ms on a large PNG.
+        return missing("c2pa")
     budget.check()
     try:
         context = c2pa.Context.from_dict(C2PA_SETTINGS)
@@ -217,6 +221,11 @@ def read(data: bytes, fmt: str, meta: Metadata, budget: Budget) -> Signal:
     if not isinstance(store, dict):
         return Signal("c2pa", True, False, NONE, {}, "C2PA manifest store is not a JSON object")
     return store_signal(store, remote_url)
+
+
+def _names_remote_manifest(meta: Metadata) -> bool:
+    """An XMP packet that may point at a manifest elsewhere (``dcterms:provenance``)."""
+    return any(b"provenance" in packet for _, packet in meta.xmp)
 
 
 def _c2pa_failure(exc: Exception, c2pa: Any, meta: Metadata) -> Signal:
