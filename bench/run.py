@@ -78,12 +78,13 @@ class Lever(NamedTuple):
     processes: int = 1  # worker processes
     frozen: bool = True  # SYNTHGUARD_MODEL_FREEZE_CPU
     prepare: int | None = None  # SYNTHGUARD_PREPARE_PROCESSES; None: auto (one per core)
+    obstore: bool = False  # SYNTHGUARD_S3_CLIENT=obstore
 
     @property
     def key(self) -> str:
         prepare = "auto" if self.prepare is None else self.prepare
         return (f"{self.concurrency},{self.batch_size},{self.threads or 'default'},{self.processes},"
-                f"{'frozen' if self.frozen else 'eager'},{prepare}")
+                f"{'frozen' if self.frozen else 'eager'},{prepare}" + (",obstore" if self.obstore else ""))
 
 
 def parse_lever(text: str) -> Lever:
@@ -606,11 +607,11 @@ class Api:
 
 def start_worker(env: Env, concurrency: int, batch_size: int, torch_threads: int | None = None,
                  node: int = 0, queues: str | None = None, nice: int = 0, frozen: bool = True,
-                 prepare: int | None = None) -> Proc:
+                 prepare: int | None = None, s3_client: str = "botocore") -> Proc:
     port = free_port()
     proc_env = env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port,
                                model_freeze_cpu=str(frozen).lower(),
-                               prepare_processes="auto" if prepare is None else prepare)
+                               prepare_processes="auto" if prepare is None else prepare, s3_client=s3_client)
     if torch_threads:
         # torch sizes its intra-op pool from OMP_NUM_THREADS at start (default: one per core).
         proc_env["OMP_NUM_THREADS"] = str(torch_threads)
@@ -878,7 +879,8 @@ def main() -> int:
                 lever_keys = keys["jpeg-1024"]
                 for lever in size["levers"]:
                     workers = [start_worker(env, lever.concurrency, lever.batch_size, lever.threads, node=i,
-                                            frozen=lever.frozen, prepare=lever.prepare)
+                                            frozen=lever.frozen, prepare=lever.prepare,
+                                            s3_client="obstore" if lever.obstore else "botocore")
                                for i in range(lever.processes)]
                     try:
                         r = run_synthguard(env, api, workers, lever_keys, warm)

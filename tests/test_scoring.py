@@ -3,6 +3,7 @@ results, bounded retries. Real PostgreSQL, real S3 server, real checkpoints."""
 
 from __future__ import annotations
 
+import io
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +125,28 @@ def test_missing_object_fails_at_once_with_its_code(settings_factory, s3_endpoin
     with sessions() as session:
         row = session.get(ImageRow, image_id)
         assert row.attempts == 1 and "no/such/key.jpg" in row.error_message
+
+
+def test_an_image_fetched_through_obstore_is_stored_as_through_botocore(
+    settings_factory, s3_endpoint, s3_client, bucket, pg_url
+) -> None:
+    body = io.BytesIO()
+    ImageOps.expand(Image.new("RGB", (96, 64), (200, 40, 90)), border=8, fill=(10, 220, 30)).save(body, "PNG")
+    put = s3_client.put_object(Bucket=bucket, Key="pic.png", Body=body.getvalue())
+    sessions = _db(pg_url)
+    stored = {}
+    for kind in ("botocore", "obstore"):
+        settings = settings_factory(
+            database_url=pg_url, s3_endpoint_url=s3_endpoint, s3_client=kind, prepare_processes=0
+        )
+        _, (image_id,) = _queue(sessions, [ObjectRef(bucket, "pic.png")])
+        with Scorer(settings, Detector.from_settings(settings), sessions=sessions) as scorer:
+            assert process_with_retries(scorer, image_id).state == DONE
+        with sessions() as session:
+            row = session.get(ImageRow, image_id)
+            stored[kind] = (row.score, row.sha256, row.etag, row.width, row.height, row.provenance)
+    assert stored["obstore"] == stored["botocore"]
+    assert stored["obstore"][2] == put["ETag"].strip('"')
 
 
 def test_unreachable_storage_is_retried_then_fails_after_max_attempts(settings_factory, tmp_path) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,8 +39,16 @@ def no_botocore_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
 
 
+@pytest.fixture(params=["botocore", "obstore"])
+def s3_client_kind(request: pytest.FixtureRequest) -> str:
+    """``SYNTHGUARD_S3_CLIENT``: every storage test runs with both."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_storage(settings_factory: Callable[..., Settings]) -> Iterator[Callable[..., Storage]]:
+def make_storage(
+    s3_client_kind: str, settings_factory: Callable[..., Settings]
+) -> Iterator[Callable[..., Storage]]:
     """Storages built from test settings, closed after the test."""
     made: list[Storage] = []
 
@@ -47,6 +57,7 @@ def make_storage(settings_factory: Callable[..., Settings]) -> Iterator[Callable
             "s3_endpoint_url": endpoint,
             "s3_connect_timeout_s": 2.0,
             "s3_read_timeout_s": 5.0,
+            "s3_client": s3_client_kind,
         }
         values.update(overrides)
         storage = Storage(settings_factory(**values))
@@ -344,16 +355,56 @@ def test_access_denied_403_is_permanent(
     assert _code_of(head_info) == errors.ACCESS_DENIED
 
 
+def test_an_s3_error_body_reaches_the_message_only_as_code_and_message(
+    make_storage: Callable[..., Storage],
+    canned_server: Callable[..., _CannedServer],
+    no_botocore_retries: None,
+) -> None:
+    body = (
+        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SignatureDoesNotMatch</Code>"
+        b"<Message>The request signature we calculated does not match</Message>"
+        b"<AWSAccessKeyId>AKIAEXAMPLEKEYID</AWSAccessKeyId><StringToSign>AWS4-HMAC-SHA256 signed-text</StringToSign>"
+        b"</Error>"
+    )
+    server = canned_server(403, body, {"Content-Type": "application/xml"})
+    storage = make_storage(_endpoint(server))
+
+    with pytest.raises(PermanentError) as excinfo:
+        storage.fetch(ObjectRef("bucket", "k.jpg"))
+    shown = "".join(traceback.format_exception(excinfo.value))  # what a logged traceback prints
+    assert _code_of(excinfo) == errors.ACCESS_DENIED
+    assert "SignatureDoesNotMatch" in shown and "does not match" in shown
+    assert "AKIAEXAMPLEKEYID" not in shown and "signed-text" not in shown
+
+
 def test_body_without_length_is_capped(
-    make_storage: Callable[..., Storage], canned_server: Callable[..., _CannedServer]
+    make_storage: Callable[..., Storage],
+    canned_server: Callable[..., _CannedServer],
+    s3_client_kind: str,
+    no_botocore_retries: None,
 ) -> None:
     # No Content-Length: the cap must hold while reading, not only from the header.
     server = canned_server(200, b"z" * 5000, {"ETag": '"abc"'}, send_length=False)
     storage = make_storage(_endpoint(server), max_image_bytes=100)
 
+    if s3_client_kind == "obstore":
+        # obstore reads no body whose size is undeclared: the store is at fault, and nothing is read.
+        with pytest.raises(TransientError) as unsized:
+            storage.fetch(ObjectRef("bucket", "stream.jpg"))
+        assert _code_of(unsized) == errors.STORAGE_UNAVAILABLE
+        return
     with pytest.raises(PermanentError) as excinfo:
         storage.fetch(ObjectRef("bucket", "stream.jpg"))
     assert _code_of(excinfo) == errors.OBJECT_TOO_LARGE
+
+
+def test_obstore_chosen_without_its_package_stops_the_start(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "obstore", None)  # what an install without the extra has
+    with pytest.raises(ConfigError, match=r"pip install 'synthguard\[obstore\]'"):
+        Storage(settings_factory(s3_client="obstore"))
+    Storage(settings_factory(s3_client="botocore")).close()
 
 
 def test_missing_credentials_is_config_error(

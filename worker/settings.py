@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(1.0, gt=0, description="Base of the exponential retry backoff.")
     retry_backoff_max_s: float = Field(300.0, gt=0, description="Cap of one retry backoff.")
 
+    s3_client: Literal["botocore", "obstore"] = Field(
+        "botocore",
+        description="What fetches S3 objects: botocore, or obstore (Rust; a fraction of botocore's CPU "
+        "per GET; needs the obstore package: pip install 'synthguard[obstore]'). HEAD and listing "
+        "always use botocore.",
+    )
     s3_connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to open a connection to S3.")
     s3_read_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait on a read from S3.")
 

@@ -54,6 +54,8 @@ from worker.settings import Settings
 if TYPE_CHECKING:
     from botocore.client import BaseClient
 
+    from .s3_obstore import ObstoreFetcher
+
 # Total attempts (first try included) botocore makes before handing a failure up.
 DEFAULT_S3_MAX_ATTEMPTS = 3
 # Bounded reads keep memory flat however large a lying or chunked body is.
@@ -306,7 +308,7 @@ def _classify_s3(exc: ClientError, where: str, version_pinned: bool) -> Synthgua
     return TransientError(f"{where}storage unavailable ({detail})", code=STORAGE_UNAVAILABLE)
 
 
-_CREDENTIALS_HELP = (
+CREDENTIALS_HELP = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary "
     "credentials), or AWS_PROFILE, or give the host an IAM role"
 )
@@ -326,7 +328,7 @@ def classify_client_error(exc: BaseException, *, ref: ObjectRef | None = None) -
     if isinstance(exc, ClientError):
         return _classify_s3(exc, where, version_pinned)
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return ConfigError(f"{where}no usable AWS credentials ({exc}); {_CREDENTIALS_HELP}")
+        return ConfigError(f"{where}no usable AWS credentials ({exc}); {CREDENTIALS_HELP}")
     if isinstance(exc, NoRegionError):
         return ConfigError(f"{where}no AWS region configured; set AWS_DEFAULT_REGION or AWS_REGION")
     if isinstance(exc, ParamValidationError):
@@ -407,7 +409,11 @@ def _fetched(ref: ObjectRef, data: bytes, etag: str | None, version_id: str | No
 
 
 class Storage:
-    """Fetches, lists and inspects objects; one shared boto3 client, safe across threads."""
+    """Fetches, lists and inspects objects; one shared boto3 client, safe across threads.
+
+    With ``SYNTHGUARD_S3_CLIENT=obstore`` S3 objects are fetched through obstore
+    (:mod:`worker.s3_obstore`), with the same caps, identity and error codes.
+    """
 
     def __init__(self, settings: Settings, *, max_pool_connections: int | None = None) -> None:
         if max_pool_connections is not None and max_pool_connections < 1:
@@ -415,7 +421,12 @@ class Storage:
         self._settings = settings
         self._pool = max_pool_connections or max(10, 2 * settings.concurrency)
         self._client: BaseClient | None = None
+        self._obstore: ObstoreFetcher | None = None
         self._lock = threading.Lock()
+        if settings.s3_client == "obstore":
+            from .s3_obstore import require_obstore
+
+            require_obstore()  # a worker without the package refuses to start, rather than fail images
 
     @property
     def client(self) -> BaseClient:
@@ -453,8 +464,11 @@ class Storage:
         """Drop pooled connections; a later call builds a new client."""
         with self._lock:
             client, self._client = self._client, None
+            fetcher, self._obstore = self._obstore, None
         if client is not None:
             client.close()
+        if fetcher is not None:
+            fetcher.close()
 
     # ------------------------------------------------------------------- fetch
 
@@ -465,6 +479,8 @@ class Storage:
         return self._fetch_s3(ref)
 
     def _fetch_s3(self, ref: ObjectRef) -> FetchedObject:
+        if self._settings.s3_client == "obstore":
+            return self._fetch_obstore(ref)
         cap = self._settings.max_image_bytes
         params: dict[str, str] = {"Bucket": str(ref.bucket), "Key": ref.key}
         if ref.version_id:
@@ -485,6 +501,34 @@ class Storage:
         finally:
             body.close()
         return _fetched(ref, data, _strip_etag(response.get("ETag")), response.get("VersionId"))
+
+    def _fetch_obstore(self, ref: ObjectRef) -> FetchedObject:
+        from .s3_obstore import ObstoreFetcher, answer_of, raised_errors, unavailable
+
+        cap = self._settings.max_image_bytes
+        fetcher = self._obstore
+        if fetcher is None:
+            with self._lock:
+                if self._obstore is None:
+                    self._obstore = ObstoreFetcher(
+                        self._settings, default_attempts=DEFAULT_S3_MAX_ATTEMPTS, read_chunk=_READ_CHUNK
+                    )
+                fetcher = self._obstore
+        try:
+            body, meta = fetcher.get(str(ref.bucket), ref.key, ref.version_id)
+            declared = meta.get("size")
+            if declared is not None and declared > cap:
+                raise _too_large(ref, cap, int(declared))
+            data = _read_capped(body, ref, cap)
+        except raised_errors() as exc:
+            where = f"{ref.uri}: "
+            answer = answer_of(exc)
+            # "from None": obstore's text quotes the whole error body (on SignatureDoesNotMatch, the
+            # access key id and the string signed), and a logged traceback would print it.
+            if answer is None:
+                raise unavailable(exc, where) from None
+            raise _classify_s3(answer, where, ref.version_id is not None) from None
+        return _fetched(ref, data, _strip_etag(meta.get("e_tag")), meta.get("version"))
 
     def _fetch_local(self, ref: ObjectRef) -> FetchedObject:
         cap = self._settings.max_image_bytes
