@@ -166,5 +166,9 @@ class ObstoreFetcher:
             virtual_hosted_style_request=endpoint is None,
             client_options=client,
             retry_config={"max_retries": max(0, attempts - 1)},
-            credential_provider=Boto3CredentialProvider(boto3.session.Session(botocore_session=core)),
+            # Asked again every 5 minutes: botocore refreshes temporary credentials well before they
+            # expire, and the provider's default (30 minutes) can outlive a short role session.
+            credential_provider=Boto3CredentialProvider(
+                boto3.session.Session(botocore_session=core), ttl=timedelta(minutes=5)
+            ),
         )
