@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.run import free_port, wait_for_port  # noqa: E402
+from worker.storage import _READ_CHUNK  # noqa: E402  (the chunk the service reads in)
 
 BUCKET = "fetch-cost-bench"
 REGION = "us-east-1"
@@ -72,7 +73,6 @@ _DROPPED_AWS_ENV = (
     "AWS_ENDPOINT",
     "AWS_ENDPOINT_URL_S3",
 )
-_READ_CHUNK = 1024 * 1024  # worker.storage reads in chunks of this size
 
 
 # --------------------------------------------------------------------------- server

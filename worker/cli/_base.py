@@ -24,6 +24,12 @@ UNTRAINED_NOTE = "UNTRAINED MODEL: not a detection"
 SERVICE_COMMANDS = frozenset({"worker", "beat", "api"})
 
 
+# The per-run flag threshold, the same option wherever a verb takes one.
+threshold_option = click.option(
+    "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
+)
+
+
 def _fail(message: str) -> click.ClickException:
     return click.ClickException(message)
 

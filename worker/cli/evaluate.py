@@ -11,7 +11,7 @@ import click
 
 from ..errors import ConfigError, SynthguardError
 from ..settings import Settings
-from ._base import _fail, _load_detector, _settings, main
+from ._base import _fail, _load_detector, _settings, main, threshold_option
 
 if TYPE_CHECKING:
     from ..evaluation import LabelledRef, ScoredSet
@@ -60,9 +60,7 @@ def _eval_scores(settings: Settings, labelled: list[LabelledRef], source: str) -
     "--bootstrap", type=click.IntRange(0), default=1000, show_default=True, help="Bootstrap resamples."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
-@click.option(
-    "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
-)
+@threshold_option
 @click.option(
     "--compare",
     "compare_checkpoints",

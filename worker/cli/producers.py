@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConfigError
 from ..models import PRIORITIES
-from ._base import _checked_sessions, _fail, _producer_app, _settings, main
+from ._base import _checked_sessions, _fail, _producer_app, _settings, main, threshold_option
 
 if TYPE_CHECKING:
     from ..backfill import BackfillResult
@@ -76,9 +76,7 @@ def _client_id(sessions: sessionmaker[Session], name: str | None) -> uuid.UUID |
     show_default=True,
     help="Lane: realtime (uploads, KYC) or bulk (taken only when no realtime work is waiting).",
 )
-@click.option(
-    "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
-)
+@threshold_option
 @_client_option
 @click.option("--json", "as_json", is_flag=True, help="Print the scan and image ids as JSON.")
 def enqueue_command(
@@ -198,9 +196,7 @@ def _print_backfill(result: BackfillResult, where: str, as_json: bool) -> None:
     show_default=True,
     help="Lane. Backfills always use bulk, so that they never delay realtime work.",
 )
-@click.option(
-    "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
-)
+@threshold_option
 @_client_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def backfill(

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import ConfigError, SynthguardError
 from ..settings import Settings
-from ._base import UNTRAINED_NOTE, _fail, _load_detector, _safe_url, _settings, main
+from ._base import UNTRAINED_NOTE, _fail, _load_detector, _safe_url, _settings, main, threshold_option
 
 if TYPE_CHECKING:
     from ..inprocess_scan import LocalScan
@@ -192,9 +192,7 @@ def _summary(counts: dict[str, int]) -> str:
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option(
-    "--threshold", type=click.FloatRange(0, 1), help="Flag threshold on p(synthetic) [SYNTHGUARD_THRESHOLD]."
-)
+@threshold_option
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk local directories.")
 @click.option("--concurrency", type=click.IntRange(1), help="Fetch/decode threads [SYNTHGUARD_CONCURRENCY].")
 def scan(
