@@ -79,12 +79,14 @@ class Lever(NamedTuple):
     frozen: bool = True  # SYNTHGUARD_MODEL_FREEZE_CPU
     prepare: int | None = None  # SYNTHGUARD_PREPARE_PROCESSES; None: auto (one per core)
     obstore: bool = False  # SYNTHGUARD_S3_CLIENT=obstore
+    chunk: int | None = None  # SYNTHGUARD_BULK_CHUNK of the API that publishes; None: the service's default
 
     @property
     def key(self) -> str:
         prepare = "auto" if self.prepare is None else self.prepare
         return (f"{self.concurrency},{self.batch_size},{self.threads or 'default'},{self.processes},"
-                f"{'frozen' if self.frozen else 'eager'},{prepare}" + (",obstore" if self.obstore else ""))
+                f"{'frozen' if self.frozen else 'eager'},{prepare}" + (",obstore" if self.obstore else "")
+                + (f",chunk={self.chunk}" if self.chunk is not None else ""))
 
 
 def parse_lever(text: str) -> Lever:
@@ -538,6 +540,7 @@ class Api:
         from worker.db import get_sessionmaker
 
         self.sessions = get_sessionmaker(env.pg_url)
+        self.env = env
         port = free_port()
         self.proc = Proc("api", [sys.executable, "-m", "worker.cli", "api", "--port", str(port)],
                          env.service_env(**overrides), env.workdir)
@@ -554,6 +557,11 @@ class Api:
             if time.monotonic() > deadline:
                 raise RuntimeError("api did not start")
             time.sleep(0.1)
+
+    def close(self) -> None:
+        self.http.close()
+        self.proc.stop()
+        self.env.procs.remove(self.proc)
 
     def add_client(self, name: str):  # type: ignore[no-untyped-def]
         """A new API client (every bucket, the default lanes and limits) and an HTTP client with its key."""
@@ -824,7 +832,7 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     started = time.monotonic()
     res: dict = {"size": "quick" if args.quick else "full", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "machine": machine(), "errors": {}}
+                 "machine": machine(), "cores": os.cpu_count(), "errors": {}}
     LOG(f"synthguard bench ({res['size']}) on {res['machine']}")
     workdir = Path(tempfile.mkdtemp(prefix="synthguard-bench-"))
     env = Env(workdir)
@@ -882,12 +890,16 @@ def main() -> int:
                                             frozen=lever.frozen, prepare=lever.prepare,
                                             s3_client="obstore" if lever.obstore else "botocore")
                                for i in range(lever.processes)]
+                    # The chunk is the publisher's setting: its own API process publishes this lever's images.
+                    lever_api = api if lever.chunk is None else Api(env, f"chunk-{len(out)}", bulk_chunk=lever.chunk)
                     try:
-                        r = run_synthguard(env, api, workers, lever_keys, warm)
+                        r = run_synthguard(env, lever_api, workers, lever_keys, warm)
                     finally:
                         for worker in workers:
                             worker.stop()
                             env.procs.remove(worker)
+                        if lever_api is not api:
+                            lever_api.close()
                     # A configuration listed again (alternating runs) keeps every run.
                     key, run = lever.key, 1
                     while key in out:
@@ -948,6 +960,11 @@ def main() -> int:
     return 0
 
 
+def worker_cpu_ms(r: dict) -> float:
+    """CPU milliseconds the worker's process tree spent per image scored."""
+    return 10.0 * r["proc_cpu_pct"] / r["rate"]
+
+
 def render(res: dict) -> str:
     out = [f"Run: `{res['size']}`, {res['date']}, {res['total_s']:.0f}s. Machine: {res['machine']}.", ""]
     c = res.get("ceilings")
@@ -987,6 +1004,16 @@ def render(res: dict) -> str:
         fails = {f"{k} {n}": r["failed"] for k, d in (("synthguard", sg), ("naive", nv)) for n, r in d.items() if r["failed"]}
         if fails:
             out += [f"Failed images: {fails}", ""]
+    if sg and c:
+        cores = res.get("cores") or os.cpu_count() or 1
+        rows = []
+        for n, r in sg.items():
+            # The ceilings ran with every core busy: the bound's CPU per image is cores / its rate.
+            bound_ms = 1000.0 * cores / bound(c, n)
+            rows.append([n, f"{worker_cpu_ms(r):.1f}", f"{bound_ms:.1f}", f"{worker_cpu_ms(r) / bound_ms:.2f}"])
+        out += ["### Worker CPU per image against the bound's (decode + preprocess + forward)", "",
+                table(["set", "worker CPU ms per image (process tree)", "decode + preprocess + forward CPU ms",
+                       "ratio"], rows), ""]
     if sg:
         names = ["fetch", "decode", "provenance", "preprocess", "queue_wait", "forward", "store"]
         rows = []
@@ -1009,18 +1036,20 @@ def render(res: dict) -> str:
                 "concurrent threads overlap, so they add up to more than 1/throughput.", ""]
     lv = res.get("levers")
     if lv:
-        rows = [[*k.split(",")[:6], r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{r['peak_rss_mib']:.0f}"]
+        rows = [[*k.split(" (run")[0].split(",")[:6], ",".join(k.split(" (run")[0].split(",")[6:]) or "-",
+                 r["rate"], f"{r['proc_cpu_pct']:.0f}%", f"{worker_cpu_ms(r):.1f}", f"{r['peak_rss_mib']:.0f}"]
                 for k, r in lv.items()]
         if sg.get("jpeg-1024"):
             r = sg["jpeg-1024"]
             rows.insert(0, ["8 (default)", "32 (default)", "default (the worker's choice)", "1", "frozen (default)",
-                            "auto (default: one per core)", r["rate"], f"{r['proc_cpu_pct']:.0f}%",
-                            f"{r['peak_rss_mib']:.0f}"])
+                            "auto (default: one per core)", "-", r["rate"], f"{r['proc_cpu_pct']:.0f}%",
+                            f"{worker_cpu_ms(r):.1f}", f"{r['peak_rss_mib']:.0f}"])
         out += ["### Levers (jpeg-1024 set)", "", table(["SYNTHGUARD_CONCURRENCY", "SYNTHGUARD_BATCH_SIZE",
                                                          "torch threads (OMP_NUM_THREADS)", "worker processes",
                                                          "CPU model (SYNTHGUARD_MODEL_FREEZE_CPU)",
-                                                         "SYNTHGUARD_PREPARE_PROCESSES", "img/s",
-                                                         "worker CPU (process tree)",
+                                                         "SYNTHGUARD_PREPARE_PROCESSES",
+                                                         "other (S3 client, SYNTHGUARD_BULK_CHUNK)", "img/s",
+                                                         "worker CPU (process tree)", "worker CPU ms per image",
                                                          "worker peak RSS MiB (sum of processes)"], rows), ""]
     la = res.get("latency")
     if la:

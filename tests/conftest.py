@@ -6,14 +6,18 @@ and every checkpoint is built with timm (``pretrained=False``).
 
 from __future__ import annotations
 
+import http.client
 import os
 import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # Set before boto3 or huggingface_hub are imported anywhere: both read them once.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -368,6 +372,76 @@ def wait_until(predicate, timeout: float = 120.0, interval: float = 0.1, message
 
 
 # ------------------------------------------------- shared by the service tests
+
+
+class FlakyS3:
+    """An HTTP proxy in front of the S3 server that answers 503 SlowDown to chosen objects, and
+    holds GETs of others until the test lets them go."""
+
+    def __init__(self, upstream: str, failures: dict[str, int], holds: tuple[str, ...] = ()) -> None:
+        self.failures = dict(failures)  # key substring -> GETs to refuse (-1: always)
+        self.holds = holds  # key substrings whose GETs wait for release()
+        self.held = threading.Event()  # set when a GET is being held
+        self._released = threading.Event()
+        target = urlsplit(upstream)
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _refuse(self) -> bool:
+                with lock:
+                    for marker, left in outer.failures.items():
+                        if marker in self.path and self.command == "GET" and left != 0:
+                            outer.failures[marker] = left - 1
+                            return True
+                return False
+
+            def _handle(self) -> None:
+                if self.command == "GET" and any(marker in self.path for marker in outer.holds):
+                    outer.held.set()
+                    outer._released.wait()
+                if self._refuse():
+                    body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn.request(self.command, self.path, self.rfile.read(length) if length else None, dict(self.headers))
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for name, value in reply.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_HEAD = do_PUT = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def release(self) -> None:
+        """Let held GETs (and later ones) through."""
+        self._released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 
 
 @pytest.fixture

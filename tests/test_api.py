@@ -101,7 +101,7 @@ def test_bulk_priority_goes_to_the_bulk_queue_and_repeats_share_an_image(api, ne
     assert body["priority"] == "bulk"
     ids = [i["id"] for i in body["images"]]
     assert ids[0] == ids[2] != ids[1]
-    assert broker.llen(BULK_QUEUE) == 2
+    assert broker.llen(BULK_QUEUE) == 1  # one chunk of the two images
     assert broker.llen(REALTIME_QUEUE) == 0
 
 

@@ -7,20 +7,16 @@ in Redis, lines a worker logs), never on sleeps.
 
 from __future__ import annotations
 
-import http.client
 import signal
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import redis
 from sqlalchemy import func, select
 
-from conftest import BAD_FIXTURES, good_fixture_files, wait_until
+from conftest import BAD_FIXTURES, FlakyS3, good_fixture_files, wait_until
 from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan
 from worker.preparing import usable_cores
 from worker.queueing import enqueue, publish
@@ -112,22 +108,6 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     assert all(row.attempts >= 2 for row in rows)  # the lost attempt is on record
 
 
-def test_flushing_redis_loses_no_image(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url
-) -> None:
-    keys = _upload_copies(s3_client, bucket, fixtures_dir, 5)
-    queued = _enqueue(service_settings, celery_app, bucket, keys, priority="bulk")
-    broker = redis.Redis.from_url(redis_url)
-    assert broker.llen("synthguard.bulk") == 5
-    broker.flushdb()  # Redis restarted without persistence: every message is gone
-    assert _states(sessions, queued.image_ids) == {QUEUED: 5}
-
-    start_service("worker")
-    start_service("beat", stale_after_s=1, sweep_interval_s=0.5)
-    wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="recovery after FLUSHDB")
-    assert _states(sessions, queued.image_ids) == {DONE: 5}
-
-
 def test_redelivered_messages_leave_one_result(
     fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
 ) -> None:
@@ -143,62 +123,6 @@ def test_redelivered_messages_leave_one_result(
     assert after == before
     with sessions() as session:
         assert session.scalar(select(func.count()).where(Image.scan_id == queued.scan_id)) == 3
-
-
-class FlakyS3:
-    """An HTTP proxy in front of the S3 server that answers 503 SlowDown to chosen objects."""
-
-    def __init__(self, upstream: str, failures: dict[str, int]) -> None:
-        self.failures = dict(failures)  # key substring -> GETs to refuse (-1: always)
-        target = urlsplit(upstream)
-        lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _refuse(self) -> bool:
-                with lock:
-                    for marker, left in outer.failures.items():
-                        if marker in self.path and self.command == "GET" and left != 0:
-                            outer.failures[marker] = left - 1
-                            return True
-                return False
-
-            def _handle(self) -> None:
-                if self._refuse():
-                    body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                conn.request(self.command, self.path, self.rfile.read(length) if length else None, dict(self.headers))
-                reply = conn.getresponse()
-                data = reply.read()
-                self.send_response(reply.status)
-                for name, value in reply.getheaders():
-                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_HEAD = do_PUT = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -278,7 +202,7 @@ def test_workers_dedicated_to_lanes_by_their_short_names(
     start_service("worker", args=("--queues=realtime,webhooks",))
     wait_until(lambda: _all_terminal(sessions, realtime.image_ids), message="the realtime images")
     # The realtime worker leaves the backlog alone: every bulk message is still on its queue.
-    assert redis.Redis.from_url(redis_url).llen("synthguard.bulk") == 10
+    assert redis.Redis.from_url(redis_url).llen("synthguard.bulk") == -(-10 // service_settings.bulk_chunk)
     assert _states(sessions, bulk.image_ids) == {QUEUED: 10}
     start_service("worker", args=("--queues=bulk", "--hostname=bulk@%h"))
     wait_until(lambda: _all_terminal(sessions, bulk.image_ids), message="the backfill")

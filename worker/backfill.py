@@ -193,7 +193,7 @@ def run_backfill(
             result.listed += len(page)
             result.enqueued += len(ids)
             result.skipped += len(page) - len(ids)
-            if not _publish(app, ids, limiter, stop, result):
+            if not _publish(app, ids, limiter, stop, result, settings.bulk_chunk):
                 result.interrupted = True
             if on_progress is not None:
                 on_progress(dataclasses.replace(result))
@@ -288,8 +288,10 @@ def _publish(
     limiter: TokenBucket | None,
     stop: Callable[[], bool],
     result: BackfillResult,
+    bulk_chunk: int,
 ) -> bool:
-    """Publish the page's ids within the rate limit; False when stopped before all were sent."""
+    """Publish the page's ids within the rate limit, ``bulk_chunk`` to a message; False when stopped
+    before all were sent."""
     if not ids:
         return True
     chunk = len(ids) if limiter is None else max(1, min(int(limiter.capacity), _MAX_PUBLISH_CHUNK))
@@ -298,7 +300,7 @@ def _publish(
         if limiter is not None and not limiter.take(len(part), stop):
             return False
         try:
-            result.published += publish(app, part, LANE)
+            result.published += publish(app, part, LANE, chunk=bulk_chunk)
         except Exception as exc:  # kombu raises many kinds; the rows are committed either way
             raise BackfillFailed(
                 f"could not publish to the broker ({exc}); {result.enqueued - result.published} committed "

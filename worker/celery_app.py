@@ -13,7 +13,9 @@ Choices, and why:
   polls ``realtime`` before ``webhooks`` before ``overflow`` before ``bulk``
   whenever a thread frees up, and holds no more messages than it has threads,
   so a bulk backlog of any size delays a realtime image by at most the work
-  already in flight.
+  already in flight. A bulk message carries a chunk of images; a thread that
+  holds one hands the rest back to the bulk queue when realtime messages wait
+  (worker.tasks.score_chunk), so a free thread is never more than one image away.
 * ``overflow`` holds a client's realtime images past its burst
   (``SYNTHGUARD_REALTIME_BURST``, worker.queueing.realtime_share): one client's
   flood waits there, behind every other client's realtime images.
@@ -35,6 +37,7 @@ QUEUES = (REALTIME_QUEUE, WEBHOOKS_QUEUE, OVERFLOW_QUEUE, BULK_QUEUE)
 LANES = {"realtime": REALTIME_QUEUE, "bulk": BULK_QUEUE}
 # Task names: the tasks register under these, producers send to them.
 SCORE_TASK = "synthguard.score_image"
+SCORE_CHUNK_TASK = "synthguard.score_chunk"  # bulk: up to SYNTHGUARD_BULK_CHUNK ids per message
 DELIVER_TASK = "synthguard.deliver_webhook"
 SWEEP_TASK = "synthguard.sweep"
 

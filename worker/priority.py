@@ -6,14 +6,21 @@ bulk images takes several times as long as alone. While any realtime image is in
 flight, bulk images therefore wait at their next CPU stage (decode, provenance,
 preprocess), for at most ``max_wait_s`` each time, so a realtime burst can slow a
 backfill but never stop it.
+
+A thread holding a bulk chunk also hands the chunk's rest back when realtime
+messages wait on the broker (:class:`WaitingProbe`): otherwise a realtime
+message would wait for a whole chunk to end before any thread took it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
 
 
 class RealtimeFirst:
@@ -49,3 +56,32 @@ class RealtimeFirst:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+
+class WaitingProbe:
+    """Whether messages wait for this process's threads on a queue, asked of the broker at most once
+    per ``interval_s`` by all of them together.
+
+    A thread holding a bulk chunk asks between images; only the thread whose
+    question reaches the broker can hear yes, so one waiting message frees one
+    thread, not every thread at once. A broker that cannot answer counts as
+    nothing waiting: the chunk goes on.
+    """
+
+    def __init__(self, probe: Callable[[], int], interval_s: float = 0.025) -> None:
+        self._probe = probe
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def __call__(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                return False
+            self._next = now + self.interval_s
+        try:
+            return self._probe() > 0
+        except Exception as exc:  # noqa: BLE001 - kombu raises many kinds; not this chunk's problem
+            log.debug("could not ask the broker for waiting messages: %s", exc)
+            return False

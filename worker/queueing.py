@@ -22,7 +22,15 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .celery_app import DELIVER_TASK, LANES, OVERFLOW_QUEUE, SCORE_TASK, WEBHOOKS_QUEUE
+from .celery_app import (
+    BULK_QUEUE,
+    DELIVER_TASK,
+    LANES,
+    OVERFLOW_QUEUE,
+    SCORE_CHUNK_TASK,
+    SCORE_TASK,
+    WEBHOOKS_QUEUE,
+)
 from .db import get_sessionmaker
 from .errors import IdempotencyConflict
 from .intake import create_scan, effective_threshold, unique_refs
@@ -61,20 +69,51 @@ def realtime_share(pending: int, count: int, burst: int) -> int:
     return max(0, min(count, burst - pending))
 
 
-def publish(app: Celery, image_ids: Sequence[uuid.UUID], lane: str, *, ahead: int | None = None) -> int:
-    """Send one ``score_image`` message per id to the lane's queue; returns how many.
+def publish(
+    app: Celery,
+    image_ids: Sequence[uuid.UUID],
+    lane: str,
+    *,
+    ahead: int | None = None,
+    chunk: int = 1,
+    countdown: float | None = None,
+) -> int:
+    """Send the ids to the lane's queue; returns how many ids were sent.
 
-    With ``ahead``, only the first ``ahead`` ids go to the lane's queue and the
-    rest to ``synthguard.overflow`` (see :func:`realtime_share`).
+    Realtime: one ``score_image`` message per id; with ``ahead``, only the
+    first ``ahead`` ids go to the lane's queue and the rest to
+    ``synthguard.overflow`` (see :func:`realtime_share`). Bulk: one
+    ``score_chunk`` message per ``chunk`` ids (SYNTHGUARD_BULK_CHUNK).
+    ``countdown``: not before this many seconds (a retry's backoff).
     """
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
     ahead = len(image_ids) if ahead is None else ahead
     sent = 0
     with app.producer_or_acquire() as producer:
+        if lane == "bulk":
+            for start in range(0, len(image_ids), chunk):
+                part = [str(image_id) for image_id in image_ids[start : start + chunk]]
+                app.send_task(
+                    SCORE_CHUNK_TASK, args=[part], queue=BULK_QUEUE, countdown=countdown, producer=producer
+                )
+                sent += len(part)
+            return sent
         for image_id in image_ids:
             queue = LANES[lane] if sent < ahead else OVERFLOW_QUEUE
-            app.send_task(SCORE_TASK, args=[str(image_id)], queue=queue, producer=producer)
+            app.send_task(SCORE_TASK, args=[str(image_id)], queue=queue, countdown=countdown, producer=producer)
             sent += 1
     return sent
+
+
+def waiting_messages(app: Celery, queue: str) -> int:
+    """Messages ready on ``queue`` now (0 when the broker has none, or no such queue)."""
+    with app.pool.acquire(block=True) as connection:
+        try:
+            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+        except connection.channel_errors:
+            # The Redis transport says a queue with no messages does not exist.
+            return 0
 
 
 def publish_deliveries(app: Celery, deliveries: Iterable[tuple[uuid.UUID, int]], countdown: float | None = None) -> int:
@@ -93,10 +132,18 @@ def publish_deliveries(app: Celery, deliveries: Iterable[tuple[uuid.UUID, int]],
     return sent
 
 
-def publish_quietly(app: Celery, image_ids: Sequence[uuid.UUID], lane: str, *, ahead: int | None = None) -> bool:
+def publish_quietly(
+    app: Celery,
+    image_ids: Sequence[uuid.UUID],
+    lane: str,
+    *,
+    ahead: int | None = None,
+    chunk: int = 1,
+    countdown: float | None = None,
+) -> bool:
     """Publish, but a broker outage is not the producer's failure: the sweeper will publish later."""
     try:
-        publish(app, image_ids, lane, ahead=ahead)
+        publish(app, image_ids, lane, ahead=ahead, chunk=chunk, countdown=countdown)
     except Exception as exc:  # noqa: BLE001 - kombu raises many kinds; the rows are safe either way
         log.warning("could not publish %d images to %s (%s); the sweeper will", len(image_ids), lane, exc)
         return False
@@ -228,7 +275,7 @@ def enqueue(
             raise
         return found
     ahead = realtime_share(pending, len(ids), settings.realtime_burst) if priority == "realtime" else None
-    publish_quietly(app or _default_app(), ids, priority, ahead=ahead)
+    publish_quietly(app or _default_app(), ids, priority, ahead=ahead, chunk=settings.bulk_chunk)
     return Enqueued(scan_id, ids, priority, refs=refs)
 
 
@@ -333,7 +380,7 @@ def enqueue_object_events(
             new_ids.discard(image_id)
     if fresh:
         ahead = realtime_share(pending, len(fresh), settings.realtime_burst) if lane == "realtime" else None
-        publish_quietly(app or _default_app(), fresh, lane, ahead=ahead)
+        publish_quietly(app or _default_app(), fresh, lane, ahead=ahead, chunk=settings.bulk_chunk)
     return EventIntake(scan_id, ids, duplicates, lane)
 
 
@@ -349,6 +396,7 @@ def sweep_stale(
     *,
     stale_after_s: float,
     realtime_burst: int = 0,
+    bulk_chunk: int = 1,
     batch: int = 1000,
     limit: int = 100_000,
 ) -> int:
@@ -358,7 +406,8 @@ def sweep_stale(
     them alone for another ``stale_after_s``. Rows are taken with SKIP LOCKED
     (on PostgreSQL), so two sweepers at once split the work instead of doubling it.
     Of each client's stale realtime images, the first ``realtime_burst`` go
-    back to the realtime queue and the rest to overflow, as at intake.
+    back to the realtime queue and the rest to overflow, as at intake; bulk
+    images go back ``bulk_chunk`` to a message.
     """
     total = 0
     # Realtime images re-published per client during this sweep: one client's
@@ -386,7 +435,7 @@ def sweep_stale(
                 )
         bulk = [r.id for r in rows if r.priority == "bulk"]
         if bulk:
-            publish(app, bulk, "bulk")
+            publish(app, bulk, "bulk", chunk=bulk_chunk)
         realtime: dict[uuid.UUID | None, list[uuid.UUID]] = {}
         for r in rows:
             if r.priority == "realtime":

@@ -6,6 +6,10 @@ work: claiming it and failing it are each one short transaction, guarded so
 that a redelivered or duplicated run can never store a second result. Results
 are stored by a second micro-batcher: the images that finish together (one
 forward pass) are written in one transaction, one commit for the lot.
+
+A bulk message carries a chunk of ids (:meth:`Scorer.process_chunk`): one
+statement claims them all, the images are scored one after another in the
+calling thread, and one transaction stores their results.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
 import torch
@@ -96,6 +100,38 @@ class Outcome:
             error_code=row.error_code,
             error_message=row.error_message,
             changed=False,
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An image taken for one attempt: its object, the attempt's number, whether its client may
+    still reach it, and the message of its last error."""
+
+    image_id: uuid.UUID
+    scan_id: uuid.UUID
+    ref: ObjectRef
+    attempts: int
+    granted: bool
+    last_error: str | None
+
+
+@dataclass
+class ChunkOutcome:
+    """What :meth:`Scorer.process_chunk` did with a chunk's images."""
+
+    done: int = 0
+    failed: int = 0
+    unchanged: int = 0  # already terminal, or not in the database: a redelivery
+    # Back in queued after a transient error, each with its attempts so far: to be published again.
+    retry: list[tuple[uuid.UUID, int, str]] = field(default_factory=list)
+    # Claimed but not begun when realtime work was waiting: back in queued, the attempt not counted.
+    handed_back: list[uuid.UUID] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"done={self.done} failed={self.failed} unchanged={self.unchanged} "
+            f"retry={len(self.retry)} handed_back={len(self.handed_back)}"
         )
 
 
@@ -240,10 +276,106 @@ class Scorer:
             raise TransientError(f"database unavailable: {exc.orig}", code=errors.DATABASE_UNAVAILABLE) from exc
 
     def _process(self, image_id: uuid.UUID, *, realtime: bool) -> Outcome:
-        claimed = self._claim(image_id)
-        if claimed is None:
+        claim = self._claim(image_id)
+        if claim is None:
             return self._current(image_id)
-        ref, attempts, granted, last_error = claimed
+        attempt = self._attempt(claim, realtime=realtime)
+        if isinstance(attempt, Outcome):
+            return attempt
+        try:
+            return self._store(image_id, attempt, alone=realtime)
+        except (TransientError, LookupError):
+            raise
+        except Exception as exc:
+            if isinstance(exc, DBAPIError) and database_unavailable(exc):
+                raise
+            return self._store_failed(image_id, exc)
+
+    def process_chunk(
+        self, image_ids: Sequence[uuid.UUID], *, should_yield: Callable[[], bool] | None = None
+    ) -> ChunkOutcome:
+        """Take a bulk chunk's images to ``done`` or ``failed``, one after another in this thread.
+
+        One statement claims the chunk; one transaction stores the results it
+        scored. Each image fails, retries or succeeds on its own, exactly as in
+        :meth:`process_image`: images already terminal are left alone, and an
+        image with a transient error goes back to ``queued`` and into
+        ``retry`` for the caller to publish again. ``should_yield`` is asked
+        between images; when it says realtime work waits, the images not begun
+        go back to ``queued`` (their attempt not counted) and into
+        ``handed_back``, and the results in hand are stored now.
+
+        Raises :class:`TransientError` when the database is unavailable: the
+        chunk's images keep their state, and the caller retries the chunk.
+        """
+        try:
+            return self._process_chunk(list(dict.fromkeys(image_ids)), should_yield)
+        except DBAPIError as exc:
+            if not database_unavailable(exc):
+                raise
+            raise TransientError(f"database unavailable: {exc.orig}", code=errors.DATABASE_UNAVAILABLE) from exc
+
+    def _process_chunk(
+        self, image_ids: list[uuid.UUID], should_yield: Callable[[], bool] | None
+    ) -> ChunkOutcome:
+        claims = self._claim_chunk(image_ids)
+        report = ChunkOutcome(unchanged=len(image_ids) - len(claims))
+        scored: list[tuple[uuid.UUID, ScoreResult]] = []
+        for index, claim in enumerate(claims):
+            if index and should_yield is not None and should_yield():
+                report.handed_back = [rest.image_id for rest in claims[index:]]
+                self._unclaim(report.handed_back)
+                break
+            ref = claim.ref
+            with logs.bound(image_id=claim.image_id, scan_id=claim.scan_id, bucket=ref.bucket, object_key=ref.key):
+                try:
+                    attempt = self._attempt(claim, realtime=False)
+                except TransientError as exc:
+                    report.retry.append((claim.image_id, claim.attempts, exc.code))
+                    continue
+            if isinstance(attempt, Outcome):
+                report.failed += attempt.changed
+                report.unchanged += not attempt.changed
+            else:
+                scored.append((claim.image_id, attempt))
+        if scored:
+            self._store_chunk(scored, report)
+        return report
+
+    def _store_chunk(self, scored: list[tuple[uuid.UUID, ScoreResult]], report: ChunkOutcome) -> None:
+        """Store a chunk's results in one transaction; count each image's end in ``report``."""
+        started = time.monotonic()
+        answers = self._write_batch(scored)
+        stage = metrics.STAGE_SECONDS.labels("store")
+        waited = time.monotonic() - started
+        for (image_id, _), answer in zip(scored, answers, strict=True):
+            stage.observe(waited)
+            if isinstance(answer, LookupError):
+                report.unchanged += 1
+            elif isinstance(answer, TransientError | DBAPIError) and (
+                isinstance(answer, TransientError) or database_unavailable(answer)
+            ):
+                # The database went away after the items before it committed: this one stays
+                # processing, and comes back when published again (or by the sweeper).
+                report.retry.append((image_id, 0, errors.DATABASE_UNAVAILABLE))
+            elif isinstance(answer, Exception):
+                outcome = self._store_failed(image_id, answer)
+                report.failed += outcome.changed
+                report.unchanged += not outcome.changed
+            elif answer.changed:
+                report.done += 1
+                flagged = answer.flagged
+                metrics.IMAGES_SCORED.labels("unknown" if flagged is None else str(flagged).lower()).inc()
+            else:
+                report.unchanged += 1
+
+    def _attempt(self, claim: Claim, *, realtime: bool) -> ScoreResult | Outcome:
+        """Score a claimed image: its result, or the Outcome of failing it.
+
+        Raises :class:`TransientError` when it should be tried again later (the
+        image is back in ``queued``); after ``max_attempts`` the error is final.
+        """
+        image_id, attempts = claim.image_id, claim.attempts
         if attempts > self.settings.max_attempts:
             # Every attempt ended without a terminal state: killed, out of memory, or an error that
             # escaped the handling below. Checked where work is claimed, so no path can loop.
@@ -251,13 +383,13 @@ class Scorer:
                 image_id,
                 errors.TOO_MANY_ATTEMPTS,
                 f"gave up after {attempts - 1} attempts; last error: "
-                f"{last_error or 'none recorded (the worker stopped during each attempt: killed or out of memory)'}",
+                f"{claim.last_error or 'none recorded (the worker stopped during each attempt: killed or out of memory)'}",
             )
-        if ref.is_local and not self.allow_local:
+        if claim.ref.is_local and not self.allow_local:
             return self._fail(
                 image_id, errors.ACCESS_DENIED, "local files are scored only by `synthguard scan`, not by workers"
             )
-        if not granted:
+        if not claim.granted:
             # Checked before the fetch: the worker's credentials never touch an object the client lost.
             return self._fail(
                 image_id,
@@ -265,7 +397,7 @@ class Scorer:
                 "the API client is disabled or no longer has a grant for this object; it was not fetched",
             )
         try:
-            result = self.score(ref, realtime=realtime)
+            return self.score(claim.ref, realtime=realtime)
         except PermanentError as exc:
             return self._fail(image_id, exc.code, exc.message)
         except TransientError as exc:
@@ -278,26 +410,35 @@ class Scorer:
             # alone, now; retrying the same bytes would meet the same bug.
             log.exception("unexpected error scoring image %s", image_id)
             return self._fail(image_id, errors.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-        try:
-            return self._store(image_id, result, alone=realtime)
-        except (TransientError, LookupError):
-            raise
-        except Exception as exc:
-            if isinstance(exc, DBAPIError) and database_unavailable(exc):
-                raise
-            # A value the database refuses (or a bug in storing): this image's fault alone.
-            if isinstance(exc, DBAPIError):
-                # Its message quotes the refused value: the log gets the statement, the image the reason.
-                log.error("storing the result of image %s failed: %s", image_id, loggable(exc))
-                reason = refusal(exc)
-            else:
-                log.exception("storing the result of image %s failed", image_id)
-                reason = f"{type(exc).__name__}: {exc}"
-            return self._fail(image_id, errors.INTERNAL_ERROR, f"storing the result failed: {reason}")
 
-    def _claim(self, image_id: uuid.UUID) -> tuple[ObjectRef, int, bool, str | None] | None:
-        """Take the image: its object, this attempt's number, whether its client may still reach it,
-        and the message of its last error."""
+    def _store_failed(self, image_id: uuid.UUID, exc: Exception) -> Outcome:
+        """Fail an image whose result could not be stored: a value the database refuses, or a bug.
+
+        This image's fault alone; its batch-mates are stored without it.
+        """
+        if isinstance(exc, DBAPIError):
+            # Its message quotes the refused value: the log gets the statement, the image the reason.
+            log.error("storing the result of image %s failed: %s", image_id, loggable(exc))
+            reason = refusal(exc)
+        else:
+            log.error("storing the result of image %s failed", image_id, exc_info=exc)
+            reason = f"{type(exc).__name__}: {exc}"
+        return self._fail(image_id, errors.INTERNAL_ERROR, f"storing the result failed: {reason}")
+
+    # Columns a claim reads back from the row it takes.
+    _CLAIMED = (
+        _IMAGES.c.id,
+        _IMAGES.c.bucket,
+        _IMAGES.c.key,
+        _IMAGES.c.version_id,
+        _IMAGES.c.attempts,
+        _IMAGES.c.scan_id,
+        _IMAGES.c.client_id,
+        _IMAGES.c.error_message,
+    )
+
+    def _claim(self, image_id: uuid.UUID) -> Claim | None:
+        """Take the image for this attempt; None when it is terminal or not there."""
         with self.sessions.begin() as session:
             # A Core statement on the table: this runs once per image, and the ORM's bulk-update
             # bookkeeping around it cost the worker's GIL more than the statement itself.
@@ -305,34 +446,70 @@ class Scorer:
                 update(_IMAGES)
                 .where(_IMAGES.c.id == image_id, _IMAGES.c.state.in_((QUEUED, PROCESSING)))
                 .values(state=PROCESSING, attempts=_IMAGES.c.attempts + 1, updated_at=utcnow())
-                .returning(
-                    _IMAGES.c.bucket,
-                    _IMAGES.c.key,
-                    _IMAGES.c.version_id,
-                    _IMAGES.c.attempts,
-                    _IMAGES.c.scan_id,
-                    _IMAGES.c.client_id,
-                    _IMAGES.c.error_message,
-                )
+                .returning(*self._CLAIMED)
             ).one_or_none()
-            # Images without a client are an operator's (CLI); a client's S3 objects are held to its
-            # grants now, not as they were at intake. Local files answer to allow_local instead.
-            granted = (
-                row is None
-                or row.client_id is None
-                or row.bucket is None
-                or access_of(session, row.client_id).allows(row.bucket, row.key)
-            )
-        if row is None:
+            claims = self._claims(session, [row] if row is not None else [])
+        if not claims:
             return None
         # The rest of this run logs with its scan; the key only where worker.logs allows it.
         logs.bind(image_id=image_id, scan_id=row.scan_id, bucket=row.bucket, object_key=row.key)
-        return (
-            ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id),
-            int(row.attempts),
-            granted,
-            row.error_message,
+        return claims[0]
+
+    def _claim_chunk(self, image_ids: list[uuid.UUID]) -> list[Claim]:
+        """Take every image of a chunk that is not terminal, in one statement; in the chunk's order."""
+        if not image_ids:
+            return []
+        columns = _IMAGES.c
+        # Rows locked in id order, as every other writer takes them (see _lock_images).
+        takeable = (
+            select(columns.id)
+            .where(columns.id.in_(image_ids), columns.state.in_((QUEUED, PROCESSING)))
+            .order_by(columns.id)
+            .with_for_update(key_share=True)
         )
+        with self.sessions.begin() as session:
+            rows = session.execute(
+                update(_IMAGES)
+                .where(columns.id.in_(takeable.scalar_subquery()), columns.state.in_((QUEUED, PROCESSING)))
+                .values(state=PROCESSING, attempts=columns.attempts + 1, updated_at=utcnow())
+                .returning(*self._CLAIMED)
+            ).all()
+            claims = {claim.image_id: claim for claim in self._claims(session, rows)}
+        return [claims[image_id] for image_id in image_ids if image_id in claims]
+
+    @staticmethod
+    def _claims(session: Session, rows: Sequence[Any]) -> list[Claim]:
+        """Claims of the rows just taken, each held to its client's grants as they are now."""
+        grants: dict[uuid.UUID, Any] = {}
+        claims = []
+        for row in rows:
+            # Images without a client are an operator's (CLI); a client's S3 objects are held to its
+            # grants now, not as they were at intake. Local files answer to allow_local instead.
+            granted = row.client_id is None or row.bucket is None
+            if not granted:
+                if row.client_id not in grants:
+                    grants[row.client_id] = access_of(session, row.client_id)
+                granted = grants[row.client_id].allows(row.bucket, row.key)
+            claims.append(
+                Claim(
+                    image_id=row.id,
+                    scan_id=row.scan_id,
+                    ref=ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id),
+                    attempts=int(row.attempts),
+                    granted=granted,
+                    last_error=row.error_message,
+                )
+            )
+        return claims
+
+    def _unclaim(self, image_ids: list[uuid.UUID]) -> None:
+        """Give back claimed images not begun: ``queued`` again, the claim's attempt taken back."""
+        with self.sessions.begin() as session:
+            session.execute(
+                update(_IMAGES)
+                .where(_IMAGES.c.id.in_(image_ids), _IMAGES.c.state == PROCESSING)
+                .values(state=QUEUED, attempts=_IMAGES.c.attempts - 1, updated_at=utcnow())
+            )
 
     def _store(self, image_id: uuid.UUID, result: ScoreResult, *, alone: bool = False) -> Outcome:
         """Store one result and wait for its transaction to commit.

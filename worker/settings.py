@@ -74,6 +74,16 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         10.0, ge=0, description="Longest wait for a batch to fill after its first image arrives."
     )
+    bulk_chunk: int = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="Most image ids in one synthguard.bulk message. A worker thread claims a chunk in one "
+        "statement, scores its images one after another and stores their results in one transaction, so "
+        "the broker, claim and store costs are paid once per chunk. While realtime messages wait, a "
+        "worker that also consumes the realtime lane hands the rest of a chunk back to the bulk queue "
+        "after the image in hand. Realtime messages always carry one image.",
+    )
     concurrency: int = Field(
         8,
         ge=1,

@@ -5,17 +5,20 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 
 from celery import Task
 from celery.signals import task_postrun, task_prerun, worker_shutdown
+from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
 from . import errors, logs, metrics
-from .celery_app import DELIVER_TASK, REALTIME_QUEUE, SCORE_TASK, SWEEP_TASK, app
+from .celery_app import DELIVER_TASK, REALTIME_QUEUE, SCORE_CHUNK_TASK, SCORE_TASK, SWEEP_TASK, app
 from .errors import TransientError, backoff_delay
 from .netguard import URLPolicy
 from .outbox import due, send_delivery
-from .queueing import publish_deliveries, sweep_stale
+from .priority import WaitingProbe
+from .queueing import publish_deliveries, publish_quietly, sweep_stale, waiting_messages
 from .scoring import Scorer
 from .secretbox import SecretBox
 from .settings import get_settings
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 
 _scorer: Scorer | None = None
 _scorer_lock = threading.Lock()
+# Asked between the images of a bulk chunk: do realtime messages wait for a free thread here?
+_realtime_waiting: WaitingProbe | None = None
 
 
 def _publish_new_deliveries(ids: list[uuid.UUID]) -> None:
@@ -112,6 +117,69 @@ def score_image(self: Task, image_id: str) -> str:
     return outcome.state
 
 
+def _realtime_probe() -> WaitingProbe | None:
+    """Whether realtime messages wait for this worker; None when it does not consume realtime work."""
+    global _realtime_waiting
+    if REALTIME_QUEUE not in app.amqp.queues.consume_from:
+        return None  # a bulk worker: realtime messages are some other worker's to take
+    with _scorer_lock:
+        if _realtime_waiting is None:
+            _realtime_waiting = WaitingProbe(lambda: waiting_messages(app, REALTIME_QUEUE))
+        return _realtime_waiting
+
+
+def _chunk_should_yield() -> Callable[[], bool]:
+    """Asked between a chunk's images: stop here when the worker is stopping or realtime work waits."""
+    realtime_waits = _realtime_probe()
+
+    def should_yield() -> bool:
+        # Warm shutdown (SIGTERM) waits for running tasks: the rest of a chunk goes back instead.
+        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+            return True
+        return realtime_waits is not None and realtime_waits()
+
+    return should_yield
+
+
+@app.task(name=SCORE_CHUNK_TASK, bind=True, max_retries=None)
+def score_chunk(self: Task, image_ids: list[str]) -> str:
+    """Score a bulk chunk; its transient failures come back later as a chunk of their own."""
+    scorer = get_scorer()
+    settings = scorer.settings
+    ids: list[uuid.UUID] = []
+    for text in image_ids:
+        try:
+            ids.append(uuid.UUID(str(text)))
+        except ValueError:
+            log.warning("chunk message names %r, not an image id; skipped", text)
+    try:
+        report = scorer.process_chunk(ids, should_yield=_chunk_should_yield())
+    except TransientError as exc:
+        delay = backoff_delay(self.request.retries + 1, base_s=settings.retry_backoff_s, cap_s=settings.retry_backoff_max_s)
+        log.info("chunk of %d images: %s (%s); retrying in %.1fs", len(ids), exc.code, exc.message, delay)
+        metrics.IMAGES_RETRIED.labels(exc.code).inc(len(ids))
+        raise self.retry(exc=exc, countdown=delay) from exc
+    except Exception:
+        # As for score_image: the rows stay claimed, and the sweeper brings them back.
+        log.exception("chunk of %d images: unexpected error; the sweeper will bring them back", len(ids))
+        metrics.IMAGES_RETRIED.labels(errors.INTERNAL_ERROR).inc(len(ids))
+        return "error"
+    if report.handed_back:
+        # Not begun: back to the bulk queue now, behind the backlog, while this thread takes realtime
+        # work (or the worker stops).
+        publish_quietly(app, report.handed_back, "bulk", chunk=len(report.handed_back))
+    if report.retry:
+        attempts = max(attempts for _, attempts, _ in report.retry)
+        delay = backoff_delay(max(1, attempts), base_s=settings.retry_backoff_s, cap_s=settings.retry_backoff_max_s)
+        for _, _, code in report.retry:
+            metrics.IMAGES_RETRIED.labels(code).inc()
+        log.info("%d images of a chunk retry in %.1fs", len(report.retry), delay)
+        publish_quietly(
+            app, [image_id for image_id, _, _ in report.retry], "bulk", chunk=len(report.retry), countdown=delay
+        )
+    return str(report)
+
+
 @app.task(name=DELIVER_TASK, ignore_result=True)
 def deliver_webhook(delivery_id: str, attempt: int) -> str:
     """Attempt one webhook delivery; a short retry is scheduled here, a long one by the sweeper."""
@@ -137,7 +205,11 @@ def sweep(stale_after_s: float | None = None) -> int:
     scorer = get_scorer()
     stale = scorer.settings.stale_after_s if stale_after_s is None else stale_after_s
     images = sweep_stale(
-        scorer.sessions, app, stale_after_s=stale, realtime_burst=scorer.settings.realtime_burst
+        scorer.sessions,
+        app,
+        stale_after_s=stale,
+        realtime_burst=scorer.settings.realtime_burst,
+        bulk_chunk=scorer.settings.bulk_chunk,
     )
     with scorer.sessions.begin() as session:
         due_now = due(session, lease_s=stale)
@@ -164,6 +236,7 @@ def synthguard_model(state: object) -> dict[str, object]:
         "source": detector.source,
         "ai_index": detector.ai_index,
         "batch_size": scorer.settings.batch_size,
+        "bulk_chunk": scorer.settings.bulk_chunk,
         "concurrency": scorer.concurrency,
         "prepare_processes": scorer.preparer.processes,
     }
