@@ -823,13 +823,24 @@ def main() -> int:
                         help="the levers stage's worker configurations instead of the size's own: ';'-separated, "
                              "each ','-separated Lever fields, e.g. 'prepare=0;prepare=2,threads=1' (repeat one to "
                              "alternate runs)")
+    parser.add_argument("--layouts", default=None,
+                        help="the latency stage's layouts by number, comma-separated (0: one worker for every lane, "
+                             "1: the compose layout, 2: a bulk worker at nice 10); default all")
+    parser.add_argument("--probes", type=int, default=0,
+                        help="realtime probes per layout and condition in the latency and fairness stages "
+                             "(default 20; more narrow the p95)")
     args = parser.parse_args()
     size = dict(SIZES["quick" if args.quick else "full"])
     if args.backfill:
         size["backfill"] = args.backfill
+    if args.probes:
+        size["probes"] = args.probes
     if args.levers:
         size["levers"] = [parse_lever(text) for text in args.levers.split(";")]
     skip = set(filter(None, args.skip.split(",")))
+    names = list(LATENCY_LAYOUTS)
+    layouts = ({names[int(i)]: LATENCY_LAYOUTS[names[int(i)]] for i in args.layouts.split(",")}
+               if args.layouts else LATENCY_LAYOUTS)
     started = time.monotonic()
     res: dict = {"size": "quick" if args.quick else "full", "date": datetime.now(UTC).isoformat(timespec="seconds"),
                  "machine": machine(), "cores": os.cpu_count(), "errors": {}}
@@ -915,7 +926,7 @@ def main() -> int:
                 rt = upload(env, "rt", images["jpeg-1024"], 2 * size["probes"], "jpeg")
                 backfill = upload(env, "backfill", images["jpeg-1024"], size["backfill"], "jpeg")
                 out = {}
-                for layout, specs in LATENCY_LAYOUTS.items():
+                for layout, specs in layouts.items():
                     workers = [start_worker(env, conc, 32, node=i, queues=queues, nice=nice)
                                for i, (conc, queues, nice) in enumerate(specs)]
                     try:

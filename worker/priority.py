@@ -68,7 +68,7 @@ class WaitingProbe:
     nothing waiting: the chunk goes on.
     """
 
-    def __init__(self, probe: Callable[[], int], interval_s: float = 0.025) -> None:
+    def __init__(self, probe: Callable[[], int], interval_s: float = 0.01) -> None:
         self._probe = probe
         self.interval_s = interval_s
         self._lock = threading.Lock()

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
@@ -127,10 +128,12 @@ class ChunkOutcome:
     retry: list[tuple[uuid.UUID, int, str]] = field(default_factory=list)
     # Claimed but not begun when realtime work was waiting: back in queued, the attempt not counted.
     handed_back: list[uuid.UUID] = field(default_factory=list)
+    # Results of a chunk that handed back, still with the result writer (each resolves to an Outcome).
+    storing: list[Future[Any]] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (
-            f"done={self.done} failed={self.failed} unchanged={self.unchanged} "
+            f"done={self.done} failed={self.failed} unchanged={self.unchanged} storing={len(self.storing)} "
             f"retry={len(self.retry)} handed_back={len(self.handed_back)}"
         )
 
@@ -303,7 +306,8 @@ class Scorer:
         ``retry`` for the caller to publish again. ``should_yield`` is asked
         between images; when it says realtime work waits, the images not begun
         go back to ``queued`` (their attempt not counted) and into
-        ``handed_back``, and the results in hand are stored now.
+        ``handed_back``, and the results in hand go to the result writer
+        without waiting for their commit (``storing``).
 
         Raises :class:`TransientError` when the database is unavailable: the
         chunk's images keep their state, and the caller retries the chunk.
@@ -338,7 +342,9 @@ class Scorer:
                 report.unchanged += not attempt.changed
             else:
                 scored.append((claim.image_id, attempt))
-        if scored:
+        if scored and report.handed_back:
+            self._store_later(scored, report)
+        elif scored:
             self._store_chunk(scored, report)
         return report
 
@@ -346,28 +352,56 @@ class Scorer:
         """Store a chunk's results in one transaction; count each image's end in ``report``."""
         started = time.monotonic()
         answers = self._write_batch(scored)
-        stage = metrics.STAGE_SECONDS.labels("store")
         waited = time.monotonic() - started
         for (image_id, _), answer in zip(scored, answers, strict=True):
-            stage.observe(waited)
-            if isinstance(answer, LookupError):
-                report.unchanged += 1
-            elif isinstance(answer, TransientError | DBAPIError) and (
-                isinstance(answer, TransientError) or database_unavailable(answer)
-            ):
-                # The database went away after the items before it committed: this one stays
-                # processing, and comes back when published again (or by the sweeper).
-                report.retry.append((image_id, 0, errors.DATABASE_UNAVAILABLE))
-            elif isinstance(answer, Exception):
-                outcome = self._store_failed(image_id, answer)
-                report.failed += outcome.changed
-                report.unchanged += not outcome.changed
-            elif answer.changed:
-                report.done += 1
-                flagged = answer.flagged
-                metrics.IMAGES_SCORED.labels("unknown" if flagged is None else str(flagged).lower()).inc()
-            else:
-                report.unchanged += 1
+            metrics.STAGE_SECONDS.labels("store").observe(waited)
+            self._account(image_id, answer, report)
+
+    def _store_later(self, scored: list[tuple[uuid.UUID, ScoreResult]], report: ChunkOutcome) -> None:
+        """Hand a chunk's results to the result writer and return at once; ``report.storing`` has them.
+
+        For a chunk that hands back: its thread is wanted for realtime work now.
+        A worker killed before the writer commits leaves these images
+        ``processing``, and the sweeper brings them back, as for any image in flight.
+        """
+        for image_id, result in scored:
+            try:
+                future = self.writer.submit((image_id, result))
+            except BatcherClosed:
+                self._store_chunk([(image_id, result)], report)
+                continue
+            future.add_done_callback(lambda done, image_id=image_id: self._stored_later(image_id, done))
+            report.storing.append(future)
+
+    def _stored_later(self, image_id: uuid.UUID, done: Future[Any]) -> None:
+        # In the writer's thread, once the result's transaction has ended.
+        late = ChunkOutcome()
+        self._account(image_id, done.exception() or done.result(), late)
+        if late.retry:
+            log.warning("image %s: its result was not stored (database unavailable); the sweeper brings it back", image_id)
+
+    def _account(self, image_id: uuid.UUID, answer: Outcome | BaseException, report: ChunkOutcome) -> None:
+        """Count how storing one image's result ended, and fail the image where it was refused."""
+        if isinstance(answer, LookupError):
+            report.unchanged += 1
+        elif isinstance(answer, TransientError | DBAPIError) and (
+            isinstance(answer, TransientError) or database_unavailable(answer)
+        ):
+            # The database went away after the items before it committed: this one stays
+            # processing, and comes back when published again (or by the sweeper).
+            report.retry.append((image_id, 0, errors.DATABASE_UNAVAILABLE))
+        elif isinstance(answer, Exception):
+            outcome = self._store_failed(image_id, answer)
+            report.failed += outcome.changed
+            report.unchanged += not outcome.changed
+        elif isinstance(answer, BaseException):
+            raise answer
+        elif answer.changed:
+            report.done += 1
+            flagged = answer.flagged
+            metrics.IMAGES_SCORED.labels("unknown" if flagged is None else str(flagged).lower()).inc()
+        else:
+            report.unchanged += 1
 
     def _attempt(self, claim: Claim, *, realtime: bool) -> ScoreResult | Outcome:
         """Score a claimed image: its result, or the Outcome of failing it.
