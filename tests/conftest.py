@@ -374,6 +374,29 @@ def wait_until(predicate, timeout: float = 120.0, interval: float = 0.1, message
 # ------------------------------------------------- shared by the service tests
 
 
+def image_states(sessions, ids: list) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """How many of the images ``ids`` are in each state."""
+    from sqlalchemy import func, select
+
+    from worker.models import Image
+
+    with sessions() as session:
+        rows = session.execute(
+            select(Image.state, func.count()).where(Image.id.in_(ids)).group_by(Image.state)
+        ).all()
+    return {state: n for state, n in rows}
+
+
+def image_rows(sessions, ids: list) -> dict:  # type: ignore[no-untyped-def]
+    """The images ``ids`` by id, as the database holds them now."""
+    from sqlalchemy import select
+
+    from worker.models import Image
+
+    with sessions() as session:
+        return {row.id: row for row in session.scalars(select(Image).where(Image.id.in_(ids)))}
+
+
 class FlakyS3:
     """An HTTP proxy in front of the S3 server that answers 503 SlowDown to chosen objects, and
     holds GETs of others until the test lets them go."""

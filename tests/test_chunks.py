@@ -18,7 +18,7 @@ import redis
 from PIL import Image as PILImage
 from sqlalchemy import event, func, select
 
-from conftest import FlakyS3, wait_until
+from conftest import FlakyS3, image_rows, image_states, wait_until
 from worker.db import ensure_schema, make_engine, make_sessionmaker
 from worker.detector import Detector
 from worker.intake import create_scan
@@ -42,19 +42,6 @@ def _upload(s3_client, bucket: str, n: int, prefix: str = "img") -> list[str]:  
     for i, key in enumerate(keys):
         s3_client.put_object(Bucket=bucket, Key=key, Body=_jpeg(i))
     return keys
-
-
-def _rows(sessions, ids: list[uuid.UUID]) -> dict[uuid.UUID, Image]:  # type: ignore[no-untyped-def]
-    with sessions() as session:
-        return {row.id: row for row in session.scalars(select(Image).where(Image.id.in_(ids)))}
-
-
-def _states(sessions, ids: list[uuid.UUID]) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    with sessions() as session:
-        rows = session.execute(
-            select(Image.state, func.count()).where(Image.id.in_(ids)).group_by(Image.state)
-        ).all()
-    return {state: n for state, n in rows}
 
 
 @pytest.fixture
@@ -113,7 +100,7 @@ def test_a_chunk_is_claimed_by_one_statement_and_stored_by_one(
         event.remove(engine, "before_cursor_execute", seen)
     assert (report.done, report.failed, report.unchanged, report.retry, report.handed_back) == (6, 0, 0, [], [])
     assert len(updates) == 2, updates  # the claim, and the store of all six
-    rows = _rows(sessions, ids)
+    rows = image_rows(sessions, ids)
     assert {(row.state, row.attempts) for row in rows.values()} == {(DONE, 1)}
     assert len({row.sha256 for row in rows.values()}) == 6
 
@@ -125,11 +112,11 @@ def test_each_image_of_a_chunk_ends_on_its_own(s3_client, bucket, engine, scorer
     ids = _queue(sessions, bucket, [*keys, "broken.jpg", "missing.jpg"])
     scorer = scorer_for()
     assert scorer.process_image(ids[0]).state == DONE  # already done: a redelivered chunk leaves it alone
-    before = _rows(sessions, ids[:1])[ids[0]]
+    before = image_rows(sessions, ids[:1])[ids[0]]
     stranger = uuid.uuid4()  # not in the database
     report = scorer.process_chunk([*ids, ids[1], stranger])  # ids[1] twice: scored once
     assert (report.done, report.failed, report.unchanged) == (2, 2, 2)
-    rows = _rows(sessions, ids)
+    rows = image_rows(sessions, ids)
     assert (rows[ids[0]].completed_at, rows[ids[0]].score) == (before.completed_at, before.score)
     assert [rows[i].state for i in ids] == [DONE, DONE, DONE, FAILED, FAILED]
     assert (rows[ids[3]].error_code, rows[ids[4]].error_code) == ("corrupt_image", "object_not_found")
@@ -153,13 +140,13 @@ def test_realtime_work_waiting_hands_the_rest_of_a_chunk_back_uncounted(
     assert report.handed_back == ids[1:]
     # The first image's result went to the writer; the thread did not wait for its commit.
     assert [future.result(timeout=60).state for future in report.storing] == [DONE]
-    rows = _rows(sessions, ids)
+    rows = image_rows(sessions, ids)
     assert (rows[ids[0]].state, rows[ids[0]].attempts) == (DONE, 1)
     # Back in the queue as if never claimed: handing back does not use up attempts.
     assert {(rows[i].state, rows[i].attempts) for i in ids[1:]} == {(QUEUED, 0)}
     again = scorer.process_chunk(report.handed_back)
     assert again.done == 3
-    assert {(row.state, row.attempts) for row in _rows(sessions, ids).values()} == {(DONE, 1)}
+    assert {(row.state, row.attempts) for row in image_rows(sessions, ids).values()} == {(DONE, 1)}
 
 
 def test_a_transient_error_in_a_chunk_retries_that_image_alone(
@@ -176,7 +163,7 @@ def test_a_transient_error_in_a_chunk_retries_that_image_alone(
     finally:
         proxy.close()
     assert report.done == 2 and report.retry == [(ids[1], 1, "storage_unavailable")]
-    flaky = _rows(sessions, ids)[ids[1]]
+    flaky = image_rows(sessions, ids)[ids[1]]
     assert (flaky.state, flaky.attempts) == (QUEUED, 1)
     assert flaky.error_message.startswith("retrying after storage_unavailable")
 
@@ -241,19 +228,19 @@ def test_a_worker_killed_mid_chunk_redoes_only_what_it_had_not_stored(
         first, second = queued.image_ids[:3], queued.image_ids[3:]
         doomed = start_service("worker", concurrency=1, prepare_processes=0, s3_endpoint_url=proxy.url)
         wait_until(lambda: proxy.held.is_set(), message="the second chunk at its held image")
-        assert _states(sessions, first) == {DONE: 3}
-        assert _states(sessions, second) == {PROCESSING: 3}
-        stored = {i: (r.completed_at, r.score) for i, r in _rows(sessions, first).items()}
+        assert image_states(sessions, first) == {DONE: 3}
+        assert image_states(sessions, second) == {PROCESSING: 3}
+        stored = {i: (r.completed_at, r.score) for i, r in image_rows(sessions, first).items()}
         doomed.signal(signal.SIGKILL)
         doomed.wait()
         proxy.release()
 
         start_service("worker", stale_after_s=1, s3_endpoint_url=proxy.url)
         start_service("beat", stale_after_s=1, sweep_interval_s=0.5)
-        wait_until(lambda: _states(sessions, second) == {DONE: 3}, message="recovery after SIGKILL")
+        wait_until(lambda: image_states(sessions, second) == {DONE: 3}, message="recovery after SIGKILL")
     finally:
         proxy.close()
-    rows = _rows(sessions, queued.image_ids)
+    rows = image_rows(sessions, queued.image_ids)
     # What was stored before the kill was not redone; the rest ran again.
     assert {i: (rows[i].completed_at, rows[i].score) for i in first} == stored
     assert [rows[i].attempts for i in first] == [1, 1, 1]
@@ -270,7 +257,7 @@ def test_flushing_redis_loses_no_chunked_image(
     broker.flushdb()  # Redis restarted without persistence: every message is gone
     start_service("worker", bulk_chunk=2)
     start_service("beat", stale_after_s=1, sweep_interval_s=0.5, bulk_chunk=2)
-    wait_until(lambda: _states(sessions, queued.image_ids) == {DONE: 5}, message="recovery after FLUSHDB")
+    wait_until(lambda: image_states(sessions, queued.image_ids) == {DONE: 5}, message="recovery after FLUSHDB")
 
 
 def test_a_realtime_image_takes_the_thread_of_a_running_chunk(
@@ -281,18 +268,18 @@ def test_a_realtime_image_takes_the_thread_of_a_running_chunk(
     backfill = _enqueue(settings, celery_app, bucket, keys, "bulk")
     # One thread, one chunk of 64: without handing back, the upload would wait for all of it.
     start_service("worker", concurrency=1, prepare_processes=0, bulk_chunk=64)
-    wait_until(lambda: _states(sessions, backfill.image_ids).get(PROCESSING), message="the chunk claimed")
+    wait_until(lambda: image_states(sessions, backfill.image_ids).get(PROCESSING), message="the chunk claimed")
     upload = _enqueue(service_settings, celery_app, bucket, ["backfill/00000.jpg"], "realtime")
-    wait_until(lambda: _states(sessions, upload.image_ids) == {DONE: 1}, message="the realtime image")
-    (done,) = _rows(sessions, upload.image_ids).values()
+    wait_until(lambda: image_states(sessions, upload.image_ids) == {DONE: 1}, message="the realtime image")
+    (done,) = image_rows(sessions, upload.image_ids).values()
     with sessions() as session:
         ahead = session.scalar(
             select(func.count()).where(Image.id.in_(backfill.image_ids), Image.completed_at < done.completed_at)
         )
     # The chunk's results so far are stored when it hands back; most of it still waits.
     assert ahead < 32, ahead
-    wait_until(lambda: _states(sessions, backfill.image_ids) == {DONE: 64}, message="the rest of the backfill")
-    assert {row.attempts for row in _rows(sessions, backfill.image_ids).values()} == {1}
+    wait_until(lambda: image_states(sessions, backfill.image_ids) == {DONE: 64}, message="the rest of the backfill")
+    assert {row.attempts for row in image_rows(sessions, backfill.image_ids).values()} == {1}
 
 
 def test_a_bulk_worker_does_not_hand_back_for_realtime_work_it_does_not_take(
@@ -304,7 +291,7 @@ def test_a_bulk_worker_does_not_hand_back_for_realtime_work_it_does_not_take(
     _enqueue(service_settings, celery_app, bucket, keys[:1], "realtime")
     backfill = _enqueue(settings, celery_app, bucket, keys, "bulk")
     worker = start_service("worker", args=("--queues=bulk",), concurrency=1, prepare_processes=0)
-    wait_until(lambda: _states(sessions, backfill.image_ids) == {DONE: 8}, message="the chunk")
+    wait_until(lambda: image_states(sessions, backfill.image_ids) == {DONE: 8}, message="the chunk")
     wait_until(lambda: "handed_back=" in worker.log(), message="the chunk's report")
     assert "handed_back=0" in worker.log() and "handed_back=1" not in worker.log()
     assert redis.Redis.from_url(redis_url).llen("synthguard.realtime") == 1
@@ -317,16 +304,16 @@ def test_sigterm_mid_chunk_stores_what_it_has_and_puts_the_rest_back(
     settings = service_settings.model_copy(update={"bulk_chunk": 64})
     backfill = _enqueue(settings, celery_app, bucket, keys, "bulk")
     worker = start_service("worker", concurrency=1, prepare_processes=0)
-    wait_until(lambda: _states(sessions, backfill.image_ids) == {PROCESSING: 64}, message="the chunk claimed")
+    wait_until(lambda: image_states(sessions, backfill.image_ids) == {PROCESSING: 64}, message="the chunk claimed")
     worker.signal(signal.SIGTERM)
     assert worker.wait(60) == 0
-    states = _states(sessions, backfill.image_ids)
+    states = image_states(sessions, backfill.image_ids)
     # Stopped after the image in hand, not after the whole chunk; nothing left half-done.
     assert set(states) == {DONE, QUEUED} and states[DONE] < 32, states
     assert broker.llen("synthguard.bulk") == 1  # the rest, as one chunk
-    rest = [row for row in _rows(sessions, backfill.image_ids).values() if row.state == QUEUED]
+    rest = [row for row in image_rows(sessions, backfill.image_ids).values() if row.state == QUEUED]
     assert {row.attempts for row in rest} == {0}
 
     start_service("worker")
-    wait_until(lambda: _states(sessions, backfill.image_ids) == {DONE: 64}, message="the rest after restart")
-    assert {row.attempts for row in _rows(sessions, backfill.image_ids).values()} == {1}
+    wait_until(lambda: image_states(sessions, backfill.image_ids) == {DONE: 64}, message="the rest after restart")
+    assert {row.attempts for row in image_rows(sessions, backfill.image_ids).values()} == {1}

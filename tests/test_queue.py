@@ -16,7 +16,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from conftest import BAD_FIXTURES, FlakyS3, good_fixture_files, wait_until
+from conftest import BAD_FIXTURES, FlakyS3, good_fixture_files, image_rows, image_states, wait_until
 from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan
 from worker.preparing import usable_cores
 from worker.queueing import enqueue, publish
@@ -24,22 +24,9 @@ from worker.queueing import enqueue, publish
 SMALL_IMAGE = "real/earth_apollo17.jpg"
 
 
-def _states(sessions, ids: list[uuid.UUID]) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    with sessions() as session:
-        rows = session.execute(
-            select(Image.state, func.count()).where(Image.id.in_(ids)).group_by(Image.state)
-        ).all()
-    return {state: n for state, n in rows}
-
-
 def _all_terminal(sessions, ids: list[uuid.UUID]) -> bool:  # type: ignore[no-untyped-def]
-    states = _states(sessions, ids)
+    states = image_states(sessions, ids)
     return states.get(DONE, 0) + states.get(FAILED, 0) == len(ids)
-
-
-def _rows(sessions, ids: list[uuid.UUID]) -> dict[uuid.UUID, Image]:  # type: ignore[no-untyped-def]
-    with sessions() as session:
-        return {row.id: row for row in session.scalars(select(Image).where(Image.id.in_(ids)))}
 
 
 def _upload_copies(s3_client, bucket: str, fixtures_dir: Path, n: int, prefix: str = "img") -> list[str]:  # type: ignore[no-untyped-def]
@@ -72,7 +59,7 @@ def test_every_fixture_folder_through_a_real_worker(
     assert ("in 2 preparing processes" in worker.log()) == (prepare_processes == 2)
     queued = _enqueue(service_settings, celery_app, bucket, list(keys))
     wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="every image terminal")
-    rows = _rows(sessions, queued.image_ids)
+    rows = image_rows(sessions, queued.image_ids)
     for row in rows.values():
         expected_error = keys[row.key]
         if expected_error:
@@ -95,15 +82,15 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     # A long batch wait holds every claimed image inside the batcher: the kill lands mid-batch.
     doomed = start_service("worker", batch_size=64, batch_wait_ms=60_000, concurrency=6)
     queued = _enqueue(service_settings, celery_app, bucket, keys)
-    wait_until(lambda: _states(sessions, queued.image_ids).get(PROCESSING) == 6, message="all claimed")
+    wait_until(lambda: image_states(sessions, queued.image_ids).get(PROCESSING) == 6, message="all claimed")
     doomed.signal(signal.SIGKILL)
     doomed.wait()
-    assert _states(sessions, queued.image_ids) == {PROCESSING: 6}
+    assert image_states(sessions, queued.image_ids) == {PROCESSING: 6}
 
     start_service("worker", stale_after_s=1)
     start_service("beat", stale_after_s=1, sweep_interval_s=0.5)
     wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="recovery after SIGKILL")
-    rows = _rows(sessions, queued.image_ids).values()
+    rows = image_rows(sessions, queued.image_ids).values()
     assert {row.state for row in rows} == {DONE}
     assert all(row.attempts >= 2 for row in rows)  # the lost attempt is on record
 
@@ -115,11 +102,11 @@ def test_redelivered_messages_leave_one_result(
     worker = start_service("worker")
     queued = _enqueue(service_settings, celery_app, bucket, keys)
     wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="first results")
-    before = {i: (r.score, r.completed_at, r.attempts, r.state) for i, r in _rows(sessions, queued.image_ids).items()}
+    before = {i: (r.score, r.completed_at, r.attempts, r.state) for i, r in image_rows(sessions, queued.image_ids).items()}
 
     publish(celery_app, queued.image_ids * 2, "realtime")  # every message delivered twice more
     wait_until(lambda: worker.log().count("succeeded in") >= 9, message="nine task runs")
-    after = {i: (r.score, r.completed_at, r.attempts, r.state) for i, r in _rows(sessions, queued.image_ids).items()}
+    after = {i: (r.score, r.completed_at, r.attempts, r.state) for i, r in image_rows(sessions, queued.image_ids).items()}
     assert after == before
     with sessions() as session:
         assert session.scalar(select(func.count()).where(Image.scan_id == queued.scan_id)) == 3
@@ -142,7 +129,7 @@ def test_transient_errors_retry_and_permanent_ones_fail_at_once(
     start_service("worker", env={"AWS_MAX_ATTEMPTS": "1"}, s3_endpoint_url=flaky_s3.url, max_attempts=4)
     queued = _enqueue(service_settings, celery_app, bucket, ["flaky.jpg", "always.jpg", "steady.jpg", "missing.jpg"])
     wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="all terminal")
-    rows = {r.key: r for r in _rows(sessions, queued.image_ids).values()}
+    rows = {r.key: r for r in image_rows(sessions, queued.image_ids).values()}
     assert rows["steady.jpg"].state == DONE and rows["steady.jpg"].attempts == 1
     assert rows["flaky.jpg"].state == DONE and rows["flaky.jpg"].attempts == 3
     assert (rows["always.jpg"].state, rows["always.jpg"].error_code) == (FAILED, "storage_unavailable")
@@ -164,16 +151,16 @@ def test_sigterm_finishes_the_batch_in_flight_and_keeps_the_rest(
         "worker", batch_size=64, batch_wait_ms=3000, concurrency=3, prepare_processes=prepare_processes
     )
     queued = _enqueue(service_settings, celery_app, bucket, keys)
-    wait_until(lambda: _states(sessions, queued.image_ids).get(PROCESSING) == 3, message="a batch in flight")
+    wait_until(lambda: image_states(sessions, queued.image_ids).get(PROCESSING) == 3, message="a batch in flight")
     worker.signal(signal.SIGTERM)
     assert worker.wait(60) == 0
-    states = _states(sessions, queued.image_ids)
+    states = image_states(sessions, queued.image_ids)
     assert states == {DONE: 3, QUEUED: 6}  # the batch in flight was stored, nothing half-done
     assert redis.Redis.from_url(redis_url).llen("synthguard.realtime") == 6  # prefetched ones went back
 
     start_service("worker")  # no sweeper: the messages themselves were kept
     wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="the rest after restart")
-    assert _states(sessions, queued.image_ids) == {DONE: 9}
+    assert image_states(sessions, queued.image_ids) == {DONE: 9}
 
 
 def test_a_bulk_backlog_does_not_delay_realtime_images(
@@ -184,7 +171,7 @@ def test_a_bulk_backlog_does_not_delay_realtime_images(
     realtime = _enqueue(service_settings, celery_app, bucket, keys[:1], priority="realtime")
     start_service("worker", batch_size=8, concurrency=8)
     wait_until(lambda: _all_terminal(sessions, realtime.image_ids), message="the realtime image")
-    (rt,) = _rows(sessions, realtime.image_ids).values()
+    (rt,) = image_rows(sessions, realtime.image_ids).values()
     with sessions() as session:
         ahead = session.scalar(
             select(func.count()).where(Image.scan_id == bulk.scan_id, Image.completed_at < rt.completed_at)
@@ -203,10 +190,10 @@ def test_workers_dedicated_to_lanes_by_their_short_names(
     wait_until(lambda: _all_terminal(sessions, realtime.image_ids), message="the realtime images")
     # The realtime worker leaves the backlog alone: every bulk message is still on its queue.
     assert redis.Redis.from_url(redis_url).llen("synthguard.bulk") == -(-10 // service_settings.bulk_chunk)
-    assert _states(sessions, bulk.image_ids) == {QUEUED: 10}
+    assert image_states(sessions, bulk.image_ids) == {QUEUED: 10}
     start_service("worker", args=("--queues=bulk", "--hostname=bulk@%h"))
     wait_until(lambda: _all_terminal(sessions, bulk.image_ids), message="the backfill")
-    assert _states(sessions, bulk.image_ids + realtime.image_ids) == {DONE: 12}
+    assert image_states(sessions, bulk.image_ids + realtime.image_ids) == {DONE: 12}
 
 
 def test_a_worker_refuses_an_unknown_queue_before_loading_anything(service_env) -> None:

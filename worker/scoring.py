@@ -349,9 +349,22 @@ class Scorer:
         return report
 
     def _store_chunk(self, scored: list[tuple[uuid.UUID, ScoreResult]], report: ChunkOutcome) -> None:
-        """Store a chunk's results in one transaction; count each image's end in ``report``."""
+        """Store a chunk's results in one transaction; count each image's end in ``report``.
+
+        A lone result goes through the result writer instead, to share a
+        transaction with other threads' results (chunks of one, a chunk's last image).
+        """
         started = time.monotonic()
-        answers = self._write_batch(scored)
+        answers: list[Outcome | BaseException] = []
+        if len(scored) == 1:
+            try:
+                answers = [self.writer(scored[0])]
+            except BatcherClosed:
+                pass
+            except Exception as exc:  # noqa: BLE001 - the database's outage, accounted below
+                answers = [exc]
+        if not answers:
+            answers = list(self._write_batch(scored))
         waited = time.monotonic() - started
         for (image_id, _), answer in zip(scored, answers, strict=True):
             metrics.STAGE_SECONDS.labels("store").observe(waited)
