@@ -208,7 +208,8 @@ def enqueue(
     sessions: sessionmaker[Session] | None = None,
     app: Celery | None = None,
 ) -> Enqueued:
-    """Queue S3 objects for scoring: one scan, one ``queued`` image each, then one message each.
+    """Queue S3 objects for scoring: one scan, one ``queued`` image each, then their messages
+    (one per image on realtime, one per ``settings.bulk_chunk`` images on bulk).
 
     With ``client_id``, every object must be inside the client's grants and
     ``priority`` one of its lanes (else :class:`~worker.errors.NotGranted` or

@@ -86,7 +86,8 @@ def enqueue_command(
 
     Each S3_URI is s3://bucket/key, one object; nothing is listed (for every
     object under a prefix, use `synthguard backfill`). The rows are written
-    first, then one message per image goes to the lane's queue. If the broker
+    first, then the messages go to the lane's queue: one per image on realtime,
+    one per SYNTHGUARD_BULK_CHUNK images on bulk. If the broker
     cannot be reached the images stay queued and the sweeper publishes them
     after SYNTHGUARD_STALE_AFTER_S. With --client, every object must lie
     inside that client's grants and the lane be one of its lanes (its pending
