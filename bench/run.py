@@ -829,6 +829,9 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=0,
                         help="realtime probes per layout and condition in the latency and fairness stages "
                              "(default 20; more narrow the p95)")
+    parser.add_argument("--bulk-chunk", type=int, default=0,
+                        help="SYNTHGUARD_BULK_CHUNK of the API that publishes every stage's images (default: "
+                             "the service's)")
     args = parser.parse_args()
     size = dict(SIZES["quick" if args.quick else "full"])
     if args.backfill:
@@ -876,7 +879,8 @@ def main() -> int:
         res["s3"] = stage("s3", lambda: s3_lever(env, keys, size["ceiling_s"]))
         res["dct"] = stage("dct", lambda: dct_lever(env, images, size["ceiling_s"]))
         res["naive"] = stage("naive", lambda: run_naive(env, keys, warm[:2]))
-        api = stage("api", lambda: Api(env))
+        api_overrides = {"bulk_chunk": args.bulk_chunk} if args.bulk_chunk else {}
+        api = stage("api", lambda: Api(env, **api_overrides))
         if api is not None:
             def sg() -> dict:
                 out = {}

@@ -23,9 +23,7 @@ Choices, and why:
 
 from __future__ import annotations
 
-from typing import Any
-
-from celery import Celery, bootsteps
+from celery import Celery
 from kombu import Exchange, Queue
 
 from .settings import Settings, get_settings
@@ -42,40 +40,6 @@ SCORE_TASK = "synthguard.score_image"
 SCORE_CHUNK_TASK = "synthguard.score_chunk"  # bulk: up to SYNTHGUARD_BULK_CHUNK ids per message
 DELIVER_TASK = "synthguard.deliver_webhook"
 SWEEP_TASK = "synthguard.sweep"
-
-
-# How often the worker's event loop looks again for messages once a thread frees up.
-POLL_TICK_S = 0.01
-
-
-class PollTick(bootsteps.StartStopStep):
-    """Wake the consumer's event loop every POLL_TICK_S.
-
-    With every thread busy, the Redis transport stops asking for messages; it
-    asks again only on the event loop's next turn, which with nothing else
-    happening is up to a second away. Single-image messages kept the loop
-    turning; a thread freed by a bulk chunk handing back for a realtime image
-    would otherwise leave that image waiting for the next turn.
-    """
-
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.entry: Any = None
-
-    def start(self, parent: Any) -> None:
-        if parent.hub is not None:
-            self.entry = parent.hub.call_repeatedly(POLL_TICK_S, _turn)
-
-    def stop(self, parent: Any) -> None:
-        if self.entry is not None:
-            self.entry.cancel()
-            self.entry = None
-
-
-def _turn() -> None:
-    """Nothing: waking the loop is the point (it re-arms the broker poll on its way round)."""
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -117,7 +81,6 @@ def create_app(settings: Settings | None = None) -> Celery:
             },
         },
     )
-    app.steps["consumer"].add(PollTick)
     return app
 
 
