@@ -205,7 +205,7 @@ def _enqueue(service_settings, celery_app, bucket: str, keys: list[str], priorit
     return enqueue([(bucket, key) for key in keys], priority=priority, settings=service_settings, app=celery_app)
 
 
-def test_a_backfill_is_published_in_chunks(s3_client, bucket, service_settings, celery_app, broker) -> None:
+def test_bulk_images_are_published_in_chunks_and_realtime_ones_alone(s3_client, bucket, service_settings, celery_app, broker) -> None:
     keys = _upload(s3_client, bucket, 7)
     settings = service_settings.model_copy(update={"bulk_chunk": 3})
     _enqueue(settings, celery_app, bucket, keys, "bulk")

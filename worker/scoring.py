@@ -131,6 +131,13 @@ class ChunkOutcome:
     # Results of a chunk that handed back, still with the result writer (each resolves to an Outcome).
     storing: list[Future[Any]] = field(default_factory=list)
 
+    def ended(self, outcome: Outcome) -> None:
+        """Count an image failed here, or found terminal already."""
+        if outcome.changed:
+            self.failed += 1
+        else:
+            self.unchanged += 1
+
     def __str__(self) -> str:
         return (
             f"done={self.done} failed={self.failed} unchanged={self.unchanged} storing={len(self.storing)} "
@@ -338,8 +345,7 @@ class Scorer:
                     report.retry.append((claim.image_id, claim.attempts, exc.code))
                     continue
             if isinstance(attempt, Outcome):
-                report.failed += attempt.changed
-                report.unchanged += not attempt.changed
+                report.ended(attempt)
             else:
                 scored.append((claim.image_id, attempt))
         if scored and report.handed_back:
@@ -355,7 +361,7 @@ class Scorer:
         transaction with other threads' results (chunks of one, a chunk's last image).
         """
         started = time.monotonic()
-        answers: list[Outcome | BaseException] = []
+        answers: list[Outcome | Exception] = []
         if len(scored) == 1:
             try:
                 answers = [self.writer(scored[0])]
@@ -366,8 +372,9 @@ class Scorer:
         if not answers:
             answers = list(self._write_batch(scored))
         waited = time.monotonic() - started
+        stage = metrics.STAGE_SECONDS.labels("store")
         for (image_id, _), answer in zip(scored, answers, strict=True):
-            metrics.STAGE_SECONDS.labels("store").observe(waited)
+            stage.observe(waited)
             self._account(image_id, answer, report)
 
     def _store_later(self, scored: list[tuple[uuid.UUID, ScoreResult]], report: ChunkOutcome) -> None:
@@ -389,32 +396,27 @@ class Scorer:
     def _stored_later(self, image_id: uuid.UUID, done: Future[Any]) -> None:
         # In the writer's thread, once the result's transaction has ended.
         late = ChunkOutcome()
-        self._account(image_id, done.exception() or done.result(), late)
+        error = done.exception()
+        self._account(image_id, error if isinstance(error, Exception) else done.result(), late)
         if late.retry:
             log.warning("image %s: its result was not stored (database unavailable); the sweeper brings it back", image_id)
 
-    def _account(self, image_id: uuid.UUID, answer: Outcome | BaseException, report: ChunkOutcome) -> None:
+    def _account(self, image_id: uuid.UUID, answer: Outcome | Exception, report: ChunkOutcome) -> None:
         """Count how storing one image's result ended, and fail the image where it was refused."""
-        if isinstance(answer, LookupError):
+        if isinstance(answer, Outcome):
+            if answer.changed:
+                report.done += 1
+                _count_scored(answer)
+            else:
+                report.unchanged += 1
+        elif isinstance(answer, LookupError):
             report.unchanged += 1
-        elif isinstance(answer, TransientError | DBAPIError) and (
-            isinstance(answer, TransientError) or database_unavailable(answer)
-        ):
+        elif isinstance(answer, TransientError) or database_unavailable(answer):
             # The database went away after the items before it committed: this one stays
             # processing, and comes back when published again (or by the sweeper).
             report.retry.append((image_id, 0, errors.DATABASE_UNAVAILABLE))
-        elif isinstance(answer, Exception):
-            outcome = self._store_failed(image_id, answer)
-            report.failed += outcome.changed
-            report.unchanged += not outcome.changed
-        elif isinstance(answer, BaseException):
-            raise answer
-        elif answer.changed:
-            report.done += 1
-            flagged = answer.flagged
-            metrics.IMAGES_SCORED.labels("unknown" if flagged is None else str(flagged).lower()).inc()
         else:
-            report.unchanged += 1
+            report.ended(self._store_failed(image_id, answer))
 
     def _attempt(self, claim: Claim, *, realtime: bool) -> ScoreResult | Outcome:
         """Score a claimed image: its result, or the Outcome of failing it.
@@ -576,9 +578,7 @@ class Scorer:
         if isinstance(answer, Exception):
             raise answer
         if answer.changed:
-            # Counted only by the run that stored it: a redelivery scores nothing new.
-            flagged = answer.flagged
-            metrics.IMAGES_SCORED.labels("unknown" if flagged is None else str(flagged).lower()).inc()
+            _count_scored(answer)
         return answer
 
     def _write_batch(self, items: list[tuple[uuid.UUID, ScoreResult]]) -> list[Outcome | Exception]:
@@ -826,6 +826,12 @@ class Scorer:
             if image is None:
                 raise ImageNotFound(f"image {image_id} does not exist")
             return Outcome.unchanged(image_id, image)
+
+
+def _count_scored(outcome: Outcome) -> None:
+    """Count an image stored as done; only by the run that stored it (a redelivery scores nothing new)."""
+    flagged = outcome.flagged
+    metrics.IMAGES_SCORED.labels("unknown" if flagged is None else str(flagged).lower()).inc()
 
 
 def process_with_retries(scorer: Scorer, image_id: uuid.UUID) -> Outcome:
