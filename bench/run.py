@@ -123,12 +123,14 @@ SIZES = {
                         Lever(4, processes=2, prepare=0), Lever(4, threads=1, processes=2, prepare=0)]},
 }
 
-# Worker processes per layout of the latency stage: (SYNTHGUARD_CONCURRENCY, --queues, nice).
-# The second is docker/compose.yaml's: a realtime worker beside one for every lane.
+# Worker processes per layout of the latency stage: (SYNTHGUARD_CONCURRENCY, --queues, nice), and
+# SYNTHGUARD_REALTIME_STANDBY where not the default. The second is docker/compose.yaml's: a realtime
+# worker beside one for every lane.
 LATENCY_LAYOUTS = {
     "one worker, all lanes": [(8, None, 0)],
     "realtime worker + all-lanes worker": [(4, "realtime,webhooks", 0), (8, None, 0)],
     "realtime worker + bulk worker at nice 10": [(4, "realtime,webhooks", 0), (8, "overflow,bulk", 10)],
+    "one worker, all lanes, no thread standing by": [(8, None, 0, 0)],
 }
 
 # The fairness stage's configurations: SYNTHGUARD_REALTIME_BURST of the API process (0: one FIFO
@@ -615,11 +617,13 @@ class Api:
 
 def start_worker(env: Env, concurrency: int, batch_size: int, torch_threads: int | None = None,
                  node: int = 0, queues: str | None = None, nice: int = 0, frozen: bool = True,
-                 prepare: int | None = None, s3_client: str = "botocore") -> Proc:
+                 prepare: int | None = None, s3_client: str = "botocore", standby: int | None = None) -> Proc:
     port = free_port()
     proc_env = env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port,
                                model_freeze_cpu=str(frozen).lower(),
                                prepare_processes="auto" if prepare is None else prepare, s3_client=s3_client)
+    if standby is not None:
+        proc_env["SYNTHGUARD_REALTIME_STANDBY"] = str(standby)
     if torch_threads:
         # torch sizes its intra-op pool from OMP_NUM_THREADS at start (default: one per core).
         proc_env["OMP_NUM_THREADS"] = str(torch_threads)
@@ -825,7 +829,8 @@ def main() -> int:
                              "alternate runs)")
     parser.add_argument("--layouts", default=None,
                         help="the latency stage's layouts by number, comma-separated (0: one worker for every lane, "
-                             "1: the compose layout, 2: a bulk worker at nice 10); default all")
+                             "1: the compose layout, 2: a bulk worker at nice 10, 3: one worker for every "
+                             "lane with no thread standing by); default all")
     parser.add_argument("--probes", type=int, default=0,
                         help="realtime probes per layout and condition in the latency and fairness stages "
                              "(default 20; more narrow the p95)")
@@ -931,8 +936,9 @@ def main() -> int:
                 backfill = upload(env, "backfill", images["jpeg-1024"], size["backfill"], "jpeg")
                 out = {}
                 for layout, specs in layouts.items():
-                    workers = [start_worker(env, conc, 32, node=i, queues=queues, nice=nice)
-                               for i, (conc, queues, nice) in enumerate(specs)]
+                    workers = [start_worker(env, spec[0], 32, node=i, queues=spec[1], nice=spec[2],
+                                            standby=spec[3] if len(spec) > 3 else None)
+                               for i, spec in enumerate(specs)]
                     try:
                         ids = api.scan(warm, "bulk").split(",")
                         api.wait(ids, len(warm))

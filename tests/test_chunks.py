@@ -23,7 +23,7 @@ from worker.db import ensure_schema, make_engine, make_sessionmaker
 from worker.detector import Detector
 from worker.intake import create_scan
 from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image
-from worker.priority import WaitingProbe
+from worker.priority import BulkSlots, WaitingProbe
 from worker.queueing import enqueue
 from worker.scoring import Scorer
 from worker.storage import ObjectRef
@@ -179,23 +179,57 @@ def test_the_waiting_probe_asks_the_broker_once_per_interval_for_all_threads() -
     waiting = WaitingProbe(probe, interval_s=3600.0)
     start = threading.Barrier(8)
 
-    def ask() -> bool:
+    def ask() -> int:
         start.wait()
         return waiting()
 
-    results: list[bool] = []
+    results: list[int] = []
     threads = [threading.Thread(target=lambda: results.append(ask())) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    # One message waiting frees one thread, not all eight.
-    assert sorted(results) == [False] * 7 + [True] and len(calls) == 1
+    # Messages waiting are heard by one thread, not all eight.
+    assert sorted(results) == [0] * 7 + [3] and len(calls) == 1
 
     def broken() -> int:
         raise ConnectionError("broker away")
 
-    assert WaitingProbe(broken, interval_s=0.0)() is False  # the chunk goes on
+    assert WaitingProbe(broken, interval_s=0.0)() == 0  # the chunk goes on
+
+
+def test_a_chunk_beyond_the_bulk_slots_stands_by_until_a_slot_frees_or_it_gives_up() -> None:
+    slots = BulkSlots(1)
+    assert slots.acquire(lambda: True, 0.001)  # a free slot is taken without asking
+    asked = threading.Event()
+    realtime_waits = threading.Event()
+    outcome: list[bool] = []
+
+    def give_up() -> bool:
+        asked.set()
+        return realtime_waits.is_set()
+
+    def stand_by() -> None:
+        outcome.append(slots.acquire(give_up, 0.001))
+
+    waiting = threading.Thread(target=stand_by)
+    waiting.start()
+    asked.wait(5)
+    assert slots.standing_by == 1 and not outcome
+    realtime_waits.set()
+    waiting.join(5)
+    assert outcome == [False] and slots.standing_by == 0  # given back; the slot is still busy
+
+    asked.clear()
+    realtime_waits.clear()
+    waiting = threading.Thread(target=stand_by)
+    waiting.start()
+    asked.wait(5)
+    slots.release()
+    waiting.join(5)
+    assert outcome == [False, True] and slots.standing_by == 0  # took the slot that freed
+    with pytest.raises(ValueError):
+        BulkSlots(0)
 
 
 # ------------------------------------------------------------- through workers
@@ -280,6 +314,33 @@ def test_a_realtime_image_takes_the_thread_of_a_running_chunk(
     assert ahead < 32, ahead
     wait_until(lambda: image_states(sessions, backfill.image_ids) == {DONE: 64}, message="the rest of the backfill")
     assert {row.attempts for row in image_rows(sessions, backfill.image_ids).values()} == {1}
+
+
+def test_a_thread_standing_by_gives_its_chunk_back_for_a_realtime_image(
+    s3_client, s3_endpoint, bucket, service_settings, celery_app, start_service, sessions, broker
+) -> None:
+    keys = _upload(s3_client, bucket, 4, prefix="backfill")
+    s3_client.put_object(Bucket=bucket, Key="upload.jpg", Body=_jpeg(21))
+    proxy = FlakyS3(s3_endpoint, {}, holds=("backfill",))
+    try:
+        settings = service_settings.model_copy(update={"bulk_chunk": 2})
+        backfill = _enqueue(settings, celery_app, bucket, keys, "bulk").image_ids
+        chunks = (backfill[:2], backfill[2:])
+        # Two threads: one scores a chunk and is held at its first GET; the other holds the other chunk
+        # unclaimed (SYNTHGUARD_REALTIME_STANDBY=1).
+        start_service("worker", concurrency=2, prepare_processes=0, realtime_standby=1, s3_endpoint_url=proxy.url)
+        wait_until(lambda: proxy.held.is_set() and broker.llen("synthguard.bulk") == 0, message="both chunks taken")
+        upload = _enqueue(service_settings, celery_app, bucket, ["upload.jpg"], "realtime")
+        wait_until(lambda: image_states(sessions, upload.image_ids) == {DONE: 1}, message="the realtime image")
+        # Scored while the bulk thread was still inside its image; the other chunk was never claimed.
+        states = sorted((image_states(sessions, chunk) for chunk in chunks), key=lambda s: PROCESSING in s)
+        assert states == [{QUEUED: 2}, {PROCESSING: 2}]
+        assert sum(row.attempts for row in image_rows(sessions, backfill).values()) == 2
+        proxy.release()
+        wait_until(lambda: image_states(sessions, backfill) == {DONE: 4}, message="the backfill")
+    finally:
+        proxy.close()
+    assert {row.attempts for row in image_rows(sessions, backfill).values()} == {1}
 
 
 def test_a_bulk_worker_does_not_hand_back_for_realtime_work_it_does_not_take(

@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -366,12 +367,10 @@ def test_pip_installs_are_pinned_by_pyproject(dockerfile: tuple[str, list[dict[s
             assert packages in ([], ["."]), f"install from pyproject.toml, not by name: {step.strip()}"
             if packages == ["."]:
                 assert "--no-deps" in args, "the dependencies were installed, pinned, in the layer before"
-    assert installs >= 3
+    assert installs >= 2
 
 
 def test_requirements_script_carries_pyproject_pins() -> None:
-    import tomllib
-
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
 
     def run(*args: str) -> list[str]:
@@ -384,15 +383,38 @@ def test_requirements_script_carries_pyproject_pins() -> None:
         )
         return out.stdout.splitlines()
 
-    torch = run("--only", "torch", "torchvision")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    model = project["optional-dependencies"]["model"]
+    torch = run("--extra", "model", "--only", "torch", "torchvision")
     assert torch == ["torch==2.14.1", "torchvision==0.29.1"]
-    assert sorted(torch + run("--exclude", "torch", "torchvision")) == sorted(deps)
-    missing = subprocess.run(
-        [sys.executable, str(DOCKER / "requirements.py"), "--only", "torch", "no-such-package"],
-        cwd=ROOT,
-        capture_output=True,
-    )
-    assert missing.returncode != 0
+    assert sorted(torch + run("--extra", "model", "--exclude", "torch", "torchvision")) == sorted(deps + model)
+    assert run() == deps  # the slim install: no model stack
+    for wrong in (["--only", "torch", "no-such-package"], ["--extra", "no-such-extra"]):
+        missing = subprocess.run(
+            [sys.executable, str(DOCKER / "requirements.py"), "--extra", "model", *wrong], cwd=ROOT, capture_output=True
+        )
+        assert missing.returncode != 0, wrong
+
+
+def test_the_api_image_installs_no_model_stack_and_the_worker_image_does() -> None:
+    from worker.cli._base import MODEL_STACK
+
+    def requirement_steps(name: str) -> list[list[str]]:
+        steps = []
+        for item in _parse(DOCKERFILES[name]):
+            if item["instruction"] == "RUN":
+                steps += [shlex.split(step) for step in re.split(r"&&|;", item["value"]) if "requirements.py" in step]
+        return steps
+
+    api, worker = requirement_steps("api"), requirement_steps("worker")
+    assert api and all("--extra" not in step for step in api)
+    assert worker and all(step[step.index("--extra") + 1] == "model" for step in worker)
+
+    def name_of(requirement: str) -> str:
+        return re.sub(r"[-_.]+", "-", re.split(r"[\[<>=~!; ]", requirement, maxsplit=1)[0]).lower()
+
+    base = {name_of(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]}
+    assert not base & {name_of(d) for d in MODEL_STACK.values()}, "the slim install would pull in the model stack"
 
 
 # -------------------------------------------------------- commands, for real

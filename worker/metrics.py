@@ -20,11 +20,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis, RedisError
 
-from .batching import BatchStats
-from .preparing import Preparer, ProcessPreparer
-
 if TYPE_CHECKING:
+    from .batching import BatchStats
     from .detector import Detector
+    from .preparing import Preparer
     from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -121,6 +120,8 @@ def set_model(detector: Detector) -> None:
 
 def watch_preparer(preparer: Preparer) -> None:
     """Export how many of ``preparer``'s children are busy, read on each scrape."""
+    from .preparing import ProcessPreparer
+
     if not isinstance(preparer, ProcessPreparer):
         return
     PREPARE_PROCESSES.labels("busy").set_function(lambda: preparer.busy)

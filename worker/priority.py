@@ -9,7 +9,10 @@ backfill but never stop it.
 
 A thread holding a bulk chunk also hands the chunk's rest back when realtime
 messages wait on the broker (:class:`WaitingProbe`): otherwise a realtime
-message would wait for a whole chunk to end before any thread took it.
+message would wait for a whole chunk to end before any thread took it. In a
+worker that takes both lanes, one thread stands by (:class:`BulkSlots`): it holds
+a bulk chunk unclaimed and gives it back the moment a realtime message waits, so
+that message finds a free thread without waiting for a busy one to end an image.
 """
 
 from __future__ import annotations
@@ -74,14 +77,63 @@ class WaitingProbe:
         self._lock = threading.Lock()
         self._next = 0.0
 
-    def __call__(self) -> bool:
+    def __call__(self) -> int:
+        """Messages waiting, as the broker answered this thread's question; 0 when another thread's
+        question within ``interval_s`` took the answer, or the broker did not answer."""
         with self._lock:
             now = time.monotonic()
             if now < self._next:
-                return False
+                return 0
             self._next = now + self.interval_s
         try:
-            return self._probe() > 0
+            return max(0, self._probe())
         except Exception as exc:  # noqa: BLE001 - kombu raises many kinds; not this chunk's problem
             log.debug("could not ask the broker for waiting messages: %s", exc)
-            return False
+            return 0
+
+
+class BulkSlots:
+    """How many threads of a worker that takes both lanes may score bulk chunks at once.
+
+    A thread handed a chunk while every slot is taken stands by with the chunk unclaimed: it takes
+    the first slot that frees, or gives the chunk back when ``give_up`` says so (a realtime message
+    waits, the worker stops). Its thread is then free for the realtime message at once; a thread
+    inside a chunk would first have to end the image in hand.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("bulk needs at least one slot")
+        self.capacity = capacity
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._standing_by = 0
+
+    @property
+    def standing_by(self) -> int:
+        """Threads holding a chunk unclaimed, each ready to give it back for a realtime message."""
+        return self._standing_by
+
+    def acquire(self, give_up: Callable[[], bool], poll_s: float) -> bool:
+        """Take a slot (True), or give up waiting for one (False); ``give_up`` is asked every ``poll_s``."""
+        with self._cond:
+            if self._busy < self.capacity:
+                self._busy += 1
+                return True
+            self._standing_by += 1
+        try:
+            while True:
+                with self._cond:
+                    if self._cond.wait_for(lambda: self._busy < self.capacity, timeout=poll_s):
+                        self._busy += 1
+                        return True
+                if give_up():
+                    return False
+        finally:
+            with self._cond:
+                self._standing_by -= 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify()

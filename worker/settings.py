@@ -84,6 +84,15 @@ class Settings(BaseSettings):
         "worker that also consumes the realtime lane hands the rest of a chunk back to the bulk queue "
         "after the image in hand. Realtime messages always carry one image.",
     )
+    realtime_standby: int = Field(
+        1,
+        ge=0,
+        description="Threads of a worker that consumes both synthguard.realtime and synthguard.bulk that "
+        "score no bulk chunk: each holds a chunk unclaimed and gives it back to the bulk queue as soon as a "
+        "realtime message waits, so that message finds a free thread at once. Bulk keeps the other "
+        "threads (at least one). 0: every thread scores bulk, and realtime messages wait for a thread to "
+        "end an image and hand its chunk back.",
+    )
     concurrency: int = Field(
         8,
         ge=1,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from celery import Task
 from celery.signals import task_postrun, task_prerun, worker_shutdown
@@ -13,15 +15,25 @@ from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
 from . import errors, logs, metrics
-from .celery_app import DELIVER_TASK, REALTIME_QUEUE, SCORE_CHUNK_TASK, SCORE_TASK, SWEEP_TASK, app
+from .celery_app import (
+    BULK_QUEUE,
+    DELIVER_TASK,
+    REALTIME_QUEUE,
+    SCORE_CHUNK_TASK,
+    SCORE_TASK,
+    SWEEP_TASK,
+    app,
+)
 from .errors import TransientError, backoff_delay
 from .netguard import URLPolicy
 from .outbox import due, send_delivery
-from .priority import WaitingProbe
+from .priority import BulkSlots, WaitingProbe
 from .queueing import publish_deliveries, publish_quietly, sweep_stale, waiting_messages
-from .scoring import Scorer
 from .secretbox import SecretBox
 from .settings import get_settings
+
+if TYPE_CHECKING:  # the model stack is imported where images are scored: beat imports this module too
+    from .scoring import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +41,9 @@ _scorer: Scorer | None = None
 _scorer_lock = threading.Lock()
 # Asked between the images of a bulk chunk: do realtime messages wait for a free thread here?
 _realtime_waiting: WaitingProbe | None = None
+# Bulk chunks scored at once by a worker that takes both lanes; None: no thread stands by.
+_bulk_slots: BulkSlots | None = None
+_bulk_slots_built = False
 
 
 def _publish_new_deliveries(ids: list[uuid.UUID]) -> None:
@@ -51,6 +66,7 @@ def get_scorer() -> Scorer:
     with _scorer_lock:
         if _scorer is None:
             from .detector import Detector
+            from .scoring import Scorer
 
             settings = get_settings()
             _scorer = Scorer(settings, Detector.from_settings(settings), on_outbox=_publish_new_deliveries)
@@ -128,37 +144,90 @@ def _realtime_probe() -> WaitingProbe | None:
         return _realtime_waiting
 
 
-def _chunk_should_yield() -> Callable[[], bool]:
-    """Asked between a chunk's images: stop here when the worker is stopping or realtime work waits."""
+def _stopping() -> bool:
+    # Warm shutdown (SIGTERM) waits for running tasks: the rest of a chunk goes back instead.
+    return worker_state.should_stop is not None or worker_state.should_terminate is not None
+
+
+def _chunk_should_yield(slots: BulkSlots | None) -> Callable[[], bool]:
+    """Asked between a chunk's images: stop here when the worker is stopping, or when more realtime
+    messages wait than threads stand by to take them."""
     realtime_waits = _realtime_probe()
 
     def should_yield() -> bool:
-        # Warm shutdown (SIGTERM) waits for running tasks: the rest of a chunk goes back instead.
-        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+        if _stopping():
             return True
-        return realtime_waits is not None and realtime_waits()
+        if realtime_waits is None:
+            return False
+        standing_by = slots.standing_by if slots is not None else 0
+        return realtime_waits() > standing_by
 
     return should_yield
+
+
+def _standby_slots(scorer: Scorer) -> BulkSlots | None:
+    """This worker's bulk slots: all threads but ``SYNTHGUARD_REALTIME_STANDBY`` where it consumes
+    both lanes; None where no thread stands by."""
+    global _bulk_slots, _bulk_slots_built
+    with _scorer_lock:
+        if not _bulk_slots_built:
+            consumed = app.amqp.queues.consume_from or {}
+            standby = scorer.settings.realtime_standby
+            both_lanes = REALTIME_QUEUE in consumed and BULK_QUEUE in consumed
+            # A single thread has none to spare: its chunk hands back between images instead.
+            if both_lanes and standby and scorer.concurrency - standby >= 1:
+                _bulk_slots = BulkSlots(scorer.concurrency - standby)
+            _bulk_slots_built = True
+        return _bulk_slots
+
+
+@contextmanager
+def _bulk_slot(scorer: Scorer) -> Iterator[tuple[bool, BulkSlots | None]]:
+    """Hold one of the worker's bulk slots for a chunk; (False, …) when the chunk should be given back
+    unclaimed instead, because realtime work waits or the worker stops."""
+    slots = _standby_slots(scorer)
+    if slots is None:
+        yield True, None
+        return
+    realtime_waits = _realtime_probe()
+    assert realtime_waits is not None  # slots exist only where realtime is consumed
+    if not slots.acquire(lambda: _stopping() or realtime_waits() > 0, realtime_waits.interval_s):
+        yield False, slots
+        return
+    try:
+        yield True, slots
+    finally:
+        slots.release()
 
 
 @app.task(name=SCORE_CHUNK_TASK, bind=True, max_retries=None)
 def score_chunk(self: Task, image_ids: list[str]) -> str:
     """Score a bulk chunk; its transient failures come back later as a chunk of their own."""
     scorer = get_scorer()
-    settings = scorer.settings
     ids: list[uuid.UUID] = []
     for text in image_ids:
         try:
             ids.append(uuid.UUID(str(text)))
         except ValueError:
             log.warning("chunk message names %r, not an image id; skipped", text)
+    with _bulk_slot(scorer) as (granted, slots):
+        if not granted:
+            # Never claimed: the rows are still queued, and the message goes to the back of the lane.
+            publish_quietly(app, ids, "bulk", chunk=len(ids))
+            log.debug("chunk of %d images given back unclaimed for realtime work", len(ids))
+            return "given back"
+        return _score_chunk(self, scorer, ids, _chunk_should_yield(slots))
+
+
+def _score_chunk(task: Task, scorer: Scorer, ids: list[uuid.UUID], should_yield: Callable[[], bool]) -> str:
+    settings = scorer.settings
     try:
-        report = scorer.process_chunk(ids, should_yield=_chunk_should_yield())
+        report = scorer.process_chunk(ids, should_yield=should_yield)
     except TransientError as exc:
-        delay = backoff_delay(self.request.retries + 1, base_s=settings.retry_backoff_s, cap_s=settings.retry_backoff_max_s)
+        delay = backoff_delay(task.request.retries + 1, base_s=settings.retry_backoff_s, cap_s=settings.retry_backoff_max_s)
         log.info("chunk of %d images: %s (%s); retrying in %.1fs", len(ids), exc.code, exc.message, delay)
         metrics.IMAGES_RETRIED.labels(exc.code).inc(len(ids))
-        raise self.retry(exc=exc, countdown=delay) from exc
+        raise task.retry(exc=exc, countdown=delay) from exc
     except Exception:
         # As for score_image: the rows stay claimed, and the sweeper brings them back.
         log.exception("chunk of %d images: unexpected error; the sweeper will bring them back", len(ids))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +31,43 @@ threshold_option = click.option(
 )
 
 
+# What the `model` extra installs, by import name: a slim install (`pip install synthguard`, the API
+# image) lacks them and runs every verb but those that decode images or run the model.
+MODEL_STACK = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "timm": "timm",
+    "safetensors": "safetensors",
+    "numpy": "numpy",
+    "PIL": "pillow",
+    "pillow_heif": "pillow-heif",
+    "simplejpeg": "simplejpeg",
+    "c2pa": "c2pa-python",
+    "matplotlib": "matplotlib",
+}
+MODEL_EXTRA_HINT = "pip install 'synthguard[model]'"
+
+
 def _fail(message: str) -> click.ClickException:
     return click.ClickException(message)
+
+
+def _require_model_stack(command: str) -> None:
+    """Stop ``command`` with what to install when this is a slim install, before it touches anything."""
+    missing = []
+    for module, distribution in MODEL_STACK.items():
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            # Only the package itself missing; a broken install inside it should say its own words.
+            if exc.name != module:
+                raise
+            missing.append(distribution)
+    if missing:
+        raise _fail(
+            f"synthguard {command} scores images and needs the model stack, which this install lacks "
+            f"({', '.join(missing)}): {MODEL_EXTRA_HINT}"
+        )
 
 
 def _settings(**overrides: Any) -> Settings:

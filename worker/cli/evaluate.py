@@ -11,7 +11,7 @@ import click
 
 from ..errors import ConfigError, SynthguardError
 from ..settings import Settings
-from ._base import _fail, _load_detector, _settings, main, threshold_option
+from ._base import _fail, _load_detector, _require_model_stack, _settings, main, threshold_option
 
 if TYPE_CHECKING:
     from ..evaluation import LabelledRef, ScoredSet
@@ -89,6 +89,7 @@ def eval_command(
     (same bytes) come from the database. Writes OUT/report.md with ROC,
     precision-recall, score histogram and reliability plots.
     """
+    _require_model_stack("eval")
     from ..evaluation import evaluate, write_report
 
     settings = _settings(threshold=threshold)

@@ -25,7 +25,16 @@ from sqlalchemy.orm import Session
 
 from ..errors import ConfigError, SynthguardError
 from ..settings import Settings
-from ._base import UNTRAINED_NOTE, _fail, _load_detector, _safe_url, _settings, main, threshold_option
+from ._base import (
+    UNTRAINED_NOTE,
+    _fail,
+    _load_detector,
+    _require_model_stack,
+    _safe_url,
+    _settings,
+    main,
+    threshold_option,
+)
 
 if TYPE_CHECKING:
     from ..inprocess_scan import LocalScan
@@ -204,6 +213,7 @@ def scan(
     (every object under the prefix). Exit code 0 when every image was scored,
     1 when any could not be (each gets an error code in the output).
     """
+    _require_model_stack("scan")
     settings = _settings(threshold=threshold, concurrency=concurrency)
     refs = _collect_refs(sources, settings, recursive)
     if not refs:
@@ -261,6 +271,7 @@ def demo(directory: Path, as_json: bool) -> None:
     so on every line: such scores are not detections. Two samples are broken
     on purpose to show how errors are reported.
     """
+    _require_model_stack("demo")
     from ..demo import make_samples
 
     settings = _settings()

@@ -15,6 +15,7 @@ from ._base import (
     _fail,
     _load_detector,
     _producer_app,
+    _require_model_stack,
     _require_secret_key,
     _safe_url,
     _settings,
@@ -65,6 +66,7 @@ def worker(concurrency: int | None, queues: str | None, loglevel: str, hostname:
     (SYNTHGUARD_PREPARE_PROCESSES, docs/operations.md, Sizing). The model is loaded
     before any message is taken, so a bad checkpoint stops the worker at once.
     """
+    _require_model_stack("worker")
     from ..celery_app import QUEUES, app
     from ..metrics import start_metrics_server
     from ..scoring import Scorer

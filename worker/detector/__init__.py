@@ -20,16 +20,33 @@ batch buckets and the CPU freeze, ``model.py`` holds the :class:`Detector`.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .checkpoint import UNTRAINED_VERSION, checkpoint_version, resolve_checkpoint
-from .model import Detector
-from .runtime import (
-    CHANNELS_LAST_MIN_BATCH,
-    CUDA_AUTO_PRECISION,
-    batch_buckets,
-    freeze_for_cpu,
-    resolve_device,
-    resolve_precision,
-)
+
+if TYPE_CHECKING:
+    from .model import Detector
+    from .runtime import (
+        CHANNELS_LAST_MIN_BATCH,
+        CUDA_AUTO_PRECISION,
+        batch_buckets,
+        freeze_for_cpu,
+        resolve_device,
+        resolve_precision,
+    )
+
+# The model and its runtime need torch and timm, imported on first use: producers and the API
+# import this package only for the checkpoint's version, and run without the model stack.
+_LAZY = {
+    "Detector": ".model",
+    "CHANNELS_LAST_MIN_BATCH": ".runtime",
+    "CUDA_AUTO_PRECISION": ".runtime",
+    "batch_buckets": ".runtime",
+    "freeze_for_cpu": ".runtime",
+    "resolve_device": ".runtime",
+    "resolve_precision": ".runtime",
+}
 
 __all__ = [
     "CHANNELS_LAST_MIN_BATCH",
@@ -43,3 +60,12 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

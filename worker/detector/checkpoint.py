@@ -12,15 +12,16 @@ import socket
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import torch
-from timm.models import PretrainedCfg, get_arch_name
 
 from ..errors import CheckpointError
 from ..settings import Settings
+
+if TYPE_CHECKING:  # torch and timm are imported where weights are read: producers only hash the file
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,14 @@ _AI_LABELS = frozenset({"by ai", "ai", "fake", "synthetic", "generated"})
 _CFG_SOURCE_KEYS = frozenset(
     {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "custom_load"}
 )
-_CFG_FIELDS = (
-    frozenset(f.name for f in dataclasses.fields(PretrainedCfg)) - _CFG_SOURCE_KEYS - {"architecture"}
-)
+
+
+@cache
+def _cfg_fields() -> frozenset[str]:
+    from timm.models import PretrainedCfg
+
+    return frozenset(f.name for f in dataclasses.fields(PretrainedCfg)) - _CFG_SOURCE_KEYS - {"architecture"}
+
 # model_args from config.json that synthguard decides itself, or that could make timm fetch something.
 _RESERVED_MODEL_ARGS = frozenset(
     {
@@ -276,11 +282,12 @@ def _cfg_overlay(config: Mapping[str, Any], where: Path) -> dict[str, Any]:
         return {}
     if not isinstance(pretrained_cfg, Mapping):
         raise CheckpointError(f"pretrained_cfg in {where} is not a JSON object")
-    ignored = sorted(set(pretrained_cfg) - _CFG_FIELDS - _CFG_SOURCE_KEYS - {"architecture"})
+    fields = _cfg_fields()
+    ignored = sorted(set(pretrained_cfg) - fields - _CFG_SOURCE_KEYS - {"architecture"})
     if ignored:
         log.debug("ignoring pretrained_cfg entries unknown to timm in %s: %s", where, ignored)
     # JSON has no tuples; timm's own configs use them (mean, std, input_size).
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items() if k in _CFG_FIELDS}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items() if k in fields}
 
 
 def _model_args(config: Mapping[str, Any], where: Path) -> dict[str, Any]:
@@ -292,6 +299,8 @@ def _model_args(config: Mapping[str, Any], where: Path) -> dict[str, Any]:
 
 
 def _check_config(config: Mapping[str, Any], arch: str, where: Path) -> None:
+    from timm.models import get_arch_name
+
     declared = config.get("architecture")
     if isinstance(declared, str) and get_arch_name(declared) != get_arch_name(arch):
         raise CheckpointError(
@@ -366,6 +375,8 @@ def _pickle_refused(path: Path) -> CheckpointError:
 
 def _read_weights(path: Path, kind: str, *, allow_pickle: bool, device: torch.device) -> Any:
     """Whatever the file holds: a state dict, a wrapper dict or a module."""
+    import torch
+
     if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -401,6 +412,8 @@ def _read_weights(path: Path, kind: str, *, allow_pickle: bool, device: torch.de
 
 def _unwrap(obj: Any, path: Path) -> torch.nn.Module | dict[str, torch.Tensor]:
     """The module or the flat state dict inside what a checkpoint file held."""
+    import torch
+
     for _ in range(len(_WRAPPER_KEYS) + 1):
         if isinstance(obj, torch.nn.Module):
             return obj
