@@ -37,8 +37,17 @@ from hypothesis import settings as hypothesis_settings  # noqa: E402
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)
 hypothesis_settings.load_profile(os.environ.get("SYNTHGUARD_TEST_HYPOTHESIS_PROFILE", "default"))
 
+from corpus import corpus_dir  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))
+# The corpus the tests make themselves (tests/corpus.py): the shared fixtures' layout and names,
+# and what the tests read from each of them. Every test runs on it.
+CORPUS = corpus_dir()
+# The real-world corpus (../shared/fixtures, see its README): a second layer, read where present,
+# by the tests whose point is files from elsewhere; they skip, saying so, where it is absent.
+SHARED_FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))
+SHARED_ABSENT = f"the shared real-world fixtures are not at {SHARED_FIXTURES} (set SYNTHGUARD_TEST_FIXTURES)"
+LAYERS = {"made": CORPUS, **({"shared": SHARED_FIXTURES} if SHARED_FIXTURES.is_dir() else {})}
 PG_ADMIN_URL = os.environ.get(
     "SYNTHGUARD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -64,12 +73,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def good_fixture_files() -> list[Path]:
-    """Every fixture that must decode and get a score."""
+def good_fixture_files(root: Path | None = None) -> list[Path]:
+    """Every fixture that must decode and get a score: under ``root``, or in every layer present."""
     files: list[Path] = []
-    for folder in GOOD_FOLDERS:
-        files += sorted(p for p in (FIXTURES / folder).glob("*") if p.suffix.lower() not in (".md", ""))
+    for base in [root] if root is not None else LAYERS.values():
+        for folder in GOOD_FOLDERS:
+            files += sorted(p for p in (base / folder).glob("*") if p.suffix.lower() not in (".md", ""))
     return [p for p in files if not p.name.startswith("LICENSE")]
+
+
+def fixture_id(path: Path) -> str:
+    """``made/real/IMG_0003.jpg``: the layer, the folder and the name, for test ids."""
+    layer = next((name for name, base in LAYERS.items() if path.is_relative_to(base)), "?")
+    return f"{layer}/{path.parent.name}/{path.name}"
 
 
 @pytest.fixture(autouse=True)
@@ -83,10 +99,25 @@ def _keep_torch_threads() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not found at {FIXTURES} (set SYNTHGUARD_TEST_FIXTURES)")
-    return FIXTURES
+def corpus_dir() -> Path:
+    """The corpus the tests make: for tests that need some image, not every layer's."""
+    return CORPUS
+
+
+@pytest.fixture(scope="session", params=["made", "shared"])
+def fixtures_dir(request: pytest.FixtureRequest) -> Path:
+    """Each layer of fixture files in turn: the made corpus, then the shared one where present."""
+    if request.param not in LAYERS:
+        pytest.skip(SHARED_ABSENT)
+    return LAYERS[request.param]
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures_dir() -> Path:
+    """The real-world corpus alone, for tests whose point is files from elsewhere."""
+    if "shared" not in LAYERS:
+        pytest.skip(SHARED_ABSENT)
+    return SHARED_FIXTURES
 
 
 # --------------------------------------------------------------------- S3 (moto)

@@ -199,11 +199,11 @@ def test_one_batch_writes_image_flagged_deliveries_exactly_where_a_webhook_would
 
 
 @pytest.fixture
-def local_copies(fixtures_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+def local_copies(corpus_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Distinct local files (one image each), so that one scan holds several images."""
 
     def make(count: int) -> list[ObjectRef]:
-        source = fixtures_dir / "real" / "IMG_0003.jpg"
+        source = corpus_dir / "real" / "IMG_0003.jpg"
         refs = []
         for i in range(count):
             path = tmp_path / f"copy-{i}.jpg"

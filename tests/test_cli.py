@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import BAD_FIXTURES, FIXTURES, GOOD_FOLDERS, good_fixture_files
+from conftest import BAD_FIXTURES, CORPUS, GOOD_FOLDERS, good_fixture_files
 from worker.cli import main
 
-GENERATED = {p.name for p in (FIXTURES / "generated").glob("*.png")}
+# Every layer names its generated files alike (tests/corpus.py).
+GENERATED = {p.name for p in (CORPUS / "generated").glob("*.png")}
 
 
 def _env(**values: object) -> dict[str, str]:
@@ -103,16 +104,16 @@ def test_scan_of_an_s3_prefix_on_postgres(
             assert image["version_id"]
 
 
-def test_scan_exits_zero_when_every_image_is_scored(fixtures_dir: Path, checkpoint: Path, tmp_path: Path) -> None:
+def test_scan_exits_zero_when_every_image_is_scored(corpus_dir: Path, checkpoint: Path, tmp_path: Path) -> None:
     env = _env(database_url=f"sqlite:///{tmp_path / 'ok.db'}", model_checkpoint=checkpoint, device="cpu")
-    result = _invoke(["scan", str(fixtures_dir / "real")], env)
+    result = _invoke(["scan", str(corpus_dir / "real")], env)
     assert result.exit_code == 0, result.output
     assert "3 images: 3 done" in result.stdout
 
 
-def test_scan_names_the_setting_when_the_hub_cannot_be_reached(fixtures_dir: Path, tmp_path: Path) -> None:
+def test_scan_names_the_setting_when_the_hub_cannot_be_reached(corpus_dir: Path, tmp_path: Path) -> None:
     env = _env(database_url=f"sqlite:///{tmp_path / 'x.db'}", device="cpu")
-    result = _invoke(["scan", str(fixtures_dir / "real")], env)
+    result = _invoke(["scan", str(corpus_dir / "real")], env)
     assert result.exit_code == 1
     assert "SYNTHGUARD_MODEL_CHECKPOINT" in result.output
 
@@ -137,12 +138,12 @@ def test_demo_offline_says_untrained_on_every_line_and_in_every_row(tmp_path: Pa
     assert sorted(r.error_code for r in rows if r.state == "failed") == ["corrupt_image", "unsupported_format"]
 
 
-def test_the_installed_command_runs(fixtures_dir: Path, checkpoint: Path, tmp_path: Path) -> None:
+def test_the_installed_command_runs(corpus_dir: Path, checkpoint: Path, tmp_path: Path) -> None:
     env = {**os.environ, **_env(database_url=f"sqlite:///{tmp_path / 'cmd.db'}", model_checkpoint=checkpoint, device="cpu")}
     exe = Path(sys.executable).with_name("synthguard")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "worker.cli"]
     done = subprocess.run(
-        [*command, "scan", "--json", str(fixtures_dir / "bad" / "image.svg")],
+        [*command, "scan", "--json", str(corpus_dir / "bad" / "image.svg")],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 1, done.stderr

@@ -39,8 +39,8 @@ def _gpu(settings_factory, precision: str = "auto") -> Detector:  # type: ignore
 
 
 @pytest.fixture(scope="module")
-def pixels(fixtures_dir: Path, cpu_detector: Detector) -> list[torch.Tensor]:
-    """Every decodable fixture as the model's uint8 input."""
+def pixels(cpu_detector: Detector) -> list[torch.Tensor]:
+    """Every decodable fixture of every layer as the model's uint8 input."""
     out = []
     for path in good_fixture_files():
         decoded = decode_image(path.read_bytes(), max_pixels=100_000_000)
@@ -154,7 +154,7 @@ def test_many_threads_through_the_batcher(settings_factory, cpu_detector: Detect
 
 
 def test_a_cuda_scorer_prepares_images_in_one_process_per_core(
-    fixtures_dir: Path, checkpoint: Path, cpu_detector: Detector, pixels
+    checkpoint: Path, cpu_detector: Detector, pixels
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -515,9 +515,7 @@ def test_padded_batches_score_like_exact_ones(detector: Detector, test_model, im
     assert not Detector.from_settings(Settings(model_checkpoint=str(detector.source), device="cpu")).buckets
 
 
-def test_frozen_cpu_model_scores_the_fixtures_like_the_eager_one(
-    fixtures_dir: Path, checkpoint: Path, settings_factory
-) -> None:
+def test_frozen_cpu_model_scores_the_fixtures_like_the_eager_one(checkpoint: Path, settings_factory) -> None:
     frozen = Detector.from_settings(settings_factory(model_checkpoint=str(checkpoint)))
     eager = Detector.from_settings(settings_factory(model_checkpoint=str(checkpoint), model_freeze_cpu=False))
     assert frozen.frozen and not eager.frozen

@@ -44,14 +44,14 @@ def callback_hook() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def tenant(pg_url, main_hook, callback_hook, s3_client, bucket, fixtures_dir) -> NewClient:  # type: ignore[no-untyped-def]
+def tenant(pg_url, main_hook, callback_hook, s3_client, bucket, corpus_dir) -> NewClient:  # type: ignore[no-untyped-def]
     """A client whose secret is sealed with the service's key, and an object to score."""
     with get_sessionmaker(pg_url).begin() as session:
         new = create_client(
             session, "tenant", all_buckets=True, webhook_url=main_hook.url, box=SecretBox([TEST_SECRET_KEY])
         )
     main_hook.secrets = callback_hook.secrets = [new.webhook_secret]
-    s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=(fixtures_dir / SMALL_IMAGE).read_bytes())
+    s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=(corpus_dir / SMALL_IMAGE).read_bytes())
     return new
 
 

@@ -127,11 +127,11 @@ def test_object_keys_are_logged_only_when_allowed(captured) -> None:  # type: ig
 # ---------------------------------------------------------------- real worker
 
 
-def _run_worker(start_service, s3_client, bucket, fixtures_dir, service_settings, celery_app, sessions, **env):  # type: ignore[no-untyped-def]
+def _run_worker(start_service, s3_client, bucket, corpus_dir, service_settings, celery_app, sessions, **env):  # type: ignore[no-untyped-def]
     """Score one JPEG and one SVG through a real JSON-logging worker; the ids, the keys, the log lines."""
     keys = ["kyc/Jane Doe/selfie.jpg", "kyc/Jane Doe/drawing.svg"]
-    s3_client.put_object(Bucket=bucket, Key=keys[0], Body=(fixtures_dir / SMALL_IMAGE).read_bytes())
-    s3_client.put_object(Bucket=bucket, Key=keys[1], Body=(fixtures_dir / "bad" / "image.svg").read_bytes())
+    s3_client.put_object(Bucket=bucket, Key=keys[0], Body=(corpus_dir / SMALL_IMAGE).read_bytes())
+    s3_client.put_object(Bucket=bucket, Key=keys[1], Body=(corpus_dir / "bad" / "image.svg").read_bytes())
     worker = start_service("worker", log_format="json", **env)
     queued = enqueue([(bucket, key) for key in keys], settings=service_settings, app=celery_app)
 
@@ -152,10 +152,10 @@ def _run_worker(start_service, s3_client, bucket, fixtures_dir, service_settings
 
 
 def test_worker_task_lines_carry_their_ids_and_no_keys(
-    start_service, s3_client, bucket, fixtures_dir, service_settings, celery_app, sessions
+    start_service, s3_client, bucket, corpus_dir, service_settings, celery_app, sessions
 ) -> None:
     ids, scan_id, keys, lines = _run_worker(
-        start_service, s3_client, bucket, fixtures_dir, service_settings, celery_app, sessions
+        start_service, s3_client, bucket, corpus_dir, service_settings, celery_app, sessions
     )
     docs = []
     for line in lines:
@@ -177,10 +177,10 @@ def test_worker_task_lines_carry_their_ids_and_no_keys(
 
 
 def test_worker_logs_keys_as_fields_when_allowed(
-    start_service, s3_client, bucket, fixtures_dir, service_settings, celery_app, sessions
+    start_service, s3_client, bucket, corpus_dir, service_settings, celery_app, sessions
 ) -> None:
     ids, _, keys, lines = _run_worker(
-        start_service, s3_client, bucket, fixtures_dir, service_settings, celery_app, sessions, log_object_keys="true"
+        start_service, s3_client, bucket, corpus_dir, service_settings, celery_app, sessions, log_object_keys="true"
     )
     docs = [json.loads(line) for line in lines]
     assert {d["object_key"] for d in docs if "object_key" in d} == set(keys)

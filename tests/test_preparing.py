@@ -74,7 +74,7 @@ def _assert_same(got: Prepared, want: Prepared, what: object) -> None:
 def test_children_prepare_every_fixture_as_the_worker_threads_do(
     fixtures_dir: Path, spec: PrepareSpec
 ) -> None:
-    files = [*good_fixture_files(), *(fixtures_dir / "bad" / name for name in BAD_FIXTURES)]
+    files = [*good_fixture_files(fixtures_dir), *(fixtures_dir / "bad" / name for name in BAD_FIXTURES)]
     blobs = [path.read_bytes() for path in files]
     inline = InlinePreparer(spec)
     want = [_outcome(inline, data) for data in blobs]
@@ -103,7 +103,7 @@ def test_children_prepare_every_fixture_as_the_worker_threads_do(
     ],
 )
 def test_a_child_that_crashes_hangs_or_is_killed_costs_only_its_image(
-    fixtures_dir: Path,
+    corpus_dir: Path,
     spec: PrepareSpec,
     payload: bytes,
     error: type[SynthguardError],
@@ -111,7 +111,7 @@ def test_a_child_that_crashes_hangs_or_is_killed_costs_only_its_image(
     reason: str,
     says: str,
 ) -> None:
-    good = (fixtures_dir / "real" / "earth_apollo17.jpg").read_bytes()
+    good = (corpus_dir / "real" / "earth_apollo17.jpg").read_bytes()
     want = prepare_image(good, spec)
     lost: list[str] = []
     # One child: every image after the bad one must go through its replacement.
@@ -174,9 +174,9 @@ def test_unset_concurrency_gives_two_threads_per_preparing_process() -> None:
 
 
 def test_a_realtime_image_gets_the_next_free_child_before_waiting_bulk_ones(
-    fixtures_dir: Path, spec: PrepareSpec, tmp_path: Path
+    corpus_dir: Path, spec: PrepareSpec, tmp_path: Path
 ) -> None:
-    good = (fixtures_dir / "real" / "earth_apollo17.jpg").read_bytes()
+    good = (corpus_dir / "real" / "earth_apollo17.jpg").read_bytes()
     gate = tmp_path / "gate"
     os.mkfifo(gate)
     finished: list[str] = []

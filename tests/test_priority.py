@@ -82,9 +82,9 @@ def _scorer_with_images(settings_factory, pg_url: str, paths: list[Path]) -> tup
 
 
 def test_a_realtime_result_is_stored_while_bulk_results_wait_for_their_write(
-    fixtures_dir, settings_factory, pg_url
+    corpus_dir, settings_factory, pg_url
 ) -> None:
-    real = sorted((fixtures_dir / "real").iterdir())
+    real = sorted((corpus_dir / "real").iterdir())
     scorer, (bulk_id, realtime_id) = _scorer_with_images(settings_factory, pg_url, real[:2])
     write, entered, release = scorer._write_batch, threading.Event(), threading.Event()
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from conftest import FIXTURES
+from conftest import CORPUS, LAYERS, fixture_id
 from worker import provenance
 from worker.imaging import decode_image, sniff_format
 from worker.provenance import (
@@ -60,14 +60,16 @@ A1111_TEXT = (
 # ----------------------------------------------------------------------------- helpers
 
 
-def fixture_files(*folders: str) -> list[Path]:
+def fixture_files(*folders: str, root: Path | None = None) -> list[Path]:
+    """The files of ``folders`` under ``root``, or of every layer present."""
     files: list[Path] = []
-    for folder in folders:
-        files += sorted(
-            p
-            for p in (FIXTURES / folder).glob("*")
-            if p.suffix.lower() != ".md" and not p.name.startswith("LICENSE")
-        )
+    for base in [root] if root is not None else LAYERS.values():
+        for folder in folders:
+            files += sorted(
+                p
+                for p in (base / folder).glob("*")
+                if p.suffix.lower() != ".md" and not p.name.startswith("LICENSE")
+            )
     return files
 
 
@@ -283,10 +285,8 @@ def test_generated_images_reencoded_without_metadata_carry_no_signal(
 # ----------------------------------------------------------------------------- real, formats, c2pa
 
 
-@pytest.mark.parametrize(
-    "path", fixture_files("real", "formats", "c2pa"), ids=lambda p: f"{p.parent.name}/{p.name}"
-)
-def test_real_format_and_c2pa_fixtures_raise_no_ai_signal(fixtures_dir: Path, path: Path) -> None:
+@pytest.mark.parametrize("path", fixture_files("real", "formats", "c2pa"), ids=fixture_id)
+def test_real_format_and_c2pa_fixtures_raise_no_ai_signal(path: Path) -> None:
     findings = read_file(path)
     assert_no_ai(findings)
     json.dumps(findings.to_json())  # what the database stores
@@ -320,6 +320,22 @@ def test_c2pa_manifests_are_read_with_generator_signer_and_validation(fixtures_d
 
     none = signal(read_file(c2pa_dir / "no_manifest.jpg"), "c2pa")
     assert (none.found, none.error) == (False, None)
+
+
+def test_signed_manifests_declaring_generative_ai_count_as_ai() -> None:
+    # Signed here by c2pa-python's Builder with a throwaway certificate (tests/corpus.py).
+    trained = signal(read_file(CORPUS / "c2pa-ai" / "trained.jpg"), "c2pa")
+    assert (trained.found, trained.ai, trained.strength, trained.error) == (True, True, "strong", None)
+    assert trained.evidence["ai_source_types"] == [IPTC + "trainedAlgorithmicMedia"]
+    assert trained.evidence["tool"] == "ImageGen 2"
+    assert "signingCredential.untrusted" in trained.evidence["validation_codes"]
+
+    # Only an ingredient declares AI; the active manifest opened it and adjusted colours.
+    composite = signal(read_file(CORPUS / "c2pa-ai" / "composite_ingredient.jpg"), "c2pa")
+    assert (composite.found, composite.ai, composite.strength) == (True, True, "strong")
+    assert composite.evidence["claim_generator"] == "Editor 1.0"
+    assert composite.evidence["ai_source_types"] == [IPTC + "compositeWithTrainedAlgorithmicMedia"]
+    assert composite.evidence["manifest_count"] == 2
 
 
 def test_c2pa_trained_algorithmic_media_counts_as_ai() -> None:
@@ -418,7 +434,7 @@ def test_the_c2pa_sdk_is_asked_only_where_a_manifest_may_be(
 
 
 def test_reading_every_fixture_opens_no_connection(fixtures_dir: Path, no_network: list[object]) -> None:
-    for path in fixture_files("real", "generated", "formats", "c2pa"):
+    for path in fixture_files("real", "generated", "formats", "c2pa", "c2pa-ai", root=fixtures_dir):
         read_file(path)
     assert no_network == []
 
@@ -595,13 +611,9 @@ def embed(pixels: np.ndarray, bits: list[int], *, as_bgr: bool) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def carriers() -> dict[str, np.ndarray]:
-    """A generated image and a real photo, as RGB pixels."""
-    if not FIXTURES.is_dir():
-        pytest.skip("shared fixtures not found")
-    sdxl = decode_image(
-        (FIXTURES / "generated" / "sdxl_simple_example.png").read_bytes(), max_pixels=MAX_PIXELS
-    )
-    photo = decode_image((FIXTURES / "real" / "P1000827.jpg").read_bytes(), max_pixels=MAX_PIXELS)
+    """A generated image and a photo of the made corpus, as RGB pixels."""
+    sdxl = decode_image((CORPUS / "generated" / "sdxl_simple_example.png").read_bytes(), max_pixels=MAX_PIXELS)
+    photo = decode_image((CORPUS / "real" / "P1000827.jpg").read_bytes(), max_pixels=MAX_PIXELS)
     return {"generated": np.asarray(sdxl.image), "photo": np.asarray(photo.image)[:768, :1024]}
 
 
@@ -639,7 +651,7 @@ def test_sd1_and_sd2_watermarks_in_png(
     assert sig.evidence["bits_matched"] == sig.evidence["bits_total"]
 
 
-@pytest.mark.parametrize("path", fixture_files("real"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", fixture_files("real"), ids=fixture_id)
 def test_real_photos_carry_no_watermark(path: Path) -> None:
     sig = signal(read_file(path), "sd_watermark")
     assert sig.evidence["checked"] is True
@@ -727,9 +739,7 @@ def test_block_bits_match_the_float_reference_bit_for_bit(kind: str) -> None:
         rgb = np.concatenate([grey, grey, grey + rng.integers(14, 18, (256, 320, 1))], axis=-1)
         rgb = (rgb + rng.integers(0, 2, (256, 320, 3))).astype(np.uint8)
     else:
-        if not FIXTURES.is_dir():
-            pytest.skip("shared fixtures not found")
-        photo = decode_image((FIXTURES / "real" / "P1000827.jpg").read_bytes(), max_pixels=MAX_PIXELS)
+        photo = decode_image((CORPUS / "real" / "P1000827.jpg").read_bytes(), max_pixels=MAX_PIXELS)
         rgb = np.asarray(photo.image)[:752, :1024]
     planes = np.stack([watermark.u_plane(rgb, swapped=False), watermark.u_plane(rgb, swapped=True)])
     bits = watermark.block_bits(planes)

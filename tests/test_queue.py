@@ -29,8 +29,8 @@ def _all_terminal(sessions, ids: list[uuid.UUID]) -> bool:  # type: ignore[no-un
     return states.get(DONE, 0) + states.get(FAILED, 0) == len(ids)
 
 
-def _upload_copies(s3_client, bucket: str, fixtures_dir: Path, n: int, prefix: str = "img") -> list[str]:  # type: ignore[no-untyped-def]
-    body = (fixtures_dir / SMALL_IMAGE).read_bytes()
+def _upload_copies(s3_client, bucket: str, corpus_dir: Path, n: int, prefix: str = "img") -> list[str]:  # type: ignore[no-untyped-def]
+    body = (corpus_dir / SMALL_IMAGE).read_bytes()
     keys = [f"{prefix}/{i:05d}.jpg" for i in range(n)]
     for key in keys:
         s3_client.put_object(Bucket=bucket, Key=key, Body=body)
@@ -51,7 +51,7 @@ def test_every_fixture_folder_through_a_real_worker(
     fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, prepare_processes
 ) -> None:
     keys: dict[str, str] = {}
-    for path in [*good_fixture_files(), *(fixtures_dir / "bad" / name for name in BAD_FIXTURES)]:
+    for path in [*good_fixture_files(fixtures_dir), *(fixtures_dir / "bad" / name for name in BAD_FIXTURES)]:
         key = f"{path.parent.name}/{path.name}"
         s3_client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
         keys[key] = BAD_FIXTURES.get(path.name, "")
@@ -76,9 +76,9 @@ def test_every_fixture_folder_through_a_real_worker(
 
 
 def test_a_worker_killed_mid_batch_loses_nothing(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+    corpus_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
 ) -> None:
-    keys = _upload_copies(s3_client, bucket, fixtures_dir, 6)
+    keys = _upload_copies(s3_client, bucket, corpus_dir, 6)
     # A long batch wait holds every claimed image inside the batcher: the kill lands mid-batch.
     doomed = start_service("worker", batch_size=64, batch_wait_ms=60_000, concurrency=6)
     queued = _enqueue(service_settings, celery_app, bucket, keys)
@@ -96,9 +96,9 @@ def test_a_worker_killed_mid_batch_loses_nothing(
 
 
 def test_redelivered_messages_leave_one_result(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+    corpus_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
 ) -> None:
-    keys = _upload_copies(s3_client, bucket, fixtures_dir, 3)
+    keys = _upload_copies(s3_client, bucket, corpus_dir, 3)
     worker = start_service("worker")
     queued = _enqueue(service_settings, celery_app, bucket, keys)
     wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="first results")
@@ -120,9 +120,9 @@ def flaky_s3(s3_endpoint: str) -> Iterator[FlakyS3]:
 
 
 def test_transient_errors_retry_and_permanent_ones_fail_at_once(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, flaky_s3
+    corpus_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, flaky_s3
 ) -> None:
-    body = (fixtures_dir / SMALL_IMAGE).read_bytes()
+    body = (corpus_dir / SMALL_IMAGE).read_bytes()
     for key in ("flaky.jpg", "always.jpg", "steady.jpg"):
         s3_client.put_object(Bucket=bucket, Key=key, Body=body)
     # No retries inside botocore: each 503 is one attempt of ours.
@@ -143,10 +143,10 @@ def test_transient_errors_retry_and_permanent_ones_fail_at_once(
 # flight and exits cleanly.
 @pytest.mark.parametrize("prepare_processes", [0, 2], ids=["prepared-in-threads", "prepared-in-processes"])
 def test_sigterm_finishes_the_batch_in_flight_and_keeps_the_rest(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url,
+    corpus_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url,
     prepare_processes,
 ) -> None:
-    keys = _upload_copies(s3_client, bucket, fixtures_dir, 9)
+    keys = _upload_copies(s3_client, bucket, corpus_dir, 9)
     worker = start_service(
         "worker", batch_size=64, batch_wait_ms=3000, concurrency=3, prepare_processes=prepare_processes
     )
@@ -164,9 +164,9 @@ def test_sigterm_finishes_the_batch_in_flight_and_keeps_the_rest(
 
 
 def test_a_bulk_backlog_does_not_delay_realtime_images(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+    corpus_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
 ) -> None:
-    keys = _upload_copies(s3_client, bucket, fixtures_dir, 120, prefix="backfill")
+    keys = _upload_copies(s3_client, bucket, corpus_dir, 120, prefix="backfill")
     bulk = _enqueue(service_settings, celery_app, bucket, keys, priority="bulk")
     realtime = _enqueue(service_settings, celery_app, bucket, keys[:1], priority="realtime")
     start_service("worker", batch_size=8, concurrency=8)
@@ -181,9 +181,9 @@ def test_a_bulk_backlog_does_not_delay_realtime_images(
 
 
 def test_workers_dedicated_to_lanes_by_their_short_names(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url
+    corpus_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url
 ) -> None:
-    keys = _upload_copies(s3_client, bucket, fixtures_dir, 12, prefix="lanes")
+    keys = _upload_copies(s3_client, bucket, corpus_dir, 12, prefix="lanes")
     bulk = _enqueue(service_settings, celery_app, bucket, keys[:10], priority="bulk")
     realtime = _enqueue(service_settings, celery_app, bucket, keys[10:], priority="realtime")
     start_service("worker", args=("--queues=realtime,webhooks",))
@@ -235,7 +235,7 @@ def test_the_sweeper_republishes_only_stale_queue_work_to_its_lane(
     assert sweep_stale(sessions, celery_app, stale_after_s=stale_after_s) == 0
 
 
-def test_a_queue_worker_never_reads_local_files(fixtures_dir, settings_factory, pg_url, sessions) -> None:
+def test_a_queue_worker_never_reads_local_files(corpus_dir, settings_factory, pg_url, sessions) -> None:
     from worker.detector import Detector
     from worker.intake import create_scan
     from worker.scoring import Scorer
@@ -244,7 +244,7 @@ def test_a_queue_worker_never_reads_local_files(fixtures_dir, settings_factory, 
     settings = settings_factory(database_url=pg_url)
     with sessions.begin() as session:
         _, (image_id,) = create_scan(
-            session, [ObjectRef(None, str(fixtures_dir / SMALL_IMAGE))], origin="api", threshold=0.5
+            session, [ObjectRef(None, str(corpus_dir / SMALL_IMAGE))], origin="api", threshold=0.5
         )
     with Scorer(settings, Detector.from_settings(settings), sessions=sessions) as scorer:
         outcome = scorer.process_image(image_id)
@@ -252,7 +252,7 @@ def test_a_queue_worker_never_reads_local_files(fixtures_dir, settings_factory, 
 
 
 def test_api_to_worker_to_results_with_client_isolation(
-    fixtures_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+    corpus_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
 ) -> None:
     """The whole path: HTTP API -> PostgreSQL -> Redis -> worker -> S3 -> PostgreSQL -> HTTP API."""
     from fastapi.testclient import TestClient
@@ -263,11 +263,11 @@ def test_api_to_worker_to_results_with_client_isolation(
     with sessions.begin() as session:
         alice, bob = (create_client(session, name, all_buckets=True).api_key for name in ("alice", "bob"))
     objects = []
-    for path in [*(fixtures_dir / "real").iterdir(), fixtures_dir / "bad" / "truncated.jpg"]:
+    for path in [*(corpus_dir / "real").iterdir(), corpus_dir / "bad" / "truncated.jpg"]:
         key = f"api/{path.name}"
         s3_client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
         objects.append({"bucket": bucket, "key": key})
-    s3_client.put_object(Bucket=bucket, Key="events/new upload.png", Body=(fixtures_dir / "formats" / "sample1.png").read_bytes())
+    s3_client.put_object(Bucket=bucket, Key="events/new upload.png", Body=(corpus_dir / "formats" / "sample1.png").read_bytes())
     start_service("worker")
 
     as_alice = {"Authorization": f"Bearer {alice}"}
@@ -308,7 +308,7 @@ def test_api_to_worker_to_results_with_client_isolation(
 
 
 def test_models_lists_what_each_worker_has_loaded_and_the_stored_versions(
-    fixtures_dir, s3_client, bucket, service_settings, service_env, celery_app, start_service, sessions, checkpoint
+    corpus_dir, s3_client, bucket, service_settings, service_env, celery_app, start_service, sessions, checkpoint
 ) -> None:
     import hashlib
     import json
@@ -318,7 +318,7 @@ def test_models_lists_what_each_worker_has_loaded_and_the_stored_versions(
     from worker.cli import main
 
     version = "sha256:" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
-    keys = _upload_copies(s3_client, bucket, fixtures_dir, 2)
+    keys = _upload_copies(s3_client, bucket, corpus_dir, 2)
     start_service("worker")
     queued = _enqueue(service_settings, celery_app, bucket, keys)
     wait_until(lambda: _all_terminal(sessions, queued.image_ids), message="scores stored")

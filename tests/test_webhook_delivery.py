@@ -116,13 +116,13 @@ WEBHOOK_ENV = {
 
 
 @pytest.fixture
-def hooked(pg_url, receiver, s3_client, bucket, fixtures_dir):  # type: ignore[no-untyped-def]
+def hooked(pg_url, receiver, s3_client, bucket, corpus_dir):  # type: ignore[no-untyped-def]
     """A client whose webhook URL is the receiver, and an object to score."""
     sessions = get_sessionmaker(pg_url)
     with sessions.begin() as session:
         new = create_client(session, "hooked", all_buckets=True, webhook_url=receiver.url)
     receiver.secrets = [new.webhook_secret]
-    s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=(fixtures_dir / SMALL_IMAGE).read_bytes())
+    s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=(corpus_dir / SMALL_IMAGE).read_bytes())
     return new
 
 

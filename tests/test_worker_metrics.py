@@ -48,7 +48,7 @@ def _terminal(sessions, ids: list[uuid.UUID]) -> bool:  # type: ignore[no-untype
 
 
 def test_a_real_worker_exports_metrics_that_move(
-    fixtures_dir: Path, s3_client, bucket, service_settings, celery_app, start_service, sessions
+    corpus_dir: Path, s3_client, bucket, service_settings, celery_app, start_service, sessions
 ) -> None:
     port = _free_port()
     start_service("worker", metrics_port=port)
@@ -58,11 +58,11 @@ def test_a_real_worker_exports_metrics_that_move(
     versions = {dict(labels)["version"] for name, labels in before if name == "synthguard_model_info"}
     assert len(versions) == 1 and next(iter(versions)).startswith("sha256:")
 
-    body = (fixtures_dir / GOOD).read_bytes()
+    body = (corpus_dir / GOOD).read_bytes()
     keys = [f"good/{i}.jpg" for i in range(N_GOOD)]
     for key in keys:
         s3_client.put_object(Bucket=bucket, Key=key, Body=body)
-    s3_client.put_object(Bucket=bucket, Key="bad/image.svg", Body=(fixtures_dir / SVG).read_bytes())
+    s3_client.put_object(Bucket=bucket, Key="bad/image.svg", Body=(corpus_dir / SVG).read_bytes())
     queued = enqueue(
         [(bucket, key) for key in [*keys, "bad/image.svg"]],
         priority="realtime",
