@@ -37,12 +37,12 @@ from hypothesis import settings as hypothesis_settings  # noqa: E402
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)
 hypothesis_settings.load_profile(os.environ.get("SYNTHGUARD_TEST_HYPOTHESIS_PROFILE", "default"))
 
-from corpus import corpus_dir  # noqa: E402
+import corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # The corpus the tests make themselves (tests/corpus.py): the shared fixtures' layout and names,
 # and what the tests read from each of them. Every test runs on it.
-CORPUS = corpus_dir()
+CORPUS = corpus.corpus_dir()
 # The real-world corpus (../shared/fixtures, see its README): a second layer, read where present,
 # by the tests whose point is files from elsewhere; they skip, saying so, where it is absent.
 SHARED_FIXTURES = Path(os.environ.get("SYNTHGUARD_TEST_FIXTURES", REPO.parent / "shared" / "fixtures"))
@@ -110,14 +110,6 @@ def fixtures_dir(request: pytest.FixtureRequest) -> Path:
     if request.param not in LAYERS:
         pytest.skip(SHARED_ABSENT)
     return LAYERS[request.param]
-
-
-@pytest.fixture(scope="session")
-def shared_fixtures_dir() -> Path:
-    """The real-world corpus alone, for tests whose point is files from elsewhere."""
-    if "shared" not in LAYERS:
-        pytest.skip(SHARED_ABSENT)
-    return SHARED_FIXTURES
 
 
 # --------------------------------------------------------------------- S3 (moto)

@@ -62,13 +62,13 @@ class RealtimeFirst:
 
 
 class WaitingProbe:
-    """Whether messages wait for this process's threads on a queue, asked of the broker at most once
-    per ``interval_s`` by all of them together.
+    """How many messages wait for this process's threads on a queue, asked of the broker at most
+    once per ``interval_s`` by all of them together.
 
-    A thread holding a bulk chunk asks between images; only the thread whose
-    question reaches the broker can hear yes, so one waiting message frees one
-    thread, not every thread at once. A broker that cannot answer counts as
-    nothing waiting: the chunk goes on.
+    A thread holding a bulk chunk asks between images, and one standing by asks every
+    ``interval_s``; only the thread whose question reaches the broker hears the count, so one
+    waiting message frees one thread, not every thread at once. A broker that cannot answer
+    counts as nothing waiting: the chunk goes on.
     """
 
     def __init__(self, probe: Callable[[], int], interval_s: float = 0.01) -> None:
