@@ -87,7 +87,8 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    """``image`` saved as ``fmt``, as bytes."""
     out = io.BytesIO()
     image.save(out, fmt, **params)
     return out.getvalue()
@@ -237,7 +238,8 @@ def _created(source_type: str, agent: str | None = None) -> list[dict[str, objec
 # ----------------------------------------------------------------------------- hostile files
 
 
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body and CRC."""
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
@@ -245,7 +247,7 @@ def pixel_bomb(width: int = 40000, height: int = 40000) -> bytes:
     """A 2.5 KB PNG whose header declares ``width`` x ``height`` grey pixels."""
     rows = zlib.compress(bytes((width + 1) * 64), 9)  # 64 scanlines of zeros; the rest never comes
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
 
 
 def corrupt_scan(jpeg: bytes) -> bytes:
@@ -280,23 +282,23 @@ def build(root: Path) -> None:
                                xmp_packet("Adobe Photoshop CS Windows")),
     }  # fmt: skip
     for name, (image, exif, xmp) in real.items():
-        (root / "real" / name).write_bytes(_encode(image, "JPEG", quality=90, exif=exif, xmp=xmp))
+        (root / "real" / name).write_bytes(encode(image, "JPEG", quality=90, exif=exif, xmp=xmp))
 
     for seed, (name, (width, height, loaders)) in enumerate(sorted(COMFYUI.items()), start=10):
-        png = _encode(photo(width, height, seed), "PNG", pnginfo=comfyui_chunks(loaders), compress_level=1)
+        png = encode(photo(width, height, seed), "PNG", pnginfo=comfyui_chunks(loaders), compress_level=1)
         (root / "generated" / name).write_bytes(png)
 
     signer = _Signer()
-    plain = {seed: _encode(photo(640, 427, seed), "JPEG", quality=88) for seed in range(30, 36)}
+    plain = {seed: encode(photo(640, 427, seed), "JPEG", quality=88) for seed in range(30, 36)}
     c2pa_files = {
         "C.jpg": signer.sign(plain[30], ("make_test_images", "0.33.1"), _created("algorithmicMedia", "Make Test Images 0.33.1")),
         "CA.jpg": signer.sign(plain[31], ("make_test_images", "0.33.1"),
                               _opened([{"action": "c2pa.color_adjustments", "parameters": {"name": "brightnesscontrast"}}]),
                               parent=plain[32]),
         "C_with_CAWG_data.jpg": signer.sign(plain[33], ("c2pa cawg test", "0.58.0"), _created("digitalCapture")),
-        "cloud.jpg": signer.sign(_encode(earth, "JPEG", quality=90, exif=real["earth_apollo17.jpg"][1]),
+        "cloud.jpg": signer.sign(encode(earth, "JPEG", quality=90, exif=real["earth_apollo17.jpg"][1]),
                                  ("synthguard corpus", "1"), _created("digitalCapture"), remote_url=REMOTE_MANIFEST_URL),
-        "no_manifest.jpg": _encode(photo(700, 500, 34), "JPEG", quality=85, progressive=True,
+        "no_manifest.jpg": encode(photo(700, 500, 34), "JPEG", quality=85, progressive=True,
                                    exif=camera_exif("", "", "Adobe Photoshop 24.1 (Macintosh)", "2022:11:07 14:20:44")),
     }  # fmt: skip
     for name, data in c2pa_files.items():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import encode
 from PIL import Image, ImageOps
 
 from conftest import BAD_FIXTURES, fixture_id, good_fixture_files
@@ -31,12 +32,6 @@ PIL_TO_FORMAT = {
 }
 # Above this, skip the second (reference) decode: it only doubles the time for the same decoder.
 PARITY_MAX_PIXELS = 20_000_000
-
-
-def encode(im: Image.Image, fmt: str, **params: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **params)
-    return buf.getvalue()
 
 
 def pixels(im: Image.Image) -> np.ndarray:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus import encode, png_chunk
 from PIL import Image, PngImagePlugin
 
 from conftest import CORPUS, LAYERS, fixture_id
@@ -96,21 +97,11 @@ def gradient(width: int = 96, height: int = 64) -> Image.Image:
     return Image.fromarray(np.stack([x, y, 255 - x], axis=-1))
 
 
-def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **params)
-    return buf.getvalue()
-
-
 def png_with_text(*items: tuple[str, str], image: Image.Image | None = None) -> bytes:
     info = PngImagePlugin.PngInfo()
     for key, value in items:
         info.add_text(key, value)
     return encode(image or gradient(), "PNG", pnginfo=info)
-
-
-def png_chunk(ctype: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
 
 
 def png_insert(png: bytes, *chunks: bytes) -> bytes:

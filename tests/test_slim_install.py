@@ -8,7 +8,6 @@ packages absent (``sys.modules[name] = None``: ``import`` raises ModuleNotFoundE
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image as PILImage
+from corpus import encode, photo
 from sqlalchemy import select
 
 from conftest import _free_port, image_states, synthguard_command, wait_until
@@ -48,9 +47,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subpr
 
 
 def _jpeg(seed: int) -> bytes:
-    out = io.BytesIO()
-    PILImage.new("RGB", (96, 80), (seed * 37 % 256, seed * 11 % 256, 90)).save(out, "JPEG", quality=90)
-    return out.getvalue()
+    return encode(photo(96, 80, seed), "JPEG", quality=90)
 
 
 @pytest.mark.parametrize("verb", ["worker", "scan", "eval", "demo"])
