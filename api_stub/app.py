@@ -26,7 +26,7 @@ from worker.celery_app import create_app as create_celery_app
 from worker.db import get_sessionmaker
 from worker.settings import Settings, get_settings
 
-from . import events, operations, scans, webhooks
+from . import events, operations, reviews, scans, webhooks
 from .bodylimit import BodyLimitMiddleware
 from .problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
 from .ratelimit import AddressGuard, RateLimiter
@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
     app.state.api = state
     install_problem_handlers(app)
     app.include_router(scans.router)
+    app.include_router(reviews.router)
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(operations.router)

@@ -15,6 +15,7 @@ from worker.intake import unique_refs
 from worker.models import DONE, FAILED, PROCESSING, QUEUED, Image, Scan
 from worker.netguard import URLPolicy
 from worker.queueing import IdempotencyConflict, enqueue
+from worker.reviews import latest as latest_reviews
 from worker.settings import Settings
 from worker.storage import ObjectRef
 
@@ -27,6 +28,7 @@ from .schemas import (
     ImageDetail,
     ImageOut,
     ImageRef,
+    ReviewOut,
     ScanAccepted,
     ScanCounts,
     ScanOut,
@@ -42,7 +44,7 @@ MAX_PAGE = 1000
 _Owned = TypeVar("_Owned", Scan, Image)
 
 
-def _owned(session: Session, model: type[_Owned], raw_id: str, client_id: uuid.UUID, what: str) -> _Owned:
+def owned(session: Session, model: type[_Owned], raw_id: str, client_id: uuid.UUID, what: str) -> _Owned:
     """The client's row of ``model`` with this path id; another client's answers the same 404 as none."""
     row = session.scalar(
         select(model).where(model.id == parse_id(raw_id, what), model.client_id == client_id)
@@ -219,7 +221,7 @@ def get_scan(
     offset: Annotated[int, Query(ge=0, description="Images to skip before listing.")] = 0,
 ) -> ScanOut:
     with get_state(request).sessions() as session:
-        scan = _owned(session, Scan, scan_id, client.id, "scan")
+        scan = owned(session, Scan, scan_id, client.id, "scan")
         sid = scan.id
         rows = session.execute(
             select(
@@ -264,8 +266,10 @@ def get_scan(
     response_model=ImageDetail,
     tags=["images"],
     summary="Read one image's state and result",
-    description="The image's state, score (p(synthetic)), flag, the model that scored it, provenance "
-    "signals, or the error that stopped it. Images of other API clients answer 404, as unknown ids do.",
+    description="The image's state, score (p(synthetic)), flag and what flagged it, the model that scored "
+    "it, provenance signals, its PDQ hash and any match in this client's bank of known AI images, the "
+    "image whose result it reused (`cached_from`, same bytes), its latest review, or the error that stopped "
+    "it. Images of other API clients answer 404, as unknown ids do.",
     responses={200: {"description": "The image."}, **problem_responses(401, 404, 429, 503)},
 )
 def get_image(
@@ -274,4 +278,7 @@ def get_image(
     client: AuthenticatedClient,
 ) -> ImageDetail:
     with get_state(request).sessions() as session:
-        return ImageDetail.model_validate(_owned(session, Image, image_id, client.id, "image"))
+        image = owned(session, Image, image_id, client.id, "image")
+        review = latest_reviews(session, [image.id]).get(image.id)
+        detail = ImageDetail.model_validate(image)
+        return detail.model_copy(update={"review": None if review is None else ReviewOut.model_validate(review)})

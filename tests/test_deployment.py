@@ -343,6 +343,8 @@ def test_adds_nothing_remote_and_copies_what_exists(dockerfile: tuple[str, list[
         if item["instruction"] == "ADD":
             assert not re.search(r"\b(https?|git)://|git@", item["value"]), item["content"]
         if item["instruction"] in ("ADD", "COPY"):
+            if "--from=" in item["value"]:
+                continue  # from a build stage of the same file, not the context
             *sources, _ = [p for p in shlex.split(item["value"]) if not p.startswith("--")]
             for source in sources:
                 assert (ROOT / source).exists(), source
@@ -351,7 +353,9 @@ def test_adds_nothing_remote_and_copies_what_exists(dockerfile: tuple[str, list[
 
 def test_pip_installs_are_pinned_by_pyproject(dockerfile: tuple[str, list[dict[str, Any]]]) -> None:
     _, structure = dockerfile
-    takes_value = {"-r", "--requirement", "--index-url", "-i", "--extra-index-url", "-c", "--constraint"}
+    takes_value = {
+        "-r", "--requirement", "--index-url", "-i", "--extra-index-url", "-c", "--constraint", "-f", "--find-links"
+    }  # fmt: skip
     installs = 0
     for item in structure:
         if item["instruction"] != "RUN":

@@ -193,8 +193,8 @@ def _scorer_with(settings: Any, sessions: sessionmaker[Session], score: Any) -> 
     """A Scorer whose score() is ``score(scorer, ref, original)``: to put one bad result or bug in a batch."""
 
     class Poisoned(Scorer):
-        def score(self, ref: ObjectRef, *, realtime: bool = False) -> ScoreResult:
-            return score(ref, lambda: Scorer.score(self, ref, realtime=realtime))
+        def score(self, ref: ObjectRef, *, realtime: bool = False, reuse: Any = None) -> ScoreResult:
+            return score(ref, lambda: Scorer.score(self, ref, realtime=realtime, reuse=reuse))
 
     return Poisoned(settings, Detector.from_settings(settings), sessions=sessions)
 

@@ -29,8 +29,18 @@ from worker.models import DONE, QUEUED, Image
 def slim_env(service_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     site = tmp_path / "slim-site"
     site.mkdir()
+    # A finder that answers "no such module", as an install without them would: a None placed in
+    # sys.modules instead looks present to libraries that only test `name in sys.modules` (psycopg).
     (site / "sitecustomize.py").write_text(
-        f"import sys\n\nfor name in {sorted(MODEL_STACK)!r}:\n    sys.modules[name] = None\n", encoding="utf-8"
+        "import sys\n\n\n"
+        "class Hidden:\n"
+        f"    names = {sorted(MODEL_STACK)!r}\n\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in self.names:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "        return None\n\n\n"
+        "sys.meta_path.insert(0, Hidden())\n",
+        encoding="utf-8",
     )
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     env = {**service_env, "PYTHONPATH": path}
@@ -126,6 +136,20 @@ def test_the_api_producers_and_beat_run_without_the_model_stack(
         shown = _run(["results", backfill["scan_id"], "--json"], slim_env)
         assert shown.returncode == 0, shown.stderr
         assert sorted(i["key"] for i in json.loads(shown.stdout)["images"]) == [f"old/{n}.jpg" for n in range(3)]
+
+        # The moderation loop's API and commands need no model stack either.
+        reviewed = httpx.post(
+            f"{base}/v1/images/{via_api[0]}/review",
+            json={"verdict": "ai"},
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=10,
+        )
+        assert reviewed.status_code == 201 and reviewed.json()["bank"] == "added", reviewed.text
+        exported = _run(["bank", "export", "--client", "slim"], slim_env)
+        assert exported.returncode == 0, exported.stderr
+        with sessions() as session:
+            banked = session.get(Image, via_api[0]).pdq
+        assert banked and banked in exported.stdout
     finally:
         api.terminate()
         api.wait(30)

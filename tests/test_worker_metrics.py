@@ -9,6 +9,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from corpus import encode
+from PIL import Image as PILImage
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
@@ -58,10 +60,11 @@ def test_a_real_worker_exports_metrics_that_move(
     versions = {dict(labels)["version"] for name, labels in before if name == "synthguard_model_info"}
     assert len(versions) == 1 and next(iter(versions)).startswith("sha256:")
 
-    body = (corpus_dir / GOOD).read_bytes()
+    original = PILImage.open(corpus_dir / GOOD)
     keys = [f"good/{i}.jpg" for i in range(N_GOOD)]
-    for key in keys:
-        s3_client.put_object(Bucket=bucket, Key=key, Body=body)
+    for quality, key in enumerate(keys, start=80):
+        # Different bytes for each: identical ones would reuse the first result and skip every stage.
+        s3_client.put_object(Bucket=bucket, Key=key, Body=encode(original, "JPEG", quality=quality))
     s3_client.put_object(Bucket=bucket, Key="bad/image.svg", Body=(corpus_dir / SVG).read_bytes())
     queued = enqueue(
         [(bucket, key) for key in [*keys, "bad/image.svg"]],

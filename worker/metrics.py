@@ -33,6 +33,14 @@ IMAGES_SCORED = Counter(
     "Images this worker scored and stored as done, by verdict (flagged=unknown: an untrained model gave no verdict).",
     ["flagged"],
 )
+IMAGES_CACHED = Counter(
+    "synthguard_images_cached_total",
+    "Images stored with the result of identical bytes the same client already had scored (cached_from).",
+)
+KNOWN_MATCHES = Counter(
+    "synthguard_known_matches_total",
+    "Images that matched a hash in their client's bank of known AI images (known_match).",
+)
 IMAGES_FAILED = Counter(
     "synthguard_images_failed_total",
     "Images this worker failed for good, by error code.",
@@ -80,7 +88,7 @@ WEBHOOK_ATTEMPTS = Counter(
 # Info appends "_info": the series is synthguard_model_info{name,version,device} 1.
 MODEL = Info("synthguard_model", "The detector this worker process has loaded.")
 
-STAGES = ("fetch", "decode", "provenance", "preprocess", "queue_wait", "forward", "store")
+STAGES = ("fetch", "decode", "provenance", "hash", "preprocess", "queue_wait", "forward", "store")
 
 # Scrapes must stay fast when the broker is slow or gone.
 BROKER_TIMEOUT_S = 0.5

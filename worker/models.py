@@ -1,5 +1,5 @@
 """Database models: ``api_clients`` and their ``client_grants``, ``scans``, ``images``,
-``webhook_deliveries`` and ``webhook_endpoints``.
+``image_reviews``, ``hash_bank``, ``webhook_deliveries`` and ``webhook_endpoints``.
 
 The schema changes only through Alembic migrations in ``migrations/``; a test
 fails when these models and the migrations disagree.
@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -198,6 +199,8 @@ class Image(Base):
         Index("ix_images_bucket_key", "bucket", "key"),
         # The same S3 event delivered twice must not create a second image.
         UniqueConstraint("client_id", "dedupe_key", name="uq_images_client_id_dedupe_key"),
+        # The result cache: a client's earlier result for the same bytes (worker.result_cache).
+        Index("ix_images_client_id_sha256", "client_id", "sha256"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -209,7 +212,7 @@ class Image(Base):
     version_id: Mapped[str | None] = mapped_column(String(1024))
     etag: Mapped[str | None] = mapped_column(String(200))
     dedupe_key: Mapped[str | None] = mapped_column(String(128))
-    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    sha256: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     format: Mapped[str | None] = mapped_column(String(16))
     width: Mapped[int | None] = mapped_column(Integer)
@@ -221,6 +224,18 @@ class Image(Base):
     model_name: Mapped[str | None] = mapped_column(String(200))
     model_version: Mapped[str | None] = mapped_column(String(100))
     provenance: Mapped[dict[str, Any] | None]
+    # Why it is flagged: "score", "provenance", "known_match" (null unless flagged).
+    flagged_by: Mapped[list[str] | None] = mapped_column(JSONType)
+    # The image whose result was reused: same client, same bytes, same model (worker.result_cache).
+    cached_from: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("images.id"))
+    # PDQ perceptual hash (64 hex digits) and its quality (0-100), of the decoded pixels.
+    pdq: Mapped[str | None] = mapped_column(String(64))
+    pdq_quality: Mapped[int | None] = mapped_column(Integer)
+    # All eight rotated and mirrored forms (32 bytes each, pdq first): a reuse of this result
+    # (cached_from) matches the bank as a fresh decode would, mirrored copies included.
+    pdq_forms: Mapped[bytes | None] = mapped_column(LargeBinary(256))
+    # The banked image it matched: {"image_id": ..., "distance": ...} (worker.hashbank).
+    known_match: Mapped[dict[str, Any] | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -237,6 +252,54 @@ class Image(Base):
             return self.key
         suffix = f"?versionId={self.version_id}" if self.version_id else ""
         return f"s3://{self.bucket}/{self.key}{suffix}"
+
+
+class ImageReview(Base):
+    """A person's decision on one image: ``ai`` or ``human``, by whom and when. The latest one counts."""
+
+    __tablename__ = "image_reviews"
+    __table_args__ = (
+        CheckConstraint("verdict IN ('ai', 'human')", name="verdict"),
+        Index("ix_image_reviews_image_id_created_at", "image_id", "created_at"),
+        # eval --from-reviews reads a client's reviews since a moment.
+        Index("ix_image_reviews_client_id_created_at", "client_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    image_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_clients.id", ondelete="CASCADE"))
+    verdict: Mapped[str] = mapped_column(String(8))
+    note: Mapped[str | None] = mapped_column(Text)
+    # Who decided: the API client's name and, when the request said, its reviewer; or the operator.
+    reviewer: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class HashBankEntry(Base):
+    """One PDQ hash in a client's bank of known AI images (NULL client: the operator's, for ``scan``).
+
+    Removal keeps the row (``removed_at``): workers refresh their in-memory
+    index from rows changed since they last looked, removals included.
+    """
+
+    __tablename__ = "hash_bank"
+    __table_args__ = (
+        CheckConstraint("source IN ('review', 'import')", name="source"),
+        UniqueConstraint("client_id", "hash", name="uq_hash_bank_client_id_hash"),
+        Index("ix_hash_bank_client_id_updated_at", "client_id", "updated_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_clients.id", ondelete="CASCADE"))
+    hash: Mapped[str] = mapped_column(String(64))
+    quality: Mapped[int | None] = mapped_column(Integer)
+    # The reviewed image that put it here; NULL for an imported hash.
+    image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    source: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    removed_at: Mapped[datetime | None]
 
 
 class WebhookDelivery(Base):

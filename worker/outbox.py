@@ -154,8 +154,10 @@ def add_image_flagged(session: Session, image_id: uuid.UUID, *, lease_s: float) 
         "etag": image.etag,
         "score": image.score,
         "threshold": image.threshold,
-        # Why it was flagged: the score, strong provenance evidence, or both.
-        "flagged_by": [
+        # Why it was flagged: the score, strong provenance evidence, a match in the client's bank.
+        "flagged_by": image.flagged_by
+        if image.flagged_by is not None
+        else [  # an image stored before flagged_by was recorded
             reason
             for reason, hit in (
                 ("score", image.score is not None and image.score >= image.threshold),
@@ -165,6 +167,8 @@ def add_image_flagged(session: Session, image_id: uuid.UUID, *, lease_s: float) 
         ],
         "model": {"name": image.model_name, "version": image.model_version},
         "provenance": image.provenance,
+        "known_match": image.known_match,
+        "cached_from": None if image.cached_from is None else str(image.cached_from),
         "metadata": scan.meta,
         "links": {"image": f"/v1/images/{image.id}", "scan": f"/v1/scans/{image.scan_id}"},
     }

@@ -40,6 +40,7 @@ from PIL import Image
 from . import errors
 from .errors import ConfigError, PermanentError, SynthguardError, TransientError
 from .imaging import decode_image
+from .pdq import PdqHash, hash_image
 from .provenance import read_provenance
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Stage names, in order, as the worker's metrics label them.
-STAGES = ("decode", "provenance", "preprocess")
+STAGES = ("decode", "provenance", "hash", "preprocess")
 
 # Signals that mean the child's own code crashed on its input, not that someone stopped it.
 _CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL})
@@ -101,7 +102,8 @@ class Prepared:
     pixels: np.ndarray  # the model's input for this image, as the transform made it (uint8 CxHxW, usually)
     provenance: dict[str, Any]
     provenance_ai: bool  # a strong signal says generative AI
-    seconds: tuple[float, float, float]  # time in each of STAGES
+    pdq: PdqHash | None  # the perceptual hash of the decoded pixels, for the bank (worker.hashbank)
+    seconds: tuple[float, float, float, float]  # time in each of STAGES
 
 
 def prepare_image(
@@ -136,6 +138,12 @@ def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | No
         checkpoint()
         read_at = time.perf_counter()
     image = decoded.image if decoded.image.mode == "RGB" else decoded.image.convert("RGB")
+    try:
+        pdq: PdqHash | None = hash_image(image)
+    except Exception:  # a hash is one signal: the image is still scored without it
+        log.exception("hashing a decoded %s image failed; it is scored without a PDQ hash", decoded.format)
+        pdq = None
+    hashed_at = time.perf_counter()
     pixels = np.asarray(spec.transform(image))
     done_at = time.perf_counter()
     return Prepared(
@@ -145,7 +153,8 @@ def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | No
         pixels=pixels,
         provenance=findings.to_json(),
         provenance_ai=findings.ai_strong,
-        seconds=(decoded_at - started, read_at - decoded_at, done_at - read_at),
+        pdq=pdq,
+        seconds=(decoded_at - started, read_at - decoded_at, hashed_at - read_at, done_at - hashed_at),
     )
 
 

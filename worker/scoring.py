@@ -10,6 +10,11 @@ forward pass) are written in one transaction, one commit for the lot.
 A bulk message carries a chunk of ids (:meth:`Scorer.process_chunk`): one
 statement claims them all, the images are scored one after another in the
 calling thread, and one transaction stores their results.
+
+Two shortcuts from the moderation loop run after the fetch: bytes this client
+already had scored by this model reuse that result (``cached_from``), and every
+image's PDQ hash is matched against its client's bank of known AI images
+(``known_match``, worker.hashbank).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
@@ -30,17 +35,18 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import errors, logs, metrics, outbox, preparing
+from . import errors, hashbank, logs, metrics, outbox, preparing
 from .batching import BatcherClosed, MicroBatcher
 from .db import database_unavailable, loggable, make_engine, make_sessionmaker, refusal
 from .detector import Detector
 from .errors import ImageNotFound, PermanentError, SynthguardError, TransientError
 from .intake import release_pending
 from .models import DONE, FAILED, PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
+from .pdq import PdqHash
 from .priority import RealtimeFirst
 from .sanitise import clean_text
 from .settings import Settings
-from .storage import ObjectRef, Storage
+from .storage import FetchedObject, ObjectRef, Storage
 from .tenancy import access_of
 from .webhooks import EVENT_IMAGE_FLAGGED
 
@@ -75,6 +81,12 @@ class ScoreResult:
     score: float
     provenance: dict[str, Any]
     provenance_ai: bool  # a strong signal says generative AI
+    # The perceptual hash; None for a reused result of an image stored before hashing existed.
+    pdq: PdqHash | None = None
+    # The image whose result this is, when its client had identical bytes scored before (Scorer._reused).
+    cached_from: uuid.UUID | None = None
+    # The bank entry it matched: {"image_id", "distance", ...} (worker.hashbank).
+    known_match: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,7 @@ class Claim:
 
     image_id: uuid.UUID
     scan_id: uuid.UUID
+    client_id: uuid.UUID | None
     ref: ObjectRef
     attempts: int
     granted: bool
@@ -198,6 +211,8 @@ class Scorer:
         )
         # Realtime images first among this process's threads (worker.priority).
         self.lanes = RealtimeFirst()
+        # Each client's bank of known AI images, held in memory and refreshed from the table.
+        self.banks = hashbank.Banks(self.sessions, refresh_s=settings.bank_refresh_s)
         self._closed = threading.Event()
 
     def close(self) -> None:
@@ -217,17 +232,27 @@ class Scorer:
 
     # ------------------------------------------------------------ no database
 
-    def score(self, ref: ObjectRef, *, realtime: bool = False) -> ScoreResult:
-        """Fetch, sniff, decode, preprocess, and wait for the batched forward pass.
+    def score(
+        self,
+        ref: ObjectRef,
+        *,
+        realtime: bool = False,
+        reuse: Callable[[FetchedObject], ScoreResult | None] | None = None,
+    ) -> ScoreResult:
+        """Fetch, sniff, decode, preprocess, hash, and wait for the batched forward pass.
 
         Realtime images go first: while one is here, other images wait at their
         next CPU stage (worker.priority), and its forward pass starts as soon as
-        the model is free, without waiting for a batch to fill.
+        the model is free, without waiting for a batch to fill. ``reuse`` is
+        asked, once the bytes are in hand, for an earlier result of the same
+        bytes; when it has one, nothing else runs.
         """
         with self.lanes.realtime() if realtime else nullcontext():
-            return self._score(ref, realtime=realtime)
+            return self._score(ref, realtime=realtime, reuse=reuse)
 
-    def _score(self, ref: ObjectRef, *, realtime: bool) -> ScoreResult:
+    def _score(
+        self, ref: ObjectRef, *, realtime: bool, reuse: Callable[[FetchedObject], ScoreResult | None] | None
+    ) -> ScoreResult:
         stage = metrics.STAGE_SECONDS.labels
 
         def checkpoint() -> None:
@@ -236,6 +261,8 @@ class Scorer:
 
         with stage("fetch").time():
             fetched = self.storage.fetch(ref)
+        if reuse is not None and (reused := reuse(fetched)) is not None:
+            return reused
         checkpoint()
         # Decode, provenance, preprocess: in this thread, or in a preparing process (worker.preparing).
         prepared = self.preparer.prepare(fetched.data, urgent=realtime, checkpoint=checkpoint)
@@ -264,7 +291,80 @@ class Scorer:
             score=float(score),
             provenance=prepared.provenance,
             provenance_ai=prepared.provenance_ai,
+            pdq=prepared.pdq,
         )
+
+    def _reused(self, client_id: uuid.UUID | None, fetched: FetchedObject) -> ScoreResult | None:
+        """This client's earlier result for the same bytes and model, if there is one (the result cache).
+
+        Only the client's own images are looked at, so a hit tells it nothing
+        about other clients. Only originals are reused (``cached_from`` null),
+        so every reuse names the image that was really scored.
+        """
+        columns = _IMAGES.c
+        owner = columns.client_id.is_(None) if client_id is None else columns.client_id == client_id
+        with self.sessions() as session:
+            row = session.execute(
+                select(
+                    columns.id,
+                    columns.format,
+                    columns.width,
+                    columns.height,
+                    columns.score,
+                    columns.provenance,
+                    columns.pdq_forms,
+                    columns.pdq_quality,
+                )
+                .where(
+                    owner,
+                    columns.sha256 == fetched.sha256,
+                    columns.state == DONE,
+                    columns.model_name == self.detector.name,
+                    columns.model_version == self.detector.version,
+                    columns.cached_from.is_(None),
+                    columns.score.is_not(None),
+                )
+                .order_by(columns.completed_at)
+                .limit(1)
+            ).one_or_none()
+        if row is None:
+            return None
+        provenance = row.provenance or {}
+        return ScoreResult(
+            etag=fetched.etag,
+            version_id=fetched.version_id,
+            sha256=fetched.sha256,
+            size_bytes=fetched.size,
+            format=row.format,
+            width=row.width,
+            height=row.height,
+            score=float(row.score),
+            provenance=provenance,
+            provenance_ai=bool(provenance.get("ai")),
+            pdq=None if row.pdq_forms is None else PdqHash.from_bytes(row.pdq_forms, int(row.pdq_quality or 0)),
+            cached_from=row.id,
+        )
+
+    def _known(self, client_id: uuid.UUID | None, result: ScoreResult) -> ScoreResult:
+        """``result`` with the bank entry its hash matches, if any (hashes under the quality floor match nothing)."""
+        pdq, settings = result.pdq, self.settings
+        if pdq is None or pdq.quality < settings.bank_min_quality:
+            return result
+        match = self.banks.nearest(client_id, pdq.forms, settings.bank_match_distance)
+        if match is None:
+            return result
+        with self.sessions() as session:
+            known = match.to_json(session, client_id)
+        return replace(result, known_match=known)
+
+    def _score_claim(self, claim: Claim, *, realtime: bool) -> ScoreResult:
+        """Score a claimed image (or reuse the result of its bytes), then match it against its client's bank."""
+        reuse = (
+            (lambda fetched: self._reused(claim.client_id, fetched)) if self.settings.result_cache else None
+        )
+        with outage_is_transient():
+            result = self.score(claim.ref, realtime=realtime, reuse=reuse)
+            return self._known(claim.client_id, result)
 
     # --------------------------------------------------------------- database
 
@@ -277,13 +377,8 @@ class Scorer:
         ``realtime``: the image came from the realtime lane and goes first (see
         :meth:`score`); its result is written at once, not batched with others.
         """
-        try:
+        with outage_is_transient():
             return self._process(image_id, realtime=realtime)
-        except DBAPIError as exc:
-            if not database_unavailable(exc):
-                raise
-            # The database restarting or unreachable: the image keeps its state; try again later.
-            raise TransientError(f"database unavailable: {exc.orig}", code=errors.DATABASE_UNAVAILABLE) from exc
 
     def _process(self, image_id: uuid.UUID, *, realtime: bool) -> Outcome:
         claim = self._claim(image_id)
@@ -319,12 +414,8 @@ class Scorer:
         Raises :class:`TransientError` when the database is unavailable: the
         chunk's images keep their state, and the caller retries the chunk.
         """
-        try:
+        with outage_is_transient():
             return self._process_chunk(list(dict.fromkeys(image_ids)), should_yield)
-        except DBAPIError as exc:
-            if not database_unavailable(exc):
-                raise
-            raise TransientError(f"database unavailable: {exc.orig}", code=errors.DATABASE_UNAVAILABLE) from exc
 
     def _process_chunk(
         self, image_ids: list[uuid.UUID], should_yield: Callable[[], bool] | None
@@ -446,7 +537,7 @@ class Scorer:
                 "the API client is disabled or no longer has a grant for this object; it was not fetched",
             )
         try:
-            return self.score(claim.ref, realtime=realtime)
+            return self._score_claim(claim, realtime=realtime)
         except PermanentError as exc:
             return self._fail(image_id, exc.code, exc.message)
         except TransientError as exc:
@@ -543,6 +634,7 @@ class Scorer:
                 Claim(
                     image_id=row.id,
                     scan_id=row.scan_id,
+                    client_id=row.client_id,
                     ref=ObjectRef(bucket=row.bucket, key=row.key, version_id=row.version_id),
                     attempts=int(row.attempts),
                     granted=granted,
@@ -633,15 +725,21 @@ class Scorer:
                 if row.state not in (QUEUED, PROCESSING):
                     answers[image_id] = Outcome.unchanged(image_id, row)
                     continue
-                flagged = self._verdict(result, float(row.threshold))
+                flagged, flagged_by = self._verdict(result, float(row.threshold))
                 writer_of[image_id] = index
                 answers[image_id] = Outcome(image_id, DONE, score=result.score, flagged=flagged)
                 released[row.scan_id] = released.get(row.scan_id, 0) + 1
-                changes.append({"image_id": image_id, **self._stored_values(result, flagged)})
+                changes.append({"image_id": image_id, **self._stored_values(result, flagged, flagged_by)})
             self._mark_done(session, changes)
             completed = [scan for scan in sorted(released) if release_pending(session, scan, released[scan])]
             flagged_ids = [image_id for image_id in sorted(writer_of) if answers[image_id].flagged]
             deliveries = self._announce(session, rows, sorted(released), flagged_ids, completed)
+        for index in writer_of.values():
+            stored = items[index][1]
+            if stored.cached_from is not None:
+                metrics.IMAGES_CACHED.inc()
+            if stored.known_match is not None:
+                metrics.KNOWN_MATCHES.inc()
         self._publish(deliveries)
         out: list[Outcome | Exception] = []
         for index, (image_id, _) in enumerate(items):
@@ -684,7 +782,7 @@ class Scorer:
             )
         }
 
-    def _stored_values(self, result: ScoreResult, flagged: bool | None) -> dict[str, Any]:
+    def _stored_values(self, result: ScoreResult, flagged: bool | None, flagged_by: list[str] | None) -> dict[str, Any]:
         """The columns one result sets, keyed by their bind names in :meth:`_mark_done`."""
         return {
             "etag": result.etag,
@@ -696,9 +794,15 @@ class Scorer:
             "height": result.height,
             "score": result.score,
             "flagged": flagged,
+            "flagged_by": flagged_by,
             "model_name": self.detector.name,
             "model_version": self.detector.version,
             "provenance": result.provenance,
+            "cached_from": result.cached_from,
+            "pdq": None if result.pdq is None else result.pdq.hex,
+            "pdq_quality": None if result.pdq is None else result.pdq.quality,
+            "pdq_forms": None if result.pdq is None else b"".join(result.pdq.forms),
+            "known_match": result.known_match,
         }
 
     @staticmethod
@@ -754,16 +858,27 @@ class Scorer:
         del held
         return deliveries
 
-    def _verdict(self, result: ScoreResult, threshold: float) -> bool | None:
-        """Flagged when the score reaches the threshold, or a strong provenance signal says AI.
+    def _verdict(self, result: ScoreResult, threshold: float) -> tuple[bool | None, list[str] | None]:
+        """Whether the image is flagged, and what flagged it: ``score``, ``provenance``, ``known_match``.
 
-        Absence of provenance proves nothing and never lowers the verdict. An
-        untrained model's score is no verdict at all: only provenance can flag then.
+        Flagged when the score reaches the threshold, a strong provenance signal
+        says AI, or the image matches its client's bank. Absence of provenance
+        or of a match proves nothing and never lowers the verdict. An untrained
+        model's score is no verdict at all: only provenance or a match can flag then.
         """
-        by_provenance = self.settings.provenance_flags and result.provenance_ai
-        if self.detector.untrained:
-            return True if by_provenance else None
-        return result.score >= threshold or by_provenance
+        settings = self.settings
+        reasons = [
+            reason
+            for reason, hit in (
+                ("score", not self.detector.untrained and result.score >= threshold),
+                ("provenance", settings.provenance_flags and result.provenance_ai),
+                ("known_match", settings.bank_flags and result.known_match is not None),
+            )
+            if hit
+        ]
+        if reasons:
+            return True, reasons
+        return (None if self.detector.untrained else False), None
 
     def _fail(self, image_id: uuid.UUID, code: str, message: str) -> Outcome:
         # Messages may quote the file (a decoder's complaint, a metadata value): one boundary.
@@ -826,6 +941,17 @@ class Scorer:
             if image is None:
                 raise ImageNotFound(f"image {image_id} does not exist")
             return Outcome.unchanged(image_id, image)
+
+
+@contextmanager
+def outage_is_transient() -> Iterator[None]:
+    """The database restarting or unreachable becomes a TransientError: the image keeps its state; try later."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if not database_unavailable(exc):
+            raise
+        raise TransientError(f"database unavailable: {exc.orig}", code=errors.DATABASE_UNAVAILABLE) from exc
 
 
 def _count_scored(outcome: Outcome) -> None:

@@ -119,6 +119,39 @@ class Settings(BaseSettings):
         "parameters, Stable Diffusion watermark) flag an image even when its score is under the threshold.",
     )
 
+    result_cache: bool = Field(
+        True,
+        description="Reuse a result for identical bytes: an image whose sha256 the same API client already "
+        "had scored by the same model version takes that result (score, provenance, hash; its verdict under "
+        "its own threshold) and names it in cached_from. Never across clients. The object is still fetched "
+        "to hash it; decode, provenance and the forward pass are saved.",
+    )
+    bank_match_distance: int = Field(
+        31,
+        ge=0,
+        le=255,
+        description="Most bits (of 256) an image's PDQ hash, in any of its rotated or mirrored forms, may "
+        "differ from a hash in its client's bank to match it. 31 is PDQ's published operating point.",
+    )
+    bank_min_quality: int = Field(
+        50,
+        ge=0,
+        le=100,
+        description="Least PDQ quality (0-100) a hash needs to be matched or banked: flat, featureless "
+        "images hash alike and would match each other. 50 is PDQ's published operating point.",
+    )
+    bank_flags: bool = Field(
+        True,
+        description="Flag an image that matches its client's bank of known AI images, whatever its score "
+        "(flagged_by names known_match). Off: the match is recorded in known_match and flags nothing.",
+    )
+    bank_refresh_s: float = Field(
+        5.0,
+        ge=0,
+        description="How often, at most, a worker reads a client's bank again for hashes added or removed "
+        "since: a review reaches matching within this many seconds.",
+    )
+
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest object fetched.")
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest width*height decoded, checked from the header."

@@ -27,7 +27,11 @@ __all__ = [
     "ImageDetail",
     "ImageOut",
     "ImageRef",
+    "KnownMatch",
     "ObjectIn",
+    "ReviewIn",
+    "ReviewOut",
+    "ReviewRecorded",
     "ScanAccepted",
     "ScanCounts",
     "ScanOut",
@@ -241,6 +245,60 @@ class ScanCounts(BaseModel):
     flagged: int = Field(description="Scored and at or over their threshold.", examples=[2])
 
 
+class KnownMatch(BaseModel):
+    """The bank entry an image matched."""
+
+    image_id: uuid.UUID | None = Field(
+        description="The reviewed image that put the hash in the bank; null for an imported hash.",
+        examples=[EXAMPLE_IMAGE_ID],
+    )
+    distance: int = Field(description="Bits (of 256) the hashes differ by.", examples=[6])
+    hash: str | None = Field(None, description="The banked hash, 64 hex digits.")
+    source: Literal["review", "import"] | None = Field(None, description="How the hash entered the bank.")
+    label: str | None = Field(None, description="The label an imported hash came with.", examples=[None])
+
+
+class ReviewIn(BaseModel):
+    """A person's decision on an image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Literal["ai", "human"] = Field(
+        description="`ai`: the image is AI-generated; its hash enters this client's bank, so re-uploads of it "
+        "(re-encoded, resized, lightly cropped, rotated or mirrored) are flagged. `human`: it is not; its "
+        "hash leaves the bank."
+    )
+    note: str | None = Field(None, max_length=2000, description="Free text kept with the decision.")
+    reviewer: str | None = Field(
+        None,
+        max_length=200,
+        description="Who decided, in your terms (a moderator's id). Omitted: the API client's name.",
+        examples=["moderator-17"],
+    )
+
+
+class ReviewOut(BaseModel):
+    """A recorded review."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID = Field(description="The review's id.")
+    image_id: uuid.UUID = Field(description="The image reviewed.", examples=[EXAMPLE_IMAGE_ID])
+    verdict: Literal["ai", "human"] = Field(description="The decision.")
+    note: str | None = Field(description="The note, if one was given.")
+    reviewer: str = Field(description="Who decided.", examples=["moderator-17"])
+    created_at: UtcDatetime = Field(description="When (UTC).")
+
+
+class ReviewRecorded(ReviewOut):
+    """A review, and what it did to the client's bank of known AI images."""
+
+    bank: Literal["added", "already_banked", "removed", "not_banked", "no_hash", "low_quality"] = Field(
+        description="`added` / `already_banked` (ai), `removed` / `not_banked` (human), `no_hash` (the image "
+        "was never decoded), `low_quality` (its hash is too featureless to match on, so it was not banked)."
+    )
+
+
 class ImageOut(BaseModel):
     """One image: where it is, its state and, once done, its score."""
 
@@ -263,7 +321,17 @@ class ImageOut(BaseModel):
         description="p(synthetic) from 0 to 1: how likely the image was AI-generated. Null unless done.",
         examples=[0.93],
     )
-    flagged: bool | None = Field(description="`score >= threshold`; null unless done.", examples=[True])
+    flagged: bool | None = Field(
+        description="Whether the image is flagged: its score reached the threshold, a strong provenance signal "
+        "says AI, or it matches its client's bank of known AI images (`flagged_by` says which). Null unless "
+        "done, and when an untrained model gave no verdict.",
+        examples=[True],
+    )
+    flagged_by: list[Literal["score", "provenance", "known_match"]] | None = Field(
+        None,
+        description="What flagged it: `score`, `provenance`, `known_match`; null unless flagged.",
+        examples=[["score"]],
+    )
     threshold: float = Field(description="The flag threshold this image was judged by.", examples=[0.8])
     model_name: str | None = Field(
         description="Model architecture that scored it.", examples=["tf_mobilenetv3_large_100"]
@@ -274,6 +342,28 @@ class ImageOut(BaseModel):
     )
     provenance: dict[str, Any] | None = Field(
         description="Provenance signals read from the file (C2PA, EXIF, generator tags).", examples=[None]
+    )
+    cached_from: uuid.UUID | None = Field(
+        None,
+        description="When this client had the same bytes scored by the same model before: that image, whose "
+        "score, provenance and hash were reused (the verdict is this image's own, under its threshold).",
+        examples=[None],
+    )
+    pdq: str | None = Field(
+        None,
+        description="PDQ perceptual hash of the decoded pixels, 64 hex digits; null until decoded.",
+        examples=["f8f8f0cee0f4a84f06370a22038f63f0b36e2ed596621e1d33e6b39c4e9c9b22"],
+    )
+    pdq_quality: int | None = Field(
+        None,
+        description="PDQ's quality of that hash, 0-100: under the bank's minimum (50 by default), the image "
+        "is neither matched nor banked.",
+        examples=[100],
+    )
+    known_match: KnownMatch | None = Field(
+        None,
+        description="The hash in this client's bank that the image (or a rotated or mirrored form) is within "
+        "the match distance of; null when none.",
     )
     error_code: str | None = Field(
         description="Why the image could not be scored (`object_not_found`, `corrupt_image`, ...); null "
@@ -287,9 +377,12 @@ class ImageOut(BaseModel):
 
 
 class ImageDetail(ImageOut):
-    """One image, with the scan it belongs to."""
+    """One image, with the scan it belongs to and its latest review."""
 
     scan_id: uuid.UUID = Field(description="The scan this image belongs to.", examples=[EXAMPLE_SCAN_ID])
+    review: ReviewOut | None = Field(
+        None, description="The latest review of this image (`POST /v1/images/{id}/review`); null when none."
+    )
 
 
 class ScanOut(BaseModel):

@@ -43,6 +43,7 @@ MODEL_STACK = {
     "pillow_heif": "pillow-heif",
     "simplejpeg": "simplejpeg",
     "c2pa": "c2pa-python",
+    "pdqhash": "pdqhash",
     "matplotlib": "matplotlib",
 }
 MODEL_EXTRA_HINT = "pip install 'synthguard[model]'"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,16 @@ def _eval_set(source: str, settings: Settings) -> tuple[list[LabelledRef], int]:
         raise _fail(str(exc)) from exc
 
 
+def _reviewed_set(settings: Settings, since: datetime | None, client: str | None) -> list[LabelledRef]:
+    """The reviewed images, labelled by their latest review."""
+    from ..evaluation import reviewed_set
+
+    try:
+        return reviewed_set(settings, since=None if since is None else since.replace(tzinfo=UTC), client=client)
+    except (ValueError, ConfigError) as exc:
+        raise _fail(str(exc)) from exc
+
+
 def _eval_scores(settings: Settings, labelled: list[LabelledRef], source: str) -> ScoredSet:
     """Score the labelled set with the configured checkpoint (stored results of the same bytes reused)."""
     from ..evaluation import score_labelled
@@ -40,7 +51,19 @@ def _eval_scores(settings: Settings, labelled: list[LabelledRef], source: str) -
 
 
 @main.command("eval")
-@click.argument("source")
+@click.argument("source", required=False)
+@click.option(
+    "--from-reviews",
+    is_flag=True,
+    help="Use the images people reviewed (POST /v1/images/{id}/review, `synthguard review`) as the labelled "
+    "set, each labelled by its latest review, instead of SOURCE.",
+)
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+    help="With --from-reviews: only images whose latest review is at or after this time (UTC).",
+)
+@click.option("--client", help="With --from-reviews: only this API client's images (name or id).")
 @click.option(
     "--out",
     "out_dir",
@@ -70,7 +93,10 @@ def _eval_scores(settings: Settings, labelled: list[LabelledRef], source: str) -
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def eval_command(
-    source: str,
+    source: str | None,
+    from_reviews: bool,
+    since: datetime | None,
+    client: str | None,
     out_dir: Path,
     target_fprs: tuple[float, ...],
     bootstrap: int,
@@ -84,7 +110,10 @@ def eval_command(
     SOURCE is a local directory or an s3://bucket/prefix holding ai/ and
     real/ folders (a folder under either, such as ai/midjourney/, is reported
     as its own source), or a CSV file of key,label[,source] rows (key: a path
-    or an s3:// URI; label: ai or real). Images are scored in-process and
+    or an s3:// URI; label: ai or real). With --from-reviews, the set is the
+    images people reviewed on your own traffic (ai or human; each client is
+    reported as its own source): the report's thresholds for a target
+    false-positive rate are then picked on that traffic. Images are scored in-process and
     stored like `synthguard scan`; images this model version already scored
     (same bytes) come from the database. Writes OUT/report.md with ROC,
     precision-recall, score histogram and reliability plots.
@@ -94,9 +123,19 @@ def eval_command(
 
     settings = _settings(threshold=threshold)
     targets = target_fprs or (0.01, 0.001)
-    labelled, unlabelled = _eval_set(source, settings)
-    if not labelled:
-        raise _fail(f"no labelled images in {source} (expected ai/ and real/ folders, or a CSV of key,label)")
+    if from_reviews == (source is not None):
+        raise _fail("give either SOURCE or --from-reviews")
+    if not from_reviews and (since is not None or client is not None):
+        raise _fail("--since and --client go with --from-reviews")
+    if source is None:
+        labelled, unlabelled = _reviewed_set(settings, since, client), 0
+        source = "reviews" + (f" of {client}" if client else "") + (f" since {since:%Y-%m-%d %H:%M}" if since else "")
+        if not labelled:
+            raise _fail(f"no reviewed images ({source})")
+    else:
+        labelled, unlabelled = _eval_set(source, settings)
+        if not labelled:
+            raise _fail(f"no labelled images in {source} (expected ai/ and real/ folders, or a CSV of key,label)")
     items, model_name, version = _eval_scores(settings, labelled, source)
     metrics = evaluate(
         items, threshold=settings.threshold, target_fprs=targets, bootstrap=bootstrap, seed=seed

@@ -170,7 +170,9 @@ def _print_scan(
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for image in images:
         score = "" if image.score is None else f"{image.score:.4f}"
-        flagged = "" if image.flagged is None else ("yes" if image.flagged else "no")
+        if image.cached_from is not None:
+            score += f" (same bytes as {image.cached_from})"
+        flagged = _flag_cell(image)
         error = f"{image.error_code}: {image.error_message}" if image.error_code else ""
         model = f"{image.model_name}@{image.model_version}" if image.model_version else ""
         table.add_row(
@@ -179,6 +181,18 @@ def _print_scan(
     console.print(table)
     console.print(f"{len(images)} images: {_summary(counts)}")
     return not_done, untrained
+
+
+def _flag_cell(image: Image) -> str:
+    """yes/no, and what flagged it; a bank match shows its distance."""
+    if image.flagged is None:
+        return ""
+    if not image.flagged:
+        return "no"
+    reasons = list(image.flagged_by or [])
+    if image.known_match and "known_match" in reasons:
+        reasons[reasons.index("known_match")] = f"known match ({image.known_match.get('distance')} bits)"
+    return "yes" + (f": {', '.join(reasons)}" if reasons else "")
 
 
 def _provenance_summary(provenance: dict[str, Any] | None) -> str:

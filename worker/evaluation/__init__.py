@@ -1,7 +1,7 @@
 """Evaluation on a labelled set: labels, scores, detection metrics, the report.
 
-``labels`` reads which images are AI and which real (a folder layout or a
-CSV); ``scores`` scores them, reusing stored results for the same bytes;
+``labels`` reads which images are AI and which real (a folder layout, a
+CSV, or people's reviews); ``scores`` scores them, reusing stored results for the same bytes;
 ``metrics`` measures the scores with numpy only; ``report`` writes
 ``report.md`` and its plots. ``synthguard eval`` (worker/cli/evaluate.py)
 runs them in that order. Importing this package loads neither the database
@@ -21,6 +21,7 @@ from .labels import (
     labelled_set,
     parse_label,
     read_label_csv,
+    reviewed_set,
 )
 from .metrics import (
     Confusion,
@@ -61,6 +62,7 @@ __all__ = [
     "precision_recall_curve",
     "read_label_csv",
     "reliability",
+    "reviewed_set",
     "roc_auc",
     "roc_curve",
     "score_labelled",

@@ -1,8 +1,9 @@
-"""Labelled sets: which images are AI and which real, read from a folder layout or a CSV.
+"""Labelled sets: which images are AI and which real, read from a folder layout, a CSV, or reviews.
 
 A set is ``ai/`` and ``real/`` folders (a folder under either is a source of
 its own, such as ``ai/midjourney``) in a local directory or under an S3
-prefix, or a CSV of ``key,label[,source]`` rows.
+prefix, or a CSV of ``key,label[,source]`` rows, or the images people
+reviewed (``image_reviews``: ``ai`` or ``human``, the latest review of each).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import csv
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,8 @@ class LabelledRef:
     ref: ObjectRef
     label: int
     group: str
+    # The bytes' digest when already known (a reviewed image): the object need not be fetched to find it.
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,3 +146,40 @@ def labelled_set(source: str, settings: Settings) -> tuple[list[LabelledRef], in
             raise ValueError(f"{source}: not a directory or a .csv file")
     target = source.rstrip("/") + "/" if source.startswith("s3://") else root
     return label_refs(collect_refs([target], settings, recursive=True), root)
+
+
+def reviewed_set(settings: Settings, *, since: datetime | None = None, client: str | None = None) -> list[LabelledRef]:
+    """The images people reviewed (the latest review of each, at or after ``since``), labelled by that review.
+
+    ``client``: only that API client's images (a name or an id); otherwise every
+    client's and the operator's. Each image's source group is its client's name.
+    Raises ValueError for an unknown client.
+    """
+    from sqlalchemy import select
+
+    from ..clients import ClientNotFound, find_client
+    from ..db import ensure_schema, get_sessionmaker
+    from ..models import ApiClient
+    from ..reviews import AI as REVIEWED_AI
+    from ..reviews import reviewed
+
+    sessions = get_sessionmaker(settings.database_url)
+    ensure_schema(sessions.kw["bind"])
+    with sessions() as session:
+        client_id = None
+        if client is not None:
+            try:
+                client_id = find_client(session, client).id
+            except ClientNotFound as exc:
+                raise ValueError(str(exc)) from exc
+        rows = reviewed(session, since=since, client_id=client_id, every_client=client is None)
+        names = {row.id: row.name for row in session.execute(select(ApiClient.id, ApiClient.name))}
+        return [
+            LabelledRef(
+                ref=ObjectRef(bucket=image.bucket, key=image.key, version_id=image.version_id),
+                label=AI if verdict == REVIEWED_AI else REAL,
+                group=names.get(image.client_id, "operator") if image.client_id else "operator",
+                sha256=image.sha256,
+            )
+            for image, verdict in rows
+        ]

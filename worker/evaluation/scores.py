@@ -56,6 +56,8 @@ def score_labelled(
     storage = Storage(settings)
 
     def digest(item: LabelledRef) -> str | None:
+        if item.sha256 is not None:
+            return item.sha256
         try:
             return storage.fetch(item.ref).sha256
         except SynthguardError:

@@ -1,0 +1,308 @@
+"""A client's bank of known AI images: PDQ hashes in ``hash_bank``, and matching new images against it.
+
+A review ``ai`` puts the image's hash in its client's bank and ``human`` takes
+it out (worker.reviews); ``synthguard bank import``/``export`` move banks as
+CSV. Rows are never deleted: a removed hash keeps its row with ``removed_at``,
+so that workers, which hold each bank in memory (:class:`Banks`, over a
+worker.hashindex.HashIndex), learn of removals by reading the rows changed
+since they last looked. Client ``None`` is the operator's bank: it serves the
+images of ``synthguard scan``, which have no API client.
+
+The table functions need SQL alone (the API calls them); :class:`Banks`
+needs numpy (the worker has it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import HashBankEntry, utcnow
+from .pdq import MIN_QUALITY, parse_hex
+from .sanitise import clean_text
+
+if TYPE_CHECKING:
+    from .hashindex import HashIndex
+
+log = logging.getLogger(__name__)
+
+SOURCE_REVIEW = "review"
+SOURCE_IMPORT = "import"
+
+# How far back, before the newest change a worker has seen, it reads again: a change committed
+# late (a long transaction, another host's clock behind) still reaches it. Re-reading is harmless.
+REFRESH_LOOKBACK = timedelta(seconds=60)
+# A refresh that brings more changes than this reloads the whole bank instead (an import).
+RELOAD_AT = 10_000
+MAX_LABEL = 200
+CSV_FIELDS = ("hash", "quality", "label", "source", "image_id", "created_at")
+
+
+def _of_client(client_id: uuid.UUID | None) -> ColumnElement[bool]:
+    column = HashBankEntry.client_id
+    return column.is_(None) if client_id is None else column == client_id
+
+
+def add(
+    session: Session,
+    client_id: uuid.UUID | None,
+    hash_hex: str,
+    *,
+    quality: int | None,
+    source: str,
+    image_id: uuid.UUID | None = None,
+    label: str | None = None,
+) -> bool:
+    """Put a hash in the bank, or bring a removed one back; False when it was there and live already."""
+    now = utcnow()
+    entry = session.scalar(select(HashBankEntry).where(_of_client(client_id), HashBankEntry.hash == hash_hex))
+    if entry is None:
+        try:
+            with session.begin_nested():
+                session.add(
+                    HashBankEntry(
+                        client_id=client_id,
+                        hash=hash_hex,
+                        quality=quality,
+                        source=source,
+                        image_id=image_id,
+                        label=label,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+            return True
+        except IntegrityError:
+            # Added by someone else meanwhile: theirs stands.
+            return False
+    if entry.removed_at is None:
+        return False
+    entry.removed_at = None
+    entry.updated_at = now
+    entry.source, entry.image_id, entry.quality = source, image_id, quality
+    entry.label = label or entry.label
+    return True
+
+
+def remove(session: Session, client_id: uuid.UUID | None, hash_hex: str) -> bool:
+    """Take a hash out of the bank; False when it was not in it."""
+    now = utcnow()
+    result = session.execute(
+        update(HashBankEntry)
+        .where(_of_client(client_id), HashBankEntry.hash == hash_hex, HashBankEntry.removed_at.is_(None))
+        .values(removed_at=now, updated_at=now)
+    )
+    return bool(result.rowcount)
+
+
+def entry_for(session: Session, client_id: uuid.UUID | None, hash_hex: str) -> HashBankEntry | None:
+    return session.scalar(select(HashBankEntry).where(_of_client(client_id), HashBankEntry.hash == hash_hex))
+
+
+def size(session: Session, client_id: uuid.UUID | None) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).select_from(HashBankEntry).where(_of_client(client_id), HashBankEntry.removed_at.is_(None))
+        )
+        or 0
+    )
+
+
+# ------------------------------------------------------------------ CSV
+
+
+@dataclass
+class ImportReport:
+    added: int = 0
+    present: int = 0  # already in the bank
+    low_quality: int = 0  # quality given and under the minimum: not banked
+    invalid: list[str] | None = None  # "line N: why", for the first few bad lines
+
+    def bad(self, line: int, why: str) -> None:
+        self.invalid = self.invalid or []
+        if len(self.invalid) < 20:
+            self.invalid.append(f"line {line}: {why}")
+
+
+def read_csv(text: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """Rows of a bank CSV: (line number, fields). A header row is optional; without one the
+    columns are hash[,quality[,label]]. A file of bare hashes, one per line, is such a CSV."""
+    rows = csv.reader(io.StringIO(text))
+    header: list[str] | None = None
+    for number, row in enumerate(rows, start=1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if header is None and number == 1:
+            try:
+                parse_hex(row[0])
+            except ValueError:
+                header = [name.strip().lower() for name in row]
+                if "hash" not in header:
+                    raise ValueError("the header row names no 'hash' column") from None
+                continue
+        names = header or ["hash", "quality", "label"]
+        yield number, {name: value.strip() for name, value in zip(names, row, strict=False)}
+
+
+def import_rows(
+    session: Session,
+    client_id: uuid.UUID | None,
+    rows: Iterable[tuple[int, dict[str, str]]],
+    *,
+    min_quality: int = MIN_QUALITY,
+) -> ImportReport:
+    """Add each row's hash to the bank (as ``import``); count what happened to each."""
+    report = ImportReport()
+    for number, row in rows:
+        try:
+            hash_hex = parse_hex(row.get("hash", "")).hex()
+        except ValueError as exc:
+            report.bad(number, str(exc))
+            continue
+        quality: int | None = None
+        if row.get("quality"):
+            try:
+                quality = int(row["quality"])
+            except ValueError:
+                report.bad(number, f"quality {row['quality'][:20]!r} is not a whole number")
+                continue
+            if not 0 <= quality <= 100:
+                report.bad(number, f"quality {quality} is not between 0 and 100")
+                continue
+            if quality < min_quality:
+                report.low_quality += 1
+                continue
+        label = clean_text(row["label"], MAX_LABEL) if row.get("label") else None
+        if add(session, client_id, hash_hex, quality=quality, source=SOURCE_IMPORT, label=label):
+            report.added += 1
+        else:
+            report.present += 1
+    return report
+
+
+def export_rows(session: Session, client_id: uuid.UUID | None) -> Iterator[dict[str, Any]]:
+    """The live hashes of a bank, oldest first, as :data:`CSV_FIELDS` rows."""
+    query = (
+        select(HashBankEntry)
+        .where(_of_client(client_id), HashBankEntry.removed_at.is_(None))
+        .order_by(HashBankEntry.created_at, HashBankEntry.hash)
+        .execution_options(yield_per=5000)
+    )
+    for entry in session.scalars(query):
+        yield {
+            "hash": entry.hash,
+            "quality": "" if entry.quality is None else entry.quality,
+            "label": entry.label or "",
+            "source": entry.source,
+            "image_id": "" if entry.image_id is None else str(entry.image_id),
+            "created_at": entry.created_at.isoformat(),
+        }
+
+
+# ------------------------------------------------------------- matching
+
+
+@dataclass(frozen=True)
+class Match:
+    """A banked hash within the match distance of an image: what ``images.known_match`` records."""
+
+    hash_hex: str
+    distance: int
+
+    def to_json(self, session: Session, client_id: uuid.UUID | None) -> dict[str, Any]:
+        """``{"image_id", "distance"}``, with the bank entry's label, source and hash (read once, on a match)."""
+        entry = entry_for(session, client_id, self.hash_hex)
+        return {
+            "image_id": None if entry is None or entry.image_id is None else str(entry.image_id),
+            "distance": self.distance,
+            "hash": self.hash_hex,
+            "source": None if entry is None else entry.source,
+            "label": None if entry is None else entry.label,
+        }
+
+
+class _Bank:
+    """One client's bank in memory, and how far its changes have been read."""
+
+    def __init__(self, index: HashIndex) -> None:
+        self.index = index
+        self.lock = threading.Lock()
+        self.seen: datetime | None = None  # newest updated_at read
+        self.checked = 0.0  # monotonic time of the last refresh
+
+
+class Banks:
+    """Every client's bank, held in this process and refreshed from ``hash_bank`` every ``refresh_s``.
+
+    Thread-safe: the worker's threads match concurrently; a bank's refresh and
+    its searches take turns on its lock.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], *, refresh_s: float) -> None:
+        self.sessions = sessions
+        self.refresh_s = refresh_s
+        self._banks: dict[uuid.UUID | None, _Bank] = {}
+        self._lock = threading.Lock()
+
+    def nearest(self, client_id: uuid.UUID | None, forms: tuple[bytes, ...], radius: int) -> Match | None:
+        """The banked hash nearest any of ``forms``, when within ``radius`` bits."""
+        bank = self._bank(client_id)
+        with bank.lock:
+            if time.monotonic() - bank.checked >= self.refresh_s:
+                self._refresh(client_id, bank)
+            hit = bank.index.nearest(forms, radius)
+        return None if hit is None else Match(hash_hex=hit.hash.hex(), distance=hit.distance)
+
+    def _bank(self, client_id: uuid.UUID | None) -> _Bank:
+        with self._lock:
+            bank = self._banks.get(client_id)
+            if bank is None:
+                from .hashindex import HashIndex
+
+                bank = self._banks[client_id] = _Bank(HashIndex())
+                bank.checked = -float("inf")
+            return bank
+
+    def _refresh(self, client_id: uuid.UUID | None, bank: _Bank) -> None:
+        """Read the rows changed since the newest one seen (less the lookback); all rows the first time."""
+        columns = (HashBankEntry.hash, HashBankEntry.removed_at, HashBankEntry.updated_at)
+        query = select(*columns).where(_of_client(client_id)).order_by(HashBankEntry.updated_at)
+        first = bank.seen is None
+        if not first:
+            query = query.where(HashBankEntry.updated_at >= bank.seen - REFRESH_LOOKBACK).limit(RELOAD_AT + 1)
+        else:
+            query = query.where(HashBankEntry.removed_at.is_(None))
+        with self.sessions() as session:
+            rows = session.execute(query).all()
+        if not first and len(rows) > RELOAD_AT:
+            # Many changes at once (an import): a fresh load costs less than applying them one by one.
+            from .hashindex import HashIndex
+
+            bank.index, bank.seen = HashIndex(), None
+            self._refresh(client_id, bank)
+            return
+        if first:
+            bank.index.put_many([bytes.fromhex(row.hash) for row in rows])
+        else:
+            for row in rows:
+                bank.index.put(bytes.fromhex(row.hash), alive=row.removed_at is None)
+        if rows:
+            newest = rows[-1].updated_at
+            bank.seen = newest if bank.seen is None else max(bank.seen, newest)
+        elif first:
+            bank.seen = datetime.min.replace(tzinfo=utcnow().tzinfo) + REFRESH_LOOKBACK
+        bank.checked = time.monotonic()
+        if first:
+            log.info("hash bank of client %s loaded: %d hashes", client_id or "(operator)", len(rows))
