@@ -6,8 +6,8 @@ slices of 16 bits. Two hashes at most ``r`` bits apart agree within
 slice's table, the query's slice and its neighbours within that many bits
 finds every candidate; only candidates are compared bit by bit. At PDQ's
 radius 31 that is 17 lookups per slice, and the candidates stay a few
-thousand at a million hashes (bench/run.py, "Bank matching", measures it
-against a scan of every hash and faiss's binary indexes).
+thousand at a million hashes (bench/bank_cost.py measures it against a scan
+of every hash and faiss's binary indexes; bench/RESULTS.md, "Bank matching").
 
 Small banks are scanned whole: below ``BUILD_AT`` hashes a scan is cheaper
 than the tables. Hashes added after the tables were built are scanned until
@@ -26,8 +26,9 @@ from .pdq import HASH_BYTES
 
 SLICES = 16
 SLICE_BITS = 16
-# Below this many hashes a whole scan beats the tables (measured: bench/run.py).
-BUILD_AT = 20_000
+# Below this many hashes a whole scan costs as little as the tables (bench/bank_cost.py), and
+# a bank spares their 4 MB.
+BUILD_AT = 4_096
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class HashIndex:
         # Slice tables over rows [0, _built): per slice, rows ordered by slice value, and where each value starts.
         self._built = 0
         self._order = np.empty((SLICES, 0), dtype=np.int32)
-        self._starts = np.empty((SLICES, 0), dtype=np.int64)
+        self._starts = np.empty((SLICES, 0), dtype=np.int32)
 
     def __len__(self) -> int:
         return int(self._alive[: self._size].sum())
@@ -105,7 +106,7 @@ class HashIndex:
         """(Re)build the slice tables over every row held now."""
         slices = self._slices(self._hashes[: self._size])
         order = np.argsort(slices, axis=0, kind="stable").T.astype(np.int32)
-        starts = np.empty((SLICES, (1 << SLICE_BITS) + 1), dtype=np.int64)
+        starts = np.empty((SLICES, (1 << SLICE_BITS) + 1), dtype=np.int32)
         for table in range(SLICES):
             counts = np.bincount(slices[:, table], minlength=1 << SLICE_BITS)
             starts[table, 0] = 0
@@ -117,14 +118,22 @@ class HashIndex:
         if not self._size or not queries:
             return None
         query = np.frombuffer(b"".join(queries), dtype=np.uint8).reshape(-1, HASH_BYTES)
-        rows, forms = self._candidates(query, radius)
-        keep = self._alive[rows]
-        rows, forms = rows[keep], forms[keep]
-        if rows.size == 0:
-            return None
-        # Each candidate against the form that found it: XOR of 64-bit words, then population count.
-        words = self._hashes[rows].view(np.uint64) ^ query.view(np.uint64)[forms]
-        distances = np.bitwise_count(words).sum(axis=1, dtype=np.int32)
+        if not self._built or radius // SLICES > 2:
+            # No tables yet, or a radius too wide for them to pay: every live row against every form.
+            rows = np.flatnonzero(self._alive[: self._size])
+            if rows.size == 0:
+                return None
+            words = self._hashes[rows].view(np.uint64)[:, None, :] ^ query.view(np.uint64)[None, :, :]
+            distances = np.bitwise_count(words).sum(axis=2, dtype=np.int32).min(axis=1)
+        else:
+            rows, forms = self._candidates(query, radius)
+            keep = self._alive[rows]
+            rows, forms = rows[keep], forms[keep]
+            if rows.size == 0:
+                return None
+            # Each candidate against the form that found it: XOR of 64-bit words, then population count.
+            words = self._hashes[rows].view(np.uint64) ^ query.view(np.uint64)[forms]
+            distances = np.bitwise_count(words).sum(axis=1, dtype=np.int32)
         best = int(np.argmin(distances))
         if int(distances[best]) > radius:
             return None
@@ -136,12 +145,9 @@ class HashIndex:
         From the tables, plus every row added after them; a row may come more than once.
         """
         tail = np.arange(self._built, self._size)
-        probe_bits = radius // SLICES
-        if not self._built or probe_bits > 2:
-            # No tables yet, or a radius too wide for them to pay: every row, against every form.
-            every = np.arange(self._size)
-            return np.tile(every, len(query)), np.repeat(np.arange(len(query)), self._size)
-        masks = _neighbours(probe_bits)
+        if not self._built:
+            return np.tile(np.arange(self._size), len(query)), np.repeat(np.arange(len(query)), self._size)
+        masks = _neighbours(radius // SLICES)
         keys = self._slices(query)[:, :, None] ^ masks[None, None, :]  # forms x slices x probes
         tables = np.broadcast_to(np.arange(SLICES)[None, :, None], keys.shape)
         low = self._starts[tables, keys].ravel()
