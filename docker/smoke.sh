@@ -2,7 +2,9 @@
 # Build both images and run, in containers, what docker/compose.yaml runs: the
 # migration, `clients create` with a grant, the API, a worker and beat. Then post
 # a scan and receive its signed `image.flagged` webhook, verified with the
-# `standardwebhooks` package. Everything it starts, it stops.
+# `standardwebhooks` package; review that image `ai` and post its mirrored copy,
+# which comes back flagged by the client's bank (`known_match`). Everything it
+# starts, it stops.
 #
 # Around the containers, on this host (host networking throughout):
 #   - PostgreSQL and Redis: SMOKE_POSTGRES_URL (an admin URL; a database of the
@@ -97,7 +99,7 @@ mkdir -p "$WORK/models"
 "$PY" - "$S3_URL" "$WORK/models/smoke.safetensors" <<'PY'
 import io, sys, time
 import boto3, timm
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import save_file
 from worker.settings import DEFAULT_ARCH
 
@@ -110,9 +112,16 @@ for _ in range(100):
         break
     except Exception:  # the server is still starting
         time.sleep(0.1)
-out = io.BytesIO()
-Image.new("RGB", (320, 240), (180, 40, 90)).save(out, "JPEG", quality=90)
-s3.put_object(Bucket="uploads", Key="incoming/smoke.jpg", Body=out.getvalue())
+# Not a flat colour: its PDQ hash must have the quality to be banked.
+gradients = [Image.radial_gradient("L"), Image.linear_gradient("L"), Image.linear_gradient("L").rotate(90)]
+picture = Image.merge("RGB", gradients).resize((320, 240))
+draw = ImageDraw.Draw(picture)
+for i in range(12):
+    draw.ellipse((i * 25, i * 37 % 200, i * 25 + 40, i * 37 % 200 + 40), fill=(i * 53 % 256, i * 91 % 256, i * 29 % 256))
+for key, image in (("incoming/smoke.jpg", picture), ("incoming/smoke-mirrored.jpg", ImageOps.mirror(picture))):
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    s3.put_object(Bucket="uploads", Key=key, Body=out.getvalue())
 PY
 chmod -R a+rX "$WORK/models"
 
@@ -167,8 +176,9 @@ run() {
   docker run -d --name "$name" --network host "${ENV[@]}" "$@" >/dev/null
 }
 run "smoke-api-$$" "$API_IMAGE"
+# SYNTHGUARD_BANK_REFRESH_S=0: the review below reaches the worker's bank before the copy is scored.
 run "smoke-worker-$$" -v "$WORK/models:/models:ro" -e SYNTHGUARD_DEVICE=cpu -e SYNTHGUARD_PREPARE_PROCESSES=0 \
-  "$WORKER_IMAGE"
+  -e SYNTHGUARD_BANK_REFRESH_S=0 "$WORKER_IMAGE"
 # As in compose: beat serves nothing, so the API image's HTTP health check is off for it.
 run "smoke-beat-$$" --no-healthcheck "$API_IMAGE" beat
 
@@ -196,26 +206,39 @@ from pathlib import Path
 import httpx
 
 api_key, received = sys.argv[1], Path(sys.argv[2])
-reply = httpx.post(
-    "http://127.0.0.1:8000/v1/scans",
-    json={"objects": [{"bucket": "uploads", "key": "incoming/smoke.jpg"}]},
-    headers={"Authorization": f"Bearer {api_key}"},
-    timeout=10,
-)
-assert reply.status_code == 202, reply.text
-image_id = reply.json()["images"][0]["id"]
-deadline = time.monotonic() + 180
-while time.monotonic() < deadline:
-    events = [json.loads(line) for line in received.read_text().splitlines()] if received.exists() else []
-    flagged = [e for e in events if e.get("type") == "image.flagged" and e["data"]["image_id"] == image_id]
-    if flagged:
-        data = flagged[0]["data"]
-        assert data["key"] == "incoming/smoke.jpg" and "score" in data["flagged_by"], data
-        print(f"image.flagged for {image_id}, score {data['score']:.3f}, signature verified")
-        break
-    time.sleep(0.5)
-else:
-    sys.exit(f"no verified image.flagged for {image_id} within 180 s")
-status = httpx.get(f"http://127.0.0.1:8000/v1/images/{image_id}", headers={"Authorization": f"Bearer {api_key}"})
-assert status.status_code == 200 and status.json()["state"] == "done", status.text
+auth = {"Authorization": f"Bearer {api_key}"}
+
+
+def flagged(key: str, **scan: object) -> dict:
+    """Post a scan of KEY and wait for its verified image.flagged; its data."""
+    reply = httpx.post(
+        "http://127.0.0.1:8000/v1/scans",
+        json={"objects": [{"bucket": "uploads", "key": key}], **scan},
+        headers=auth,
+        timeout=10,
+    )
+    assert reply.status_code == 202, reply.text
+    image_id = reply.json()["images"][0]["id"]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        events = [json.loads(line) for line in received.read_text().splitlines()] if received.exists() else []
+        hits = [e for e in events if e.get("type") == "image.flagged" and e["data"]["image_id"] == image_id]
+        if hits:
+            return hits[0]["data"]
+        time.sleep(0.5)
+    sys.exit(f"no verified image.flagged for {key} within 180 s")
+
+
+data = flagged("incoming/smoke.jpg")
+assert data["key"] == "incoming/smoke.jpg" and "score" in data["flagged_by"], data
+print(f"image.flagged for {data['image_id']}, score {data['score']:.3f}, signature verified")
+status = httpx.get(f"http://127.0.0.1:8000/v1/images/{data['image_id']}", headers=auth)
+assert status.status_code == 200 and status.json()["state"] == "done" and status.json()["pdq"], status.text
+
+review = httpx.post(f"http://127.0.0.1:8000/v1/images/{data['image_id']}/review", json={"verdict": "ai"}, headers=auth)
+assert review.status_code == 201 and review.json()["bank"] == "added", review.text
+# Threshold 1: no score flags it, only the bank can.
+copy = flagged("incoming/smoke-mirrored.jpg", threshold=1.0)
+assert copy["flagged_by"] == ["known_match"] and copy["known_match"]["image_id"] == data["image_id"], copy
+print(f"its mirrored copy flagged by the bank, {copy['known_match']['distance']} bits away, signature verified")
 PY

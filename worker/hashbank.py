@@ -45,7 +45,7 @@ SOURCE_IMPORT = "import"
 # late (a long transaction, another host's clock behind) still reaches it. Re-reading is harmless.
 REFRESH_LOOKBACK = timedelta(seconds=60)
 # A refresh that brings more changes than this reloads the whole bank instead (an import).
-RELOAD_AT = 10_000
+RELOAD_AT = 5_000
 MAX_LABEL = 200
 CSV_FIELDS = ("hash", "quality", "label", "source", "image_id", "created_at")
 

@@ -87,7 +87,8 @@ class HashIndex:
         self._alive[self._size] = True
         self._size += 1
         tail = self._size - self._built
-        if self._size >= BUILD_AT and tail > max(4096, self._built // 4):
+        # Rows after the tables are scanned on every search: rebuild before they cost much.
+        if self._size >= BUILD_AT and tail > max(BUILD_AT, self._built // 64):
             self.build()
 
     def put_many(self, hashes: Sequence[bytes]) -> None:
