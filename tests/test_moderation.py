@@ -225,6 +225,21 @@ def test_the_cache_can_be_turned_off(settings_factory, pg_sessions, pg_url, s3_e
     assert [row.cached_from for row in rows] == [None, None] and rows[0].sha256 == rows[1].sha256
 
 
+def test_without_hashing_an_image_is_scored_and_neither_hashed_nor_banked(
+    settings_factory, pg_sessions, pg_url, s3_endpoint, s3_client, bucket
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="unhashed.jpg", Body=encode(photo(200, 150, 78), "JPEG"))
+    client = _client(pg_sessions, "unhashed")
+    settings = settings_factory(database_url=pg_url, s3_endpoint_url=s3_endpoint, pdq_hash=False)
+    with Scorer(settings, Detector.from_settings(settings), sessions=pg_sessions) as scorer:
+        hashed = _counted("synthguard_stage_seconds_count", stage="hash")
+        (row,) = _score(scorer, pg_sessions, client, [ObjectRef(bucket, "unhashed.jpg")], threshold=0.5)
+        assert _counted("synthguard_stage_seconds_count", stage="hash") == hashed
+    assert row.state == DONE and row.score is not None
+    assert row.pdq is None and row.pdq_forms is None and row.known_match is None
+    assert _review(pg_sessions, row.id, "ai") == "no_hash"
+
+
 def _review(sessions: sessionmaker[Session], image_id: uuid.UUID, verdict: str) -> str:
     from worker.reviews import record
 

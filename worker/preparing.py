@@ -75,6 +75,8 @@ class PrepareSpec:
     transform: Callable[[Image.Image], Any]
     # Address space a preparing process may add to what it holds once started (not applied in threads).
     memory_bytes: int | None = None
+    # Compute each image's PDQ hash (SYNTHGUARD_PDQ_HASH): what the bank of known images matches.
+    pdq_hash: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings, detector: Detector) -> PrepareSpec:
@@ -84,6 +86,7 @@ class PrepareSpec:
             max_pixels=settings.max_pixels,
             decode_timeout_s=settings.decode_timeout_s,
             transform=detector.image_transform,
+            pdq_hash=settings.pdq_hash,
             memory_bytes=(
                 memory_mb << 20
                 if memory_mb is not None
@@ -138,11 +141,12 @@ def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | No
         checkpoint()
         read_at = time.perf_counter()
     image = decoded.image if decoded.image.mode == "RGB" else decoded.image.convert("RGB")
-    try:
-        pdq: PdqHash | None = hash_image(image)
-    except Exception:  # a hash is one signal: the image is still scored without it
-        log.exception("hashing a decoded %s image failed; it is scored without a PDQ hash", decoded.format)
-        pdq = None
+    pdq: PdqHash | None = None
+    if spec.pdq_hash:
+        try:
+            pdq = hash_image(image)
+        except Exception:  # a hash is one signal: the image is still scored without it
+            log.exception("hashing a decoded %s image failed; it is scored without a PDQ hash", decoded.format)
     hashed_at = time.perf_counter()
     pixels = np.asarray(spec.transform(image))
     done_at = time.perf_counter()

@@ -267,7 +267,8 @@ class Scorer:
         # Decode, provenance, preprocess: in this thread, or in a preparing process (worker.preparing).
         prepared = self.preparer.prepare(fetched.data, urgent=realtime, checkpoint=checkpoint)
         for name, seconds in zip(preparing.STAGES, prepared.seconds, strict=True):
-            stage(name).observe(seconds)
+            if name != "hash" or prepared.pdq is not None:  # not hashed (SYNTHGUARD_PDQ_HASH off): no stage
+                stage(name).observe(seconds)
         tensor = torch.from_numpy(prepared.pixels)
         try:
             submitted = time.monotonic()
