@@ -11,17 +11,20 @@ from __future__ import annotations
 import logging
 import uuid
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.db import database_unavailable, loggable
 from worker.errors import IntakeRefused, LaneNotAllowed, NotGranted, QuotaExceeded
+from worker.models import Image, Scan
 
 from .schemas import FieldError, Problem, ValidationProblem
 
@@ -93,6 +96,17 @@ def not_found(what: str) -> ProblemError:
     """The one 404 of every router: the same for "no such id" and "another client's id",
     so ids cannot be probed."""
     return ProblemError(404, f"There is no {what} with this id for this API key.", slug="not-found")
+
+
+_Owned = TypeVar("_Owned", Scan, Image)
+
+
+def owned(session: Session, model: type[_Owned], raw_id: str, client_id: uuid.UUID, what: str) -> _Owned:
+    """The client's row of ``model`` with this path id; another client's answers the same 404 as none."""
+    row = session.scalar(select(model).where(model.id == parse_id(raw_id, what), model.client_id == client_id))
+    if row is None:
+        raise not_found(what)
+    return row
 
 
 def problem_response(

@@ -10,8 +10,7 @@ from worker.models import Image
 from worker.reviews import NotScoredYet, record
 
 from .auth import AuthenticatedClient
-from .problems import ProblemError, problem_responses
-from .scans import owned
+from .problems import ProblemError, owned, problem_responses
 from .schemas import EXAMPLE_IMAGE_ID, ReviewIn, ReviewRecorded
 from .state import get_state
 

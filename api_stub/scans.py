@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
 
 from worker.errors import UnsafeURL
 from worker.intake import unique_refs
@@ -21,7 +19,7 @@ from worker.storage import ObjectRef
 
 from .auth import AuthenticatedClient, Caller, refuse_unless_allowed
 from .metrics import IMAGES_ENQUEUED, SCANS_CREATED
-from .problems import ProblemError, not_found, parse_id, problem_responses
+from .problems import ProblemError, owned, problem_responses
 from .schemas import (
     EXAMPLE_IMAGE_ID,
     EXAMPLE_SCAN_ID,
@@ -40,19 +38,6 @@ from .state import get_state
 router = APIRouter(prefix="/v1")
 
 MAX_PAGE = 1000
-
-_Owned = TypeVar("_Owned", Scan, Image)
-
-
-def owned(session: Session, model: type[_Owned], raw_id: str, client_id: uuid.UUID, what: str) -> _Owned:
-    """The client's row of ``model`` with this path id; another client's answers the same 404 as none."""
-    row = session.scalar(
-        select(model).where(model.id == parse_id(raw_id, what), model.client_id == client_id)
-    )
-    if row is None:
-        raise not_found(what)
-    return row
-
 
 def _check_callback_url(request_body: ScanRequest, settings: Settings, client: Caller) -> None:
     """Refuse what the sender would refuse anyway (scheme, port, blocked IP literals), while the caller is here.
