@@ -431,6 +431,28 @@ def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpo
     assert "0 hashes" in _cli(other, "bank", "status").output  # the operator's bank there is empty
 
 
+def test_a_large_import_goes_in_batches_and_accounts_for_every_line(tmp_path: Path) -> None:
+    from worker.hashbank import IMPORT_BATCH, add, export_rows, remove, size
+
+    sessions = get_sessionmaker(f"sqlite:///{tmp_path / 'bank.db'}")
+    ensure_schema(sessions.kw["bind"])
+    rng = np.random.default_rng(5)
+    hashes = [rng.integers(0, 256, 32, dtype=np.uint8).tobytes().hex() for _ in range(2 * IMPORT_BATCH + 37)]
+    with sessions.begin() as session:
+        add(session, None, hashes[3], quality=None, source="review")  # live already
+        add(session, None, hashes[4], quality=None, source="review")
+        remove(session, None, hashes[4])  # removed: the import brings it back
+    lines = [f"{h},90,list A" for h in hashes] + [f"{hashes[7]},90", "zz,90", f"{hashes[8]},lots"]
+    with sessions.begin() as session:
+        report = import_rows(session, None, read_csv("\n".join(lines)))
+    assert (report.added, report.present, report.invalid_count) == (len(hashes) - 1, 2, 2)
+    with sessions() as session:
+        assert size(session, None) == len(hashes)
+        exported = {row["hash"]: row for row in export_rows(session, None)}
+    assert set(exported) == set(hashes) and exported[hashes[4]]["source"] == "import"
+    assert exported[hashes[0]]["label"] == "list A" and exported[hashes[3]]["source"] == "review"
+
+
 # --------------------------------------------------------- the whole loop, real worker
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,6 +48,8 @@ REFRESH_LOOKBACK = timedelta(seconds=60)
 RELOAD_AT = 5_000
 MAX_LABEL = 200
 CSV_FIELDS = ("hash", "quality", "label", "source", "image_id", "created_at")
+# Hashes an import looks up and inserts at once; within every backend's limit on bound parameters.
+IMPORT_BATCH = 500
 
 
 def _of_client(client_id: uuid.UUID | None) -> ColumnElement[bool]:
@@ -128,9 +130,11 @@ class ImportReport:
     added: int = 0
     present: int = 0  # already in the bank
     low_quality: int = 0  # quality given and under the minimum: not banked
-    invalid: list[str] | None = None  # "line N: why", for the first few bad lines
+    invalid_count: int = 0  # malformed lines, skipped
+    invalid: list[str] | None = None  # "line N: why", for the first few of them
 
     def bad(self, line: int, why: str) -> None:
+        self.invalid_count += 1
         self.invalid = self.invalid or []
         if len(self.invalid) < 20:
             self.invalid.append(f"line {line}: {why}")
@@ -163,8 +167,14 @@ def import_rows(
     *,
     min_quality: int = MIN_QUALITY,
 ) -> ImportReport:
-    """Add each row's hash to the bank (as ``import``); count what happened to each."""
+    """Add each row's hash to the bank (as ``import``); count what happened to each.
+
+    Rows go in batches: one query finds which of a batch's hashes the bank has,
+    one statement inserts the rest, so a list of a million hashes is a few
+    thousand statements, not two million.
+    """
     report = ImportReport()
+    batch: dict[str, tuple[int | None, str | None]] = {}
     for number, row in rows:
         try:
             hash_hex = parse_hex(row.get("hash", "")).hex()
@@ -184,12 +194,67 @@ def import_rows(
             if quality < min_quality:
                 report.low_quality += 1
                 continue
-        label = clean_text(row["label"], MAX_LABEL) if row.get("label") else None
-        if add(session, client_id, hash_hex, quality=quality, source=SOURCE_IMPORT, label=label):
-            report.added += 1
+        if hash_hex in batch:
+            report.present += 1  # the same hash earlier in the file
+            continue
+        batch[hash_hex] = (quality, clean_text(row["label"], MAX_LABEL) if row.get("label") else None)
+        if len(batch) >= IMPORT_BATCH:
+            _import_batch(session, client_id, batch, report)
+            batch = {}
+    if batch:
+        _import_batch(session, client_id, batch, report)
+    return report
+
+
+def _import_batch(
+    session: Session,
+    client_id: uuid.UUID | None,
+    batch: dict[str, tuple[int | None, str | None]],
+    report: ImportReport,
+) -> None:
+    banked = {
+        entry.hash: entry
+        for entry in session.scalars(
+            select(HashBankEntry).where(_of_client(client_id), HashBankEntry.hash.in_(list(batch)))
+        )
+    }
+    now = utcnow()
+    new: list[dict[str, Any]] = []
+    for hash_hex, (quality, label) in batch.items():
+        entry = banked.get(hash_hex)
+        if entry is None:
+            new.append(
+                {
+                    "id": uuid.uuid4(),
+                    "client_id": client_id,
+                    "hash": hash_hex,
+                    "quality": quality,
+                    "source": SOURCE_IMPORT,
+                    "label": label,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+        elif add(session, client_id, hash_hex, quality=quality, source=SOURCE_IMPORT, label=label):
+            report.added += 1  # removed before: back in the bank
         else:
             report.present += 1
-    return report
+    if not new:
+        return
+    try:
+        with session.begin_nested():
+            session.execute(insert(HashBankEntry), new)
+        report.added += len(new)
+    except IntegrityError:
+        # Some were added meanwhile (a review, another import): one by one, theirs stand.
+        for values in new:
+            added = add(
+                session, client_id, values["hash"], quality=values["quality"], source=SOURCE_IMPORT, label=values["label"]
+            )
+            if added:
+                report.added += 1
+            else:
+                report.present += 1
 
 
 def export_rows(session: Session, client_id: uuid.UUID | None) -> Iterator[dict[str, Any]]:

@@ -117,6 +117,7 @@ def bank_import(source: Path, client: str | None, as_json: bool) -> None:
         "added": report.added,
         "already_present": report.present,
         "low_quality": report.low_quality,
+        "invalid_count": report.invalid_count,
         "invalid": report.invalid or [],
     }
     if as_json:
@@ -124,11 +125,11 @@ def bank_import(source: Path, client: str | None, as_json: bool) -> None:
     else:
         click.echo(
             f"{report.added} added, {report.present} already in the bank, "
-            f"{report.low_quality} left out for low quality, {len(report.invalid or [])} invalid"
+            f"{report.low_quality} left out for low quality, {report.invalid_count} invalid"
         )
         for line in report.invalid or []:
             click.echo(f"  {line}", err=True)
-    if report.invalid:
+    if report.invalid_count:
         sys.exit(1)
 
 
