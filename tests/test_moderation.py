@@ -431,6 +431,16 @@ def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpo
     assert "0 hashes" in _cli(other, "bank", "status").output  # the operator's bank there is empty
 
 
+def test_a_bank_csv_reads_with_or_without_a_header() -> None:
+    one, two = "ab" * 32, "CD" * 32
+    assert list(read_csv(f"# from a partner\nlabel,hash,quality\nfake ID,{one},90\n\n")) == [
+        (3, {"label": "fake ID", "hash": one, "quality": "90"})
+    ]
+    assert [fields["hash"] for _, fields in read_csv(f"{one}\n{two}\n")] == [one, two]
+    with pytest.raises(ValueError, match="no 'hash' column"):
+        list(read_csv("name,value\n"))
+
+
 def test_a_large_import_goes_in_batches_and_accounts_for_every_line(tmp_path: Path) -> None:
     from worker.hashbank import IMPORT_BATCH, add, export_rows, remove, size
 

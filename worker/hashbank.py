@@ -142,13 +142,16 @@ class ImportReport:
 
 def read_csv(text: str) -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a bank CSV: (line number, fields). A header row is optional; without one the
-    columns are hash[,quality[,label]]. A file of bare hashes, one per line, is such a CSV."""
+    columns are hash[,quality[,label]]. A file of bare hashes, one per line, is such a CSV.
+    Blank lines and lines starting with # are skipped."""
     rows = csv.reader(io.StringIO(text))
     header: list[str] | None = None
+    first = True
     for number, row in enumerate(rows, start=1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
             continue
-        if header is None and number == 1:
+        if first:
+            first = False
             try:
                 parse_hex(row[0])
             except ValueError:

@@ -103,7 +103,8 @@ def bank_import(source: Path, client: str | None, as_json: bool) -> None:
     Columns: hash[,quality[,label]], with or without a header row (a header
     names its columns, in any order; other columns are ignored). A file of bare
     hashes, one per line, works too. Hashes with a quality under
-    SYNTHGUARD_BANK_MIN_QUALITY are left out; malformed lines are reported.
+    SYNTHGUARD_BANK_MIN_QUALITY are left out. Malformed lines are reported and
+    skipped, the rest imported, and the command then exits 1.
     """
     from ..hashbank import import_rows, read_csv
 
