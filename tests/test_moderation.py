@@ -363,8 +363,7 @@ def test_reviews_through_the_api(api, sessions, service_settings) -> None:
 
 
 def _cli(env: dict[str, str], *args: str) -> Any:
-    result = CliRunner().invoke(main, list(args), env=env)
-    return result
+    return CliRunner().invoke(main, list(args), env=env)
 
 
 def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpoint: Path) -> None:

@@ -308,7 +308,7 @@ class _Bank:
         self.index = index
         self.lock = threading.Lock()
         self.seen: datetime | None = None  # newest updated_at read
-        self.checked = 0.0  # monotonic time of the last refresh
+        self.checked = -float("inf")  # monotonic time of the last refresh: never, so the first match loads it
 
 
 class Banks:
@@ -340,7 +340,6 @@ class Banks:
                 from .hashindex import HashIndex
 
                 bank = self._banks[client_id] = _Bank(HashIndex())
-                bank.checked = -float("inf")
             return bank
 
     def _refresh(self, client_id: uuid.UUID | None, bank: _Bank) -> None:

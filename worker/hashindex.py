@@ -16,6 +16,7 @@ there are enough of them to rebuild.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Hit:
     distance: int
 
 
+@functools.cache
 def _neighbours(bits: int) -> np.ndarray:
     """Every 16-bit mask with at most ``bits`` bits set: the offsets a slice is probed with."""
     masks = [0]

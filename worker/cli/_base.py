@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -141,6 +142,19 @@ def _checked_sessions(settings: Settings) -> sessionmaker[Session]:
     except ConfigError as exc:
         raise _fail(exc.message) from exc
     return sessions
+
+
+def _client_id(sessions: sessionmaker[Session], name: str | None) -> uuid.UUID | None:
+    """The id of the API client NAME (a name or an id); None for None; a clear error for no such client."""
+    from ..clients import ClientNotFound, find_client
+
+    if name is None:
+        return None
+    with sessions() as session:
+        try:
+            return find_client(session, name).id
+        except ClientNotFound as exc:
+            raise _fail(str(exc)) from exc
 
 
 def _require_secret_key(settings: Settings, what: str) -> None:

@@ -12,7 +12,16 @@ import click
 
 from ..errors import ConfigError, SynthguardError
 from ..settings import Settings
-from ._base import _fail, _load_detector, _require_model_stack, _settings, main, threshold_option
+from ._base import (
+    _checked_sessions,
+    _client_id,
+    _fail,
+    _load_detector,
+    _require_model_stack,
+    _settings,
+    main,
+    threshold_option,
+)
 
 if TYPE_CHECKING:
     from ..evaluation import LabelledRef, ScoredSet
@@ -29,13 +38,12 @@ def _eval_set(source: str, settings: Settings) -> tuple[list[LabelledRef], int]:
 
 
 def _reviewed_set(settings: Settings, since: datetime | None, client: str | None) -> list[LabelledRef]:
-    """The reviewed images, labelled by their latest review."""
+    """The reviewed images (of CLIENT alone, when given), labelled by their latest review."""
     from ..evaluation import reviewed_set
 
-    try:
-        return reviewed_set(settings, since=None if since is None else since.replace(tzinfo=UTC), client=client)
-    except (ValueError, ConfigError) as exc:
-        raise _fail(str(exc)) from exc
+    client_id = _client_id(_checked_sessions(settings), client)
+    moment = None if since is None else since.replace(tzinfo=UTC)
+    return reviewed_set(settings, since=moment, client_id=client_id, every_client=client is None)
 
 
 def _eval_scores(settings: Settings, labelled: list[LabelledRef], source: str) -> ScoredSet:

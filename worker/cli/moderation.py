@@ -14,7 +14,7 @@ import click
 from sqlalchemy.orm import Session
 
 from ..settings import Settings
-from ._base import _checked_sessions, _fail, _settings, main
+from ._base import _checked_sessions, _client_id, _fail, _settings, main
 
 CLIENT_HELP = (
     "The API client (name or id) whose bank this is. Omitted: the operator's own bank, which serves "
@@ -25,16 +25,10 @@ CLIENT_HELP = (
 @contextmanager
 def _bank_of(client: str | None) -> Iterator[tuple[Session, uuid.UUID | None, Settings]]:
     """A transaction, and the client id the bank belongs to (None: the operator's)."""
-    from ..clients import ClientNotFound, find_client
-
     settings = _settings()
-    with _checked_sessions(settings).begin() as session:
-        client_id = None
-        if client is not None:
-            try:
-                client_id = find_client(session, client).id
-            except ClientNotFound as exc:
-                raise _fail(str(exc)) from exc
+    sessions = _checked_sessions(settings)
+    client_id = _client_id(sessions, client)
+    with sessions.begin() as session:
         yield session, client_id, settings
 
 

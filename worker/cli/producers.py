@@ -6,7 +6,6 @@ import json
 import signal
 import sys
 import threading
-import uuid
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Self, TypeVar
@@ -19,11 +18,10 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConfigError
 from ..models import PRIORITIES
-from ._base import _checked_sessions, _fail, _producer_app, _settings, main, threshold_option
+from ._base import _checked_sessions, _client_id, _fail, _producer_app, _settings, main, threshold_option
 
 if TYPE_CHECKING:
     from ..backfill import BackfillResult
@@ -53,18 +51,6 @@ def _client_option(command: _Command) -> _Command:
         help="Queue as this API client (a name or an id): its API reads the results and its webhooks "
         "announce them; objects must lie inside its grants.  [default: no client, operator only]",
     )(command)
-
-
-def _client_id(sessions: sessionmaker[Session], name: str | None) -> uuid.UUID | None:
-    from ..clients import ClientNotFound, find_client
-
-    if name is None:
-        return None
-    with sessions() as session:
-        try:
-            return find_client(session, name).id
-        except ClientNotFound as exc:
-            raise _fail(str(exc)) from exc
 
 
 @main.command("enqueue")

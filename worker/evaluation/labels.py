@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -148,16 +149,21 @@ def labelled_set(source: str, settings: Settings) -> tuple[list[LabelledRef], in
     return label_refs(collect_refs([target], settings, recursive=True), root)
 
 
-def reviewed_set(settings: Settings, *, since: datetime | None = None, client: str | None = None) -> list[LabelledRef]:
+def reviewed_set(
+    settings: Settings,
+    *,
+    since: datetime | None = None,
+    client_id: uuid.UUID | None = None,
+    every_client: bool = True,
+) -> list[LabelledRef]:
     """The images people reviewed (the latest review of each, at or after ``since``), labelled by that review.
 
-    ``client``: only that API client's images (a name or an id); otherwise every
-    client's and the operator's. Each image's source group is its client's name.
-    Raises ValueError for an unknown client.
+    ``every_client``: every client's images and the operator's; otherwise only
+    ``client_id``'s (None: the operator's). Each image's source group is its
+    client's name.
     """
     from sqlalchemy import select
 
-    from ..clients import ClientNotFound, find_client
     from ..db import ensure_schema, get_sessionmaker
     from ..models import ApiClient
     from ..reviews import AI as REVIEWED_AI
@@ -166,19 +172,13 @@ def reviewed_set(settings: Settings, *, since: datetime | None = None, client: s
     sessions = get_sessionmaker(settings.database_url)
     ensure_schema(sessions.kw["bind"])
     with sessions() as session:
-        client_id = None
-        if client is not None:
-            try:
-                client_id = find_client(session, client).id
-            except ClientNotFound as exc:
-                raise ValueError(str(exc)) from exc
-        rows = reviewed(session, since=since, client_id=client_id, every_client=client is None)
+        rows = reviewed(session, since=since, client_id=client_id, every_client=every_client)
         names = {row.id: row.name for row in session.execute(select(ApiClient.id, ApiClient.name))}
         return [
             LabelledRef(
                 ref=ObjectRef(bucket=image.bucket, key=image.key, version_id=image.version_id),
                 label=AI if verdict == REVIEWED_AI else REAL,
-                group=names.get(image.client_id, "operator") if image.client_id else "operator",
+                group=names.get(image.client_id, "operator"),
                 sha256=image.sha256,
             )
             for image, verdict in rows
