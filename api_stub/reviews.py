@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 
 from worker.models import Image
+from worker.queueing import publish_crops
 from worker.reviews import NotScoredYet, record
 
 from .auth import AuthenticatedClient
 from .problems import ProblemError, owned, problem_responses
-from .schemas import EXAMPLE_IMAGE_ID, ReviewIn, ReviewRecorded
+from .schemas import EXAMPLE_IMAGE_ID, ReviewIn, ReviewOut, ReviewRecorded
 from .state import get_state
 
 router = APIRouter(prefix="/v1")
@@ -25,9 +26,11 @@ router = APIRouter(prefix="/v1")
     summary="Record a person's decision on an image",
     description="Stores the decision with who made it and when; `GET /v1/images/{id}` shows the latest. "
     "`ai` puts the image's PDQ hash in this client's bank of known AI images: later images of this client "
-    "within the match distance (re-encoded, resized, lightly cropped, rotated or mirrored copies) carry "
-    "`known_match` and are flagged with `flagged_by` naming it, whatever their score. `human` takes the "
-    "hash out again. Banks are per client: one client's reviews never affect another's images. Workers "
+    "within the match distance (re-encoded, resized, rotated, mirrored or lightly trimmed copies) carry "
+    "`known_match` and are flagged with `flagged_by` naming it, whatever their score. A worker then fetches "
+    "the image again and banks the hashes of crops of it too (`crops`: `pending`, then `banked`), so that "
+    "copies cropped by up to SYNTHGUARD_BANK_CROP (5%) match as well. `human` takes the image's hashes out "
+    "again. Banks are per client: one client's reviews never affect another's images. Workers "
     "pick up the change within SYNTHGUARD_BANK_REFRESH_S. `synthguard eval --from-reviews` measures the "
     "detector against these decisions. An image still queued or processing answers 409; images of other "
     "API clients answer 404, as unknown ids do.",
@@ -50,16 +53,12 @@ def review_image(
                 reviewer=body.reviewer or client.name,
                 note=body.note,
                 min_quality=state.settings.bank_min_quality,
+                crop_fraction=state.settings.bank_crop,
             )
         except NotScoredYet as exc:
             raise ProblemError(409, str(exc), slug="not-scored-yet") from None
-        review = recorded.review
-        return ReviewRecorded(
-            id=review.id,
-            image_id=review.image_id,
-            verdict=review.verdict,  # type: ignore[arg-type]
-            note=review.note,
-            reviewer=review.reviewer,
-            created_at=review.created_at,
-            bank=recorded.bank,
-        )
+        out = ReviewRecorded(**ReviewOut.model_validate(recorded.review).model_dump(), bank=recorded.bank)
+    if recorded.crops_pending:
+        # After the commit, so that the worker finds the review; a message lost here is the sweeper's.
+        publish_crops(state.celery, [out.id])
+    return out

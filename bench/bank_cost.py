@@ -14,7 +14,9 @@ Three tables, measured in one run, asserting nothing:
    for the scan and the typical one for the index; queries are random too,
    half of them with a form within 31 bits of a banked hash.
 3. Robustness: the distance from an image's hash to its copy's nearest form,
-   over N photo-like images, per kind of copy; with the share within 31 bits.
+   over N photo-like images, per kind of copy; with the share within 31 bits,
+   against the image's own hash alone and with the hashes of its crops that a
+   review `ai` banks (`worker.cropbank`, SYNTHGUARD_BANK_CROP=0.05).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from corpus import encode, photo  # noqa: E402  (tests/corpus.py: the photo-like images of the test suite)
 
+from worker.cropbank import crop_hashes  # noqa: E402
 from worker.hashindex import HashIndex  # noqa: E402
 from worker.imaging import decode_image  # noqa: E402
 from worker.pdq import MATCH_DISTANCE, distance, hash_image  # noqa: E402
@@ -57,8 +60,8 @@ def _median_ms(run: Callable[[], object], repeat: int) -> float:
 
 def hashing(repeat: int) -> None:
     print("## Hashing: ms per image, one thread (median)\n")
-    print("| image | decode | hash (PDQ, 8 forms) | hash / decode |")
-    print("|---|---:|---:|---:|")
+    print("| image | decode | hash (PDQ, 8 forms) | hash / decode | 13 crops (a review `ai`) |")
+    print("|---|---:|---:|---:|---:|")
     for label, size, fmt in (
         ("640x480 JPEG", (640, 480), "JPEG"),
         ("1024x768 JPEG", (1024, 768), "JPEG"),
@@ -69,7 +72,8 @@ def hashing(repeat: int) -> None:
         decoded = decode_image(data, max_pixels=10**8).image
         decode_ms = _median_ms(lambda data=data: decode_image(data, max_pixels=10**8).image.load(), repeat)
         hash_ms = _median_ms(lambda decoded=decoded: hash_image(decoded), repeat)
-        print(f"| {label} | {decode_ms:.1f} | {hash_ms:.1f} | {hash_ms / decode_ms:.2f} |")
+        crops_ms = _median_ms(lambda decoded=decoded: crop_hashes(decoded, 0.05), max(1, repeat // 2))
+        print(f"| {label} | {decode_ms:.1f} | {hash_ms:.1f} | {hash_ms / decode_ms:.2f} | {crops_ms:.0f} |")
     print()
 
 
@@ -137,10 +141,9 @@ def matching(sizes: list[int], count: int) -> None:
     print()
 
 
-def _trim(image: Image.Image, fraction: float, *, one_side: bool = False) -> Image.Image:
+def _cut(image: Image.Image, left: float, top: float = 0, right: float = 0, bottom: float = 0) -> Image.Image:
     w, h = image.size
-    dx, dy = round(w * fraction), round(h * fraction)
-    return image.crop((dx, 0, w, h)) if one_side else image.crop((dx, dy, w - dx, h - dy))
+    return image.crop((round(w * left), round(h * top), w - round(w * right), h - round(h * bottom)))
 
 
 def robustness(photos: int) -> None:
@@ -149,22 +152,40 @@ def robustness(photos: int) -> None:
         "half size": lambda im: im.resize((im.width // 2, im.height // 2), Image.Resampling.LANCZOS),
         "mirrored": ImageOps.mirror,
         "rotated 90": lambda im: im.transpose(Image.Transpose.ROTATE_90),
-        "trimmed 0.5% each edge": lambda im: _trim(im, 0.005),
-        "trimmed 1% each edge": lambda im: _trim(im, 0.01),
-        "trimmed 1.27% each edge (5% of the area)": lambda im: _trim(im, 0.0127),
-        "trimmed 2.5% each edge (5% of each side)": lambda im: _trim(im, 0.025),
-        "5% cut off the left": lambda im: _trim(im, 0.05, one_side=True),
+        "trimmed 0.5% each edge": lambda im: _cut(im, 0.005, 0.005, 0.005, 0.005),
+        "trimmed 1% each edge": lambda im: _cut(im, 0.01, 0.01, 0.01, 0.01),
+        "trimmed 1.27% each edge (5% of the area)": lambda im: _cut(im, 0.0127, 0.0127, 0.0127, 0.0127),
+        "trimmed 2.5% each edge (5% of each side)": lambda im: _cut(im, 0.025, 0.025, 0.025, 0.025),
+        "2.5% cut off the left": lambda im: _cut(im, 0.025),
+        "3.5% cut off the left": lambda im: _cut(im, 0.035),
+        "5% cut off the left": lambda im: _cut(im, 0.05),
+        "5% off the top and the right (a corner)": lambda im: _cut(im, 0, 0.05, 0.05),
+        "2.5% off the left and the top": lambda im: _cut(im, 0.025, 0.025),
+        "3% left, 2% right, 1% top, 4% bottom": lambda im: _cut(im, 0.03, 0.01, 0.02, 0.04),
+        "7% cut off the left": lambda im: _cut(im, 0.07),
+        "10% cut off the left": lambda im: _cut(im, 0.10),
     }
     originals = [photo(640, 480, seed) for seed in range(500, 500 + photos)]
-    hashes = [hash_image(im).forms[0] for im in originals]
+    own = [hash_image(im).forms[0] for im in originals]
+    crops = [[c.forms[0] for c in crop_hashes(im, 0.05)] for im in originals]
     print(f"## Robustness: bits from the original to the copy's nearest form, over {photos} photo-like images\n")
-    print("| copy | median | max | within 31 |")
-    print("|---|---:|---:|---:|")
+    print("| copy | median | max | within 31 | with the crops banked: median | within 31 |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, make in copies.items():
-        far = [min(distance(h, f) for f in hash_image(make(im)).forms) for im, h in zip(originals, hashes, strict=True)]
-        within = sum(d <= MATCH_DISTANCE for d in far) / len(far)
-        print(f"| {name} | {statistics.median(far):.0f} | {max(far)} | {within:.0%} |")
+        alone, cropped = [], []
+        for im, banked, more in zip(originals, own, crops, strict=True):
+            forms = hash_image(make(im)).forms
+            alone.append(min(distance(banked, f) for f in forms))
+            cropped.append(min(distance(b, f) for b in (banked, *more) for f in forms))
+        print(
+            f"| {name} | {statistics.median(alone):.0f} | {max(alone)} | {_within(alone):.0%} "
+            f"| {statistics.median(cropped):.0f} | {_within(cropped):.0%} |"
+        )
     print()
+
+
+def _within(distances: list[int]) -> float:
+    return sum(d <= MATCH_DISTANCE for d in distances) / len(distances)
 
 
 def main() -> None:

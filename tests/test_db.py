@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import CheckConstraint, create_engine, inspect
 from sqlalchemy.engine import make_url
 
 from conftest import PG_ADMIN_URL
@@ -22,7 +22,17 @@ TABLES = {"api_clients", "client_grants", "scans", "images", "webhook_deliveries
 def _diff(url: str) -> list[object]:
     engine = make_engine(url)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        diff: list[object] = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
+    # Alembic does not compare check constraints; their names, at least, must agree, or a later
+    # migration that drops one by the models' name fails on a database built by the migrations.
+    built = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        declared = {c.name for c in table.constraints if isinstance(c, CheckConstraint)}
+        found = {c["name"] for c in built.get_check_constraints(table.name)}
+        if declared != found:
+            diff.append(("check constraints", table.name, sorted(map(str, declared)), sorted(map(str, found))))
     engine.dispose()
     return diff
 

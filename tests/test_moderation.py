@@ -10,6 +10,7 @@ a second layer where a test says so.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import uuid
@@ -27,16 +28,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from conftest import wait_until
+from worker.celery_app import BANK_CROPS_TASK, REALTIME_QUEUE
 from worker.cli import main
-from worker.clients import create_client
+from worker.clients import create_client, disable_client
+from worker.cropbank import bank_crops, crop_boxes, crop_hashes
 from worker.db import ensure_schema, get_sessionmaker, make_engine, make_sessionmaker
 from worker.detector import Detector
 from worker.hashbank import Banks, import_rows, read_csv
 from worker.hashindex import BUILD_AT, HashIndex
 from worker.intake import create_scan
-from worker.models import DONE, HashBankEntry, ImageReview
+from worker.models import DONE, ApiClient, HashBankEntry, ImageReview
 from worker.models import Image as ImageRow
-from worker.pdq import MATCH_DISTANCE, distance, hash_image, parse_hex
+from worker.pdq import MATCH_DISTANCE, MIN_QUALITY, distance, hash_image, parse_hex
+from worker.queueing import sweep_crops
 from worker.scoring import Scorer
 from worker.storage import ObjectRef
 
@@ -134,8 +138,54 @@ def test_a_copy_of_an_image_is_within_the_match_distance(fixtures_dir: Path, cop
         assert min(distance(banked, form) for form in copied.forms) <= MATCH_DISTANCE, path.name
 
 
+def _cut(image: Image.Image, left: float, top: float, right: float, bottom: float) -> Image.Image:
+    """``image`` with these fractions of its width and height cut from each side."""
+    w, h = image.size
+    return image.crop((round(w * left), round(h * top), w - round(w * right), h - round(h * bottom)))
+
+
+# Copies cropped by up to 5% (SYNTHGUARD_BANK_CROP's default), which PDQ alone does not match:
+# the bank holds the crops of the reviewed image (worker.cropbank) for them.
+CROPPED: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "left-5pct": lambda im: _cut(im, 0.05, 0, 0, 0),
+    "bottom-5pct": lambda im: _cut(im, 0, 0, 0, 0.05),
+    "right-2.5pct": lambda im: _cut(im, 0, 0, 0.025, 0),
+    "top-right-corner-5pct": lambda im: _cut(im, 0, 0.05, 0.05, 0),
+    "centred-5pct": lambda im: _cut(im, 0.025, 0.025, 0.025, 0.025),
+    "mirrored-top-5pct-half-jpeg-q70": lambda im: _jpeg(
+        ImageOps.mirror(_cut(im, 0, 0.05, 0, 0)).resize((im.width // 2, im.height // 2)), 70
+    ),
+}
+
+
+def _banked_for_review(picture: Image.Image) -> list[bytes]:
+    """What a review `ai` banks for ``picture``: its own hash and those of its crops, as the worker filters them."""
+    return [h.forms[0] for h in (hash_image(picture), *crop_hashes(picture, 0.05)) if h.quality >= MIN_QUALITY]
+
+
+@pytest.mark.parametrize("copy", sorted(CROPPED))
+def test_a_cropped_copy_is_within_the_match_distance_of_the_banked_crops(fixtures_dir: Path, copy: str) -> None:
+    for path in _pictures(fixtures_dir):
+        original = Image.open(path).convert("RGB")
+        banked = _banked_for_review(original)
+        copied = hash_image(_jpeg(CROPPED[copy](original), 85))
+        assert min(distance(b, form) for b in banked for form in copied.forms) <= MATCH_DISTANCE, path.name
+
+
+def test_the_crops_banked_are_the_thirteen_regions_named() -> None:
+    boxes = crop_boxes(1000, 500, 0.05)
+    assert len(boxes) == len(set(boxes)) == 13
+    for left, top, right, bottom in boxes:
+        assert 0 <= left < right <= 1000 and 0 <= top < bottom <= 500
+        # Never more than the fraction from a side, and never the whole image.
+        assert max(left, 1000 - right) <= 50 and max(top, 500 - bottom) <= 25
+        assert (left, top, right, bottom) != (0, 0, 1000, 500)
+    assert (50, 0, 1000, 500) in boxes and (0, 25, 950, 500) in boxes and (25, 12.5, 975, 487.5) in boxes
+
+
 def test_unrelated_images_never_match(fixtures_dir: Path) -> None:
-    """No two different pictures among the fixtures and two thousand made ones are within the distance."""
+    """No two different pictures among the fixtures and two thousand made ones are within the distance;
+    nor of the crops a review banks, for the first few hundred of them (13 more hashes each)."""
     # Only these folders: the others hold the same pictures again in other formats and containers.
     pictures = [Image.open(p) for p in _pictures(fixtures_dir)]
     pictures += [photo(96, 64, seed) for seed in range(1000, 3000)]
@@ -143,13 +193,15 @@ def test_unrelated_images_never_match(fixtures_dir: Path) -> None:
     checked = 0
     for number, picture in enumerate(pictures):
         hashed = hash_image(picture)
-        if hashed.quality < 50:
+        if hashed.quality < MIN_QUALITY:
             continue  # neither matched nor banked
         hit = index.nearest(hashed.forms, MATCH_DISTANCE)
         assert hit is None, f"picture {number} is {hit.distance} bits from an earlier one"
-        index.put(hashed.forms[0])
+        banked = _banked_for_review(picture) if number < 400 else [hashed.forms[0]]
+        for one in banked:
+            index.put(one)  # as a worker's refresh adds a review's hashes
         checked += 1
-    assert checked > 2000
+    assert checked > 2000 and len(index) > checked + 12 * 400
 
 
 # ------------------------------------------------------------ the scorer: cache and bank
@@ -285,6 +337,137 @@ def test_an_image_reviewed_ai_flags_its_copies_for_its_client_alone(
         assert after[0].known_match is None and after[0].flagged is False
 
 
+def _review_ai(sessions: sessionmaker[Session], image_id: uuid.UUID, crop_fraction: float = 0.05) -> uuid.UUID:
+    """Review ``image_id`` `ai`, leaving its crops pending, as the API does; the review's id."""
+    from worker.reviews import record
+
+    with sessions.begin() as session:
+        recorded = record(session, session.get(ImageRow, image_id), "ai", reviewer="test", crop_fraction=crop_fraction)
+        assert recorded.bank == "added" and recorded.crops_pending
+        return recorded.review.id
+
+
+def _crop_rows(sessions: sessionmaker[Session], image_id: uuid.UUID) -> list[HashBankEntry]:
+    with sessions() as session:
+        query = select(HashBankEntry).where(HashBankEntry.image_id == image_id, HashBankEntry.source == "review_crop")
+        return list(session.scalars(query))
+
+
+def _crops_state(sessions: sessionmaker[Session], review_id: uuid.UUID) -> str | None:
+    with sessions() as session:
+        return session.get(ImageReview, review_id).crops
+
+
+def test_a_review_banks_the_crops_of_its_image_so_cropped_copies_match(
+    settings_factory, pg_sessions, pg_url, s3_endpoint, s3_client, bucket
+) -> None:
+    original = photo(640, 480, 91)
+    s3_client.put_object(Bucket=bucket, Key="orig.png", Body=encode(original, "PNG"))
+    for name in ("left-5pct", "top-right-corner-5pct", "centred-5pct"):
+        s3_client.put_object(Bucket=bucket, Key=f"cropped/{name}.jpg", Body=encode(CROPPED[name](original), "JPEG"))
+    s3_client.put_object(Bucket=bucket, Key="later.jpg", Body=encode(_cut(original, 0, 0, 0.05, 0), "JPEG"))
+    client = _client(pg_sessions, "cropper")
+    settings = settings_factory(database_url=pg_url, s3_endpoint_url=s3_endpoint, bank_refresh_s=0)
+    assert settings.bank_crop == 0.05  # the default
+    refs = [ObjectRef(bucket, f"cropped/{name}.jpg") for name in ("left-5pct", "top-right-corner-5pct", "centred-5pct")]
+    with Scorer(settings, Detector.from_settings(settings), sessions=pg_sessions) as scorer:
+        (banked,) = _score(scorer, pg_sessions, client, [ObjectRef(bucket, "orig.png")], threshold=1.0)
+        review_id = _review_ai(pg_sessions, banked.id)
+        # Until a worker banks the crops, the image's own hash alone is in the bank: no crop matches it.
+        (early,) = _score(scorer, pg_sessions, client, refs[:1], threshold=1.0)
+        assert early.known_match is None and early.flagged is False
+
+        assert bank_crops(pg_sessions, scorer.storage, review_id, settings) == "banked"
+        crops = _crop_rows(pg_sessions, banked.id)
+        assert 0 < len(crops) <= 13 and all(row.client_id == client and row.removed_at is None for row in crops)
+        # A redelivered message finds the crops banked and adds nothing.
+        assert bank_crops(pg_sessions, scorer.storage, review_id, settings) == "banked"
+        assert len(_crop_rows(pg_sessions, banked.id)) == len(crops)
+
+        matches = _score(scorer, pg_sessions, client, refs, threshold=1.0)
+        assert matches[0].cached_from == early.id  # the same bytes as before the crops: reused, matched now
+        for ref, row in zip(refs, matches, strict=True):
+            assert row.known_match is not None, ref.key
+            assert row.known_match["image_id"] == str(banked.id) and row.known_match["source"] == "review_crop"
+            assert row.flagged is True and row.flagged_by == ["known_match"], ref.key
+
+        from worker.reviews import record
+
+        with pg_sessions.begin() as session:
+            assert record(session, session.get(ImageRow, banked.id), "human", reviewer="test").bank == "removed"
+        assert all(row.removed_at is not None for row in _crop_rows(pg_sessions, banked.id))
+        (later,) = _score(scorer, pg_sessions, client, [ObjectRef(bucket, "later.jpg")], threshold=1.0)
+        assert later.known_match is None and later.flagged is False
+
+
+def test_crops_are_banked_only_from_the_bytes_scored_and_only_while_the_review_stands(
+    settings_factory, pg_sessions, pg_url, s3_endpoint, s3_client, bucket
+) -> None:
+    """Each way a review's crops end without being banked is recorded on the review, and banks nothing."""
+    keys = ("overwritten.png", "deleted.png", "reconsidered.png", "withdrawn.png")
+    for seed, key in enumerate(keys, start=92):
+        s3_client.put_object(Bucket=bucket, Key=key, Body=encode(photo(320, 240, seed), "PNG"))
+    client, other = _client(pg_sessions, "crop-owner"), _client(pg_sessions, "crop-withdrawn")
+    settings = settings_factory(database_url=pg_url, s3_endpoint_url=s3_endpoint)
+    with Scorer(settings, Detector.from_settings(settings), sessions=pg_sessions) as scorer:
+        scored = _score(scorer, pg_sessions, client, [ObjectRef(bucket, key) for key in keys[:3]], threshold=1.0)
+        (withdrawn,) = _score(scorer, pg_sessions, other, [ObjectRef(bucket, keys[3])], threshold=1.0)
+        reviews = [_review_ai(pg_sessions, row.id) for row in [*scored, withdrawn]]
+
+        s3_client.put_object(Bucket=bucket, Key=keys[0], Body=encode(photo(320, 240, 99), "PNG"))
+        s3_client.delete_object(Bucket=bucket, Key=keys[1])
+        from worker.reviews import record
+
+        with pg_sessions.begin() as session:
+            record(session, session.get(ImageRow, scored[2].id), "human", reviewer="second look")
+            disable_client(session, session.get(ApiClient, other))
+        # The later review decided before any worker came: the first one's crops are superseded.
+        assert _crops_state(pg_sessions, reviews[2]) == "superseded"
+
+        ended = [bank_crops(pg_sessions, scorer.storage, review_id, settings) for review_id in reviews]
+    assert ended == ["object_changed", "object_not_found", "superseded", "access_denied"]
+    assert [_crops_state(pg_sessions, review_id) for review_id in reviews] == ended
+    assert all(_crop_rows(pg_sessions, row.id) == [] for row in [*scored, withdrawn])
+
+
+def test_the_sweeper_asks_again_for_crops_whose_message_was_lost(
+    settings_factory, pg_sessions, pg_url, s3_endpoint, s3_client, bucket, celery_app, broker
+) -> None:
+    s3_client.put_object(Bucket=bucket, Key="lost.png", Body=encode(photo(320, 240, 97), "PNG"))
+    client = _client(pg_sessions, "lost-message")
+    settings = settings_factory(database_url=pg_url, s3_endpoint_url=s3_endpoint)
+    with Scorer(settings, Detector.from_settings(settings), sessions=pg_sessions) as scorer:
+        (row,) = _score(scorer, pg_sessions, client, [ObjectRef(bucket, "lost.png")], threshold=1.0)
+    review_id = _review_ai(pg_sessions, row.id)  # and no message: the broker lost it
+    assert sweep_crops(pg_sessions, celery_app, stale_after_s=3600) == 0  # not stale yet
+    assert sweep_crops(pg_sessions, celery_app, stale_after_s=0) >= 1
+    assert _asked_for(broker, review_id) == 1
+    # Sent again: it waits another interval before the next ask.
+    assert review_id not in _pending_older_than(pg_sessions, 60)
+
+
+def _asked_for(broker: Any, review_id: uuid.UUID) -> int:
+    """How many messages in the realtime queue ask a worker for this review's crops."""
+    asked = 0
+    for raw in broker.lrange(REALTIME_QUEUE, 0, -1):
+        message = json.loads(raw)
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        asked += message["headers"]["task"] == BANK_CROPS_TASK and args == [str(review_id)]
+    return asked
+
+
+def _pending_older_than(sessions: sessionmaker[Session], seconds: float) -> set[uuid.UUID]:
+    from datetime import timedelta
+
+    from worker.models import utcnow
+
+    with sessions() as session:
+        query = select(ImageReview.id).where(
+            ImageReview.crops == "pending", ImageReview.crops_at < utcnow() - timedelta(seconds=seconds)
+        )
+        return set(session.scalars(query))
+
+
 def test_a_match_is_recorded_but_flags_nothing_when_bank_flags_are_off(
     settings_factory, pg_sessions, pg_url, s3_endpoint, s3_client, bucket
 ) -> None:
@@ -327,7 +510,7 @@ def test_a_worker_sees_a_review_after_its_refresh_interval(pg_sessions) -> None:
 # ---------------------------------------------------------------------- the HTTP API
 
 
-def test_reviews_through_the_api(api, sessions, service_settings) -> None:
+def test_reviews_through_the_api(api, sessions, service_settings, broker) -> None:
     with sessions.begin() as session:
         mine = create_client(session, f"reviewer-{uuid.uuid4().hex[:6]}", all_buckets=True)
         theirs = create_client(session, f"other-{uuid.uuid4().hex[:6]}", all_buckets=True)
@@ -342,10 +525,13 @@ def test_reviews_through_the_api(api, sessions, service_settings) -> None:
     first = api.post(url, json={"verdict": "ai", "note": "same template as case 7"}, headers=headers)
     assert first.status_code == 201, first.text
     assert first.json()["bank"] == "added" and first.json()["reviewer"] == mine.client.name
+    # A worker is asked for the crops (the real-worker test below sees them banked).
+    assert first.json()["crops"] == "pending" and _asked_for(broker, uuid.UUID(first.json()["id"])) == 1
     second = api.post(url, json={"verdict": "human", "reviewer": "moderator-17"}, headers=headers)
-    assert second.json()["bank"] == "removed"
+    assert second.json()["bank"] == "removed" and second.json()["crops"] is None
     shown = api.get(f"/v1/images/{done_id}", headers=headers).json()
     assert shown["review"]["verdict"] == "human" and shown["review"]["reviewer"] == "moderator-17"
+    assert _crops_state(sessions, uuid.UUID(first.json()["id"])) == "superseded"
     assert shown["pdq"] == "ab" * 32
 
     assert api.post(f"/v1/images/{waiting_id}/review", json={"verdict": "ai"}, headers=headers).status_code == 409
@@ -382,14 +568,18 @@ def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpo
         (first / name).write_bytes(encode(picture, "PNG"))
     (later / "p80-copy.jpg").write_bytes(encode(ImageOps.mirror(pictures["p80.png"]), "JPEG", quality=70))
     (later / "p81-same.png").write_bytes((first / "p81.png").read_bytes())
+    (later / "p80-cropped.jpg").write_bytes(encode(_cut(pictures["p80.png"], 0.05, 0, 0, 0), "JPEG"))
 
     scanned = _cli(env, "scan", str(first), "--json")
     assert scanned.exit_code == 0, scanned.output
     ids = {Path(i["uri"]).name: i["id"] for i in json.loads(scanned.stdout)["images"]}
     reviewed = _cli(env, "review", ids["p80.png"], "--verdict", "ai", "--note", "known fake")
-    assert reviewed.exit_code == 0 and "bank: added" in reviewed.output
+    # The operator's command banks the crops itself, from the local file.
+    assert reviewed.exit_code == 0 and "bank: added; crops: banked" in reviewed.output, reviewed.output
     assert _cli(env, "review", ids["p82.png"], "--verdict", "human").exit_code == 0
-    assert "1 hash in the bank of the operator" in _cli(env, "bank", "status").output
+    status = _cli(env, "bank", "status").output
+    crops = len(_banked_for_review(pictures["p80.png"])) - 1
+    assert f"{1 + crops} hashes in the bank of the operator (1 review, {crops} review crop)" in status, status
 
     rescanned = _cli(env, "scan", str(later), "--json")
     assert rescanned.exit_code == 0, rescanned.output
@@ -397,6 +587,7 @@ def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpo
     assert got["p80-copy.jpg"]["known_match"]["image_id"] == ids["p80.png"]
     assert got["p80-copy.jpg"]["flagged"] is True and got["p80-copy.jpg"]["flagged_by"] == ["known_match"]
     assert got["p81-same.png"]["cached_from"] == ids["p81.png"] and got["p81-same.png"]["known_match"] is None
+    assert got["p80-cropped.jpg"]["known_match"]["source"] == "review_crop" and got["p80-cropped.jpg"]["flagged"]
     table = _cli(env, "results")
     assert "known match" in table.output and f"same bytes as {ids['p81.png']}" in table.output
 
@@ -411,8 +602,9 @@ def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpo
     # Export, then import into a client's bank of another install.
     exported = _cli(env, "bank", "export")
     assert exported.exit_code == 0
-    rows = list(read_csv(exported.stdout))
-    assert len(rows) == 1 and rows[0][1]["hash"] == got["p80-copy.jpg"]["known_match"]["hash"]
+    rows = [fields for _, fields in read_csv(exported.stdout)]
+    assert [row["source"] for row in rows].count("review") == 1 and len(rows) == 1 + crops
+    assert got["p80-copy.jpg"]["known_match"]["hash"] in {row["hash"] for row in rows}
     other = dict(env, SYNTHGUARD_DATABASE_URL=f"sqlite:///{tmp_path / 'other.db'}")
     sessions = get_sessionmaker(other["SYNTHGUARD_DATABASE_URL"])
     ensure_schema(sessions.kw["bind"])
@@ -422,11 +614,12 @@ def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpo
     imported = _cli(other, "bank", "import", str(tmp_path / "bank.csv"), "--client", "platform", "--json")
     assert imported.exit_code == 1  # a malformed line is reported, and the rest is imported
     report = json.loads(imported.stdout)
-    assert (report["added"], report["low_quality"], len(report["invalid"])) == (1, 1, 1)
-    assert "line 3" in report["invalid"][0]
+    assert (report["added"], report["low_quality"], len(report["invalid"])) == (len(rows), 1, 1)
+    assert f"line {len(rows) + 2}" in report["invalid"][0]  # after the header and the exported rows
     again = _cli(other, "bank", "import", str(tmp_path / "bank.csv"), "--client", "platform", "--json")
-    assert json.loads(again.stdout)["already_present"] == 1
-    assert "1 hash in the bank of platform" in _cli(other, "bank", "status", "--client", "platform").output
+    assert json.loads(again.stdout)["already_present"] == len(rows)
+    platform = _cli(other, "bank", "status", "--client", "platform").output
+    assert f"{len(rows)} hashes in the bank of platform ({len(rows)} import)" in platform
     assert "0 hashes" in _cli(other, "bank", "status").output  # the operator's bank there is empty
 
 
@@ -474,6 +667,7 @@ def test_the_loop_through_a_real_worker_and_a_verified_webhook(
     s3_client.put_object(Bucket=bucket, Key="upload/1.png", Body=encode(picture, "PNG"))
     s3_client.put_object(Bucket=bucket, Key="upload/2.jpg", Body=encode(picture.resize((256, 192)), "JPEG", quality=70))
     s3_client.put_object(Bucket=bucket, Key="upload/3.png", Body=encode(picture, "PNG"))
+    s3_client.put_object(Bucket=bucket, Key="upload/4.jpg", Body=encode(_cut(picture, 0, 0, 0.05, 0.05), "JPEG"))
     with running_receiver() as receiver:
         with sessions.begin() as session:
             client = create_client(session, f"loop-{uuid.uuid4().hex[:6]}", all_buckets=True, webhook_url=receiver.url)
@@ -491,17 +685,23 @@ def test_the_loop_through_a_real_worker_and_a_verified_webhook(
         first = scored("upload/1.png")
         assert first["flagged"] is False and first["pdq"]
         review = api.post(f"/v1/images/{first['id']}/review", json={"verdict": "ai"}, headers=headers)
-        assert review.json()["bank"] == "added"
+        assert review.json()["bank"] == "added" and review.json()["crops"] == "pending"
+        image_url = f"/v1/images/{first['id']}"
+        # The worker fetches the image again and banks its crops.
+        wait_until(lambda: api.get(image_url, headers=headers).json()["review"]["crops"] == "banked", message="crops")
         copy = scored("upload/2.jpg")
         assert copy["known_match"]["image_id"] == first["id"] and copy["flagged_by"] == ["known_match"]
         same = scored("upload/3.png")
         assert same["cached_from"] == first["id"] and same["known_match"]["distance"] == 0
+        cropped = scored("upload/4.jpg")
+        assert cropped["known_match"]["image_id"] == first["id"] and cropped["known_match"]["source"] == "review_crop"
 
         def flagged_events() -> list[dict[str, Any]]:
             return [json.loads(r.body)["data"] for r in receiver.verified() if json.loads(r.body)["type"] == "image.flagged"]
 
-        wait_until(lambda: len(flagged_events()) == 2, message="both copies' webhooks")
+        wait_until(lambda: len(flagged_events()) == 3, message="the copies' webhooks")
     by_image = {event["image_id"]: event for event in flagged_events()}
     assert by_image[copy["id"]]["known_match"]["image_id"] == first["id"]
     assert by_image[copy["id"]]["flagged_by"] == ["known_match"] and by_image[copy["id"]]["cached_from"] is None
     assert by_image[same["id"]]["cached_from"] == first["id"]
+    assert by_image[cropped["id"]]["known_match"]["source"] == "review_crop"

@@ -40,6 +40,7 @@ SCORE_TASK = "synthguard.score_image"
 SCORE_CHUNK_TASK = "synthguard.score_chunk"  # bulk: up to SYNTHGUARD_BULK_CHUNK ids per message
 DELIVER_TASK = "synthguard.deliver_webhook"
 SWEEP_TASK = "synthguard.sweep"
+BANK_CROPS_TASK = "synthguard.bank_crops"  # after a review `ai`: bank the hashes of the image's crops
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -55,6 +56,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_default_routing_key=REALTIME_QUEUE,
         task_routes={
             SWEEP_TASK: {"queue": REALTIME_QUEUE},
+            # A person waits on it, and there are as many as there are reviews: a few hashes each.
+            BANK_CROPS_TASK: {"queue": REALTIME_QUEUE},
             DELIVER_TASK: {"queue": WEBHOOKS_QUEUE},
         },
         task_serializer="json",

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOURCE_REVIEW = "review"
+SOURCE_REVIEW_CROP = "review_crop"  # a crop of a reviewed image (worker.cropbank)
 SOURCE_IMPORT = "import"
 
 # How far back, before the newest change a worker has seen, it reads again: a change committed
@@ -109,17 +110,38 @@ def remove(session: Session, client_id: uuid.UUID | None, hash_hex: str) -> bool
     return bool(result.rowcount)
 
 
+def remove_crops(session: Session, client_id: uuid.UUID | None, image_id: uuid.UUID) -> int:
+    """Take the hashes of an image's crops out of the bank; how many were in it."""
+    now = utcnow()
+    result = session.execute(
+        update(HashBankEntry)
+        .where(
+            _of_client(client_id),
+            HashBankEntry.image_id == image_id,
+            HashBankEntry.source == SOURCE_REVIEW_CROP,
+            HashBankEntry.removed_at.is_(None),
+        )
+        .values(removed_at=now, updated_at=now)
+    )
+    return int(result.rowcount or 0)
+
+
 def entry_for(session: Session, client_id: uuid.UUID | None, hash_hex: str) -> HashBankEntry | None:
     return session.scalar(select(HashBankEntry).where(_of_client(client_id), HashBankEntry.hash == hash_hex))
 
 
 def size(session: Session, client_id: uuid.UUID | None) -> int:
-    return int(
-        session.scalar(
-            select(func.count()).select_from(HashBankEntry).where(_of_client(client_id), HashBankEntry.removed_at.is_(None))
-        )
-        or 0
+    return sum(sizes(session, client_id).values())
+
+
+def sizes(session: Session, client_id: uuid.UUID | None) -> dict[str, int]:
+    """The live hashes of a bank, counted by how they entered it (``review``, ``review_crop``, ``import``)."""
+    rows = session.execute(
+        select(HashBankEntry.source, func.count())
+        .where(_of_client(client_id), HashBankEntry.removed_at.is_(None))
+        .group_by(HashBankEntry.source)
     )
+    return {source: int(count) for source, count in rows}
 
 
 # ------------------------------------------------------------------ CSV

@@ -41,6 +41,12 @@ KNOWN_MATCHES = Counter(
     "synthguard_known_matches_total",
     "Images that matched a hash in their client's bank of known AI images (known_match).",
 )
+BANK_CROPS = Counter(
+    "synthguard_bank_crops_total",
+    "Reviews `ai` whose crops' hashes a worker banked (banked), found decided by a later review "
+    "(superseded), or could not bank (the error code).",
+    ["state"],
+)
 IMAGES_FAILED = Counter(
     "synthguard_images_failed_total",
     "Images this worker failed for good, by error code.",

@@ -263,6 +263,13 @@ class ImageReview(Base):
         Index("ix_image_reviews_image_id_created_at", "image_id", "created_at"),
         # eval --from-reviews reads a client's reviews since a moment.
         Index("ix_image_reviews_client_id_created_at", "client_id", "created_at"),
+        # The sweeper looks for crops left pending by a lost message; few rows are ever pending.
+        Index(
+            "ix_image_reviews_crops_pending",
+            "crops_at",
+            postgresql_where=text("crops = 'pending'"),
+            sqlite_where=text("crops = 'pending'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -273,6 +280,11 @@ class ImageReview(Base):
     # Who decided: the API client's name and, when the request said, its reviewer; or the operator.
     reviewer: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The hashes of the image's crops (worker.cropbank), for a review `ai`: `pending` until a worker
+    # banks them, then `banked`, `superseded` (a later review decides) or why not (an error code).
+    # NULL: no crops to bank (a review `human`, SYNTHGUARD_BANK_CROP=0, or no hash banked).
+    crops: Mapped[str | None] = mapped_column(String(32))
+    crops_at: Mapped[datetime | None]  # when crops last changed or were last sent to a worker
 
 
 class HashBankEntry(Base):
@@ -284,16 +296,18 @@ class HashBankEntry(Base):
 
     __tablename__ = "hash_bank"
     __table_args__ = (
-        CheckConstraint("source IN ('review', 'import')", name="source"),
+        CheckConstraint("source IN ('review', 'review_crop', 'import')", name="source"),
         UniqueConstraint("client_id", "hash", name="uq_hash_bank_client_id_hash"),
         Index("ix_hash_bank_client_id_updated_at", "client_id", "updated_at"),
+        # A review `human` removes an image's crops by its id; deleting an image nulls its rows.
+        Index("ix_hash_bank_image_id", "image_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     client_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_clients.id", ondelete="CASCADE"))
     hash: Mapped[str] = mapped_column(String(64))
     quality: Mapped[int | None] = mapped_column(Integer)
-    # The reviewed image that put it here; NULL for an imported hash.
+    # The reviewed image that put it here (source review, or review_crop: a crop of it); NULL for an import.
     image_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
     source: Mapped[str] = mapped_column(String(16))
     label: Mapped[str | None] = mapped_column(Text)

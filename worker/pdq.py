@@ -51,8 +51,11 @@ class PdqHash:
         return cls(tuple(forms[i : i + HASH_BYTES] for i in range(0, len(forms), HASH_BYTES)), quality)
 
 
-def hash_image(image: Image.Image) -> PdqHash:
-    """The PDQ hash of ``image`` (any mode), with its rotated and mirrored forms."""
+def hash_image(image: Image.Image, box: tuple[float, float, float, float] | None = None) -> PdqHash:
+    """The PDQ hash of ``image`` (any mode), with its rotated and mirrored forms.
+
+    ``box``: of that region alone (left, upper, right, lower), as if cropped first.
+    """
     import numpy as np
     import pdqhash
     from PIL import Image as PILImage
@@ -60,7 +63,7 @@ def hash_image(image: Image.Image) -> PdqHash:
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     # reducing_gap: a box reduction by a whole factor first, then bilinear. PDQ low-passes far below
     # this size anyway: hashes move by 2 bits at most against bilinear alone, at half the time.
-    small = rgb.resize((HASH_SIDE, HASH_SIDE), PILImage.Resampling.BILINEAR, reducing_gap=1.0)
+    small = rgb.resize((HASH_SIDE, HASH_SIDE), PILImage.Resampling.BILINEAR, box=box, reducing_gap=1.0)
     vectors, quality = pdqhash.compute_dihedral(np.asarray(small))
     forms = tuple(np.packbits(np.asarray(vector, dtype=np.uint8)).tobytes() for vector in vectors)
     return PdqHash(forms=forms, quality=int(quality))

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .celery_app import (
+    BANK_CROPS_TASK,
     BULK_QUEUE,
     DELIVER_TASK,
     LANES,
@@ -34,7 +35,8 @@ from .celery_app import (
 from .db import get_sessionmaker
 from .errors import IdempotencyConflict
 from .intake import create_scan, effective_threshold, unique_refs
-from .models import PROCESSING, QUEUED, Image, Scan, utcnow
+from .models import PROCESSING, QUEUED, Image, ImageReview, Scan, utcnow
+from .reviews import CROPS_PENDING
 from .settings import Settings, get_settings
 from .storage import ObjectRef, check_ref, parse_s3_uri
 from .tenancy import check_intake, event_lane, lock_client, pending_images
@@ -130,6 +132,19 @@ def publish_deliveries(app: Celery, deliveries: Iterable[tuple[uuid.UUID, int]],
             )
             sent += 1
     return sent
+
+
+def publish_crops(app: Celery, review_ids: Sequence[uuid.UUID], *, countdown: float | None = None) -> bool:
+    """Ask a worker to bank the crops of each review's image; False when the broker refused (the sweeper
+    publishes them later: they stay ``pending``)."""
+    try:
+        with app.producer_or_acquire() as producer:
+            for review_id in review_ids:
+                app.send_task(BANK_CROPS_TASK, args=[str(review_id)], countdown=countdown, producer=producer)
+    except Exception as exc:  # noqa: BLE001 - as publish_quietly
+        log.warning("could not ask for the crops of %d reviews (%s); the sweeper will", len(review_ids), exc)
+        return False
+    return True
 
 
 def publish_quietly(
@@ -451,3 +466,27 @@ def sweep_stale(
     if total:
         log.info("sweeper re-published %d stale images", total)
     return total
+
+
+def sweep_crops(sessions: sessionmaker[Session], app: Celery, *, stale_after_s: float, limit: int = 1000) -> int:
+    """Ask again for the crops of reviews left ``pending`` longer than ``stale_after_s`` (a lost message,
+    a broker that was down when the review was recorded); touches ``crops_at`` of those it sends."""
+    now = utcnow()
+    with sessions.begin() as session:
+        ids = list(
+            session.scalars(
+                select(ImageReview.id)
+                .where(
+                    ImageReview.crops == CROPS_PENDING,
+                    ImageReview.crops_at < now - timedelta(seconds=stale_after_s),
+                )
+                .order_by(ImageReview.crops_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        if ids:
+            session.execute(update(ImageReview).where(ImageReview.id.in_(ids)).values(crops_at=now))
+    if ids and publish_crops(app, ids):
+        log.info("sweeper asked again for the crops of %d reviews", len(ids))
+    return len(ids)

@@ -4,7 +4,9 @@
 ``GET /v1/images/{id}`` shows :func:`latest`; ``synthguard eval --from-reviews``
 reads :func:`reviewed` as its labelled set. A review ``ai`` puts the image's
 PDQ hash in its client's bank, ``human`` takes it out (worker.hashbank); the
-latest review of an image is the one that counts.
+latest review of an image is the one that counts. A review ``ai`` also leaves
+the hashes of the image's crops ``pending``: a worker banks them
+(worker.cropbank), and ``human`` removes them with the image's own hash.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from . import hashbank
@@ -28,6 +30,11 @@ HUMAN = "human"
 VERDICTS = (AI, HUMAN)
 MAX_NOTE = 2000
 MAX_REVIEWER = 200
+
+# ImageReview.crops: what became of the hashes of the image's crops (worker.cropbank).
+CROPS_PENDING = "pending"  # a worker is to bank them
+CROPS_BANKED = "banked"
+CROPS_SUPERSEDED = "superseded"  # a later review of the image decided first
 
 # What a review did to the bank.
 BankAction = Literal["added", "already_banked", "removed", "not_banked", "no_hash", "low_quality"]
@@ -42,6 +49,11 @@ class Recorded:
     review: ImageReview
     bank: BankAction
 
+    @property
+    def crops_pending(self) -> bool:
+        """A worker is to bank the hashes of the image's crops (publish ``synthguard.bank_crops``)."""
+        return self.review.crops == CROPS_PENDING
+
 
 def record(
     session: Session,
@@ -51,12 +63,26 @@ def record(
     reviewer: str,
     note: str | None = None,
     min_quality: int = MIN_QUALITY,
+    crop_fraction: float = 0.0,
 ) -> Recorded:
-    """Store a person's decision on ``image`` and update its client's bank; in the caller's transaction."""
+    """Store a person's decision on ``image`` and update its client's bank; in the caller's transaction.
+
+    ``crop_fraction`` (SYNTHGUARD_BANK_CROP): when the image's hash is banked,
+    the review's crops are left ``pending`` for a worker (:data:`Recorded.crops_pending`).
+    """
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
     if image.state in (QUEUED, PROCESSING):
         raise NotScoredYet(f"image {image.id} is {image.state}: review it once it is done or failed")
+    # The image's row orders this review with any other of the image, and with a worker banking
+    # crops of it (worker.cropbank takes the same lock).
+    session.execute(select(Image.id).where(Image.id == image.id).with_for_update())
+    # Whatever earlier review still waited for its crops, this one decides now.
+    session.execute(
+        update(ImageReview)
+        .where(ImageReview.image_id == image.id, ImageReview.crops == CROPS_PENDING)
+        .values(crops=CROPS_SUPERSEDED, crops_at=utcnow())
+    )
     review = ImageReview(
         image_id=image.id,
         client_id=image.client_id,
@@ -67,14 +93,19 @@ def record(
     )
     session.add(review)
     session.flush()
-    return Recorded(review, _bank(session, image, verdict, min_quality))
+    bank = _bank(session, image, verdict, min_quality)
+    if verdict == AI and bank in ("added", "already_banked") and crop_fraction > 0:
+        review.crops, review.crops_at = CROPS_PENDING, review.created_at
+    return Recorded(review, bank)
 
 
 def _bank(session: Session, image: Image, verdict: str, min_quality: int) -> BankAction:
     if image.pdq is None:
         return "no_hash"  # failed before it was decoded, or scored before hashing existed
     if verdict == HUMAN:
-        return "removed" if hashbank.remove(session, image.client_id, image.pdq) else "not_banked"
+        removed = hashbank.remove(session, image.client_id, image.pdq)
+        removed_crops = hashbank.remove_crops(session, image.client_id, image.id)
+        return "removed" if removed or removed_crops else "not_banked"
     if image.pdq_quality is not None and image.pdq_quality < min_quality:
         # A featureless image: its hash would match every other featureless image.
         return "low_quality"

@@ -151,6 +151,16 @@ class Settings(BaseSettings):
         description="Flag an image that matches its client's bank of known AI images, whatever its score "
         "(flagged_by names known_match). Off: the match is recorded in known_match and flags nothing.",
     )
+    bank_crop: float = Field(
+        0.05,
+        ge=0,
+        le=0.2,
+        description="A review `ai` also banks hashes of crops of the image: this fraction and half of it "
+        "cut from each side, this fraction from each corner's two sides, and half of it from every side at "
+        "once (13 hashes), so that copies cropped by up to this much still match; PDQ alone matches trims "
+        "of about 1% at each edge. A worker fetches the image again to hash them. 0: the image's own hash "
+        "alone.",
+    )
     bank_refresh_s: float = Field(
         5.0,
         ge=0,

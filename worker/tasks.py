@@ -16,6 +16,7 @@ from celery.worker.control import inspect_command
 
 from . import errors, logs, metrics
 from .celery_app import (
+    BANK_CROPS_TASK,
     BULK_QUEUE,
     DELIVER_TASK,
     REALTIME_QUEUE,
@@ -28,7 +29,7 @@ from .errors import TransientError, backoff_delay
 from .netguard import URLPolicy
 from .outbox import due, send_delivery
 from .priority import BulkSlots, WaitingProbe
-from .queueing import publish_deliveries, publish_quietly, sweep_stale, waiting_messages
+from .queueing import publish_deliveries, publish_quietly, sweep_crops, sweep_stale, waiting_messages
 from .secretbox import SecretBox
 from .settings import get_settings
 
@@ -83,7 +84,7 @@ def _close_scorer(**_: object) -> None:
 
 
 # What the first argument of each task names, for the log context.
-_SUBJECT_FIELD = {SCORE_TASK: "image_id", DELIVER_TASK: "delivery_id"}
+_SUBJECT_FIELD = {SCORE_TASK: "image_id", DELIVER_TASK: "delivery_id", BANK_CROPS_TASK: "review_id"}
 
 
 @task_prerun.connect
@@ -268,9 +269,34 @@ def deliver_webhook(delivery_id: str, attempt: int) -> str:
     )
 
 
+@app.task(name=BANK_CROPS_TASK, bind=True, max_retries=None)
+def bank_crops(self: Task, review_id: str) -> str:
+    """Bank the hashes of a reviewed image's crops (worker.cropbank); an outage retries with backoff."""
+    from . import cropbank
+
+    scorer = get_scorer()
+    settings = scorer.settings
+    ident = uuid.UUID(review_id)
+    try:
+        return cropbank.bank_crops(scorer.sessions, scorer.storage, ident, settings)
+    except TransientError as exc:
+        attempt = self.request.retries + 1
+        if attempt >= settings.max_attempts:
+            why = f"{exc.message} (gave up after {attempt} attempts)"
+            return cropbank.give_up(scorer.sessions, ident, exc.code, why)
+        delay = backoff_delay(attempt, base_s=settings.retry_backoff_s, cap_s=settings.retry_backoff_max_s)
+        log.info("review %s: crops not banked yet: %s (%s); retrying in %.1fs", review_id, exc.code, exc.message, delay)
+        raise self.retry(exc=exc, countdown=delay) from exc
+    except Exception:
+        # The database refused, or a bug: the review stays pending and the sweeper asks again.
+        log.exception("review %s: unexpected error banking the crops of its image", review_id)
+        return "error"
+
+
 @app.task(name=SWEEP_TASK)
 def sweep(stale_after_s: float | None = None) -> int:
-    """Re-publish images a lost message or a dead worker left behind, and send due webhooks."""
+    """Re-publish images a lost message or a dead worker left behind, send due webhooks, and ask
+    again for the crops of reviews left pending."""
     scorer = get_scorer()
     stale = scorer.settings.stale_after_s if stale_after_s is None else stale_after_s
     images = sweep_stale(
@@ -284,7 +310,7 @@ def sweep(stale_after_s: float | None = None) -> int:
         due_now = due(session, lease_s=stale)
     if due_now:
         publish_deliveries(app, due_now)
-    return images + len(due_now)
+    return images + len(due_now) + sweep_crops(scorer.sessions, app, stale_after_s=stale)
 
 
 @inspect_command()

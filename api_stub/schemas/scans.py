@@ -254,7 +254,11 @@ class KnownMatch(BaseModel):
     )
     distance: int = Field(description="Bits (of 256) the hashes differ by.", examples=[6])
     hash: str | None = Field(None, description="The banked hash, 64 hex digits.")
-    source: Literal["review", "import"] | None = Field(None, description="How the hash entered the bank.")
+    source: Literal["review", "review_crop", "import"] | None = Field(
+        None,
+        description="How the hash entered the bank: `review` (the reviewed image's own hash), `review_crop` "
+        "(the hash of a crop of it, banked so that cropped copies match), `import`.",
+    )
     label: str | None = Field(None, description="The label an imported hash came with.", examples=[None])
 
 
@@ -288,6 +292,16 @@ class ReviewOut(BaseModel):
     note: str | None = Field(description="The note, if one was given.")
     reviewer: str = Field(description="Who decided.", examples=["moderator-17"])
     created_at: UtcDatetime = Field(description="When (UTC).")
+    crops: str | None = Field(
+        None,
+        description="For `ai`: the hashes of crops of the image, which make copies cropped by up to "
+        "SYNTHGUARD_BANK_CROP (5%) match. `pending` until a worker has fetched the image again and banked "
+        "them (seconds), then `banked`, `superseded` (a later review of the image decided first), `off`, or "
+        "the error code that stopped it (`object_changed`: the object's bytes are not the ones scored; "
+        "`object_not_found`, `access_denied`, ...). Null: no crops to bank (`human`, crops off, or the "
+        "image's own hash was not banked).",
+        examples=["pending"],
+    )
 
 
 class ReviewRecorded(ReviewOut):

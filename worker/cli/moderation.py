@@ -14,7 +14,7 @@ import click
 from sqlalchemy.orm import Session
 
 from ..settings import Settings
-from ._base import _checked_sessions, _client_id, _fail, _settings, main
+from ._base import _checked_sessions, _client_id, _fail, _producer_app, _settings, main
 
 CLIENT_HELP = (
     "The API client (name or id) whose bank this is. Omitted: the operator's own bank, which serves "
@@ -42,9 +42,11 @@ def review(image_id: str, verdict: str, note: str | None, reviewer: str, as_json
     """Record a person's decision on IMAGE_ID (as POST /v1/images/{id}/review does).
 
     `ai` puts the image's PDQ hash in its client's bank (the operator's bank for
-    images of `synthguard scan`), so later copies of it are flagged; `human`
-    takes it out. `synthguard eval --from-reviews` measures the detector on
-    these decisions.
+    images of `synthguard scan`), so later copies of it are flagged, and then
+    fetches the image again to bank the hashes of crops of it
+    (SYNTHGUARD_BANK_CROP), so that cropped copies match too; `human` takes
+    them out. `synthguard eval --from-reviews` measures the detector on these
+    decisions.
     """
     from ..models import Image
     from ..reviews import NotScoredYet, record
@@ -60,21 +62,57 @@ def review(image_id: str, verdict: str, note: str | None, reviewer: str, as_json
             raise _fail(f"no image {image_id}")
         try:
             recorded = record(
-                session, image, verdict, reviewer=reviewer, note=note, min_quality=settings.bank_min_quality
+                session,
+                image,
+                verdict,
+                reviewer=reviewer,
+                note=note,
+                min_quality=settings.bank_min_quality,
+                crop_fraction=settings.bank_crop,
             )
         except NotScoredYet as exc:
             raise _fail(str(exc)) from exc
-        out = {
+        out: dict[str, str | None] = {
             "id": str(recorded.review.id),
             "image_id": image_id,
             "verdict": verdict,
             "reviewer": recorded.review.reviewer,
             "bank": recorded.bank,
+            "crops": recorded.review.crops,
         }
+    if recorded.crops_pending:
+        out["crops"] = _bank_crops(settings, recorded.review.id)
     if as_json:
         click.echo(json.dumps(out, indent=2))
     else:
-        click.echo(f"image {image_id} reviewed {verdict}; bank: {recorded.bank.replace('_', ' ')}")
+        crops = f"; crops: {out['crops'].replace('_', ' ')}" if out["crops"] else ""
+        click.echo(f"image {image_id} reviewed {verdict}; bank: {recorded.bank.replace('_', ' ')}{crops}")
+
+
+def _bank_crops(settings: Settings, review_id: uuid.UUID) -> str:
+    """Bank the crops here and now (the operator's host reads local files too). Where this install
+    has no hashing (the slim one), a worker does it; where storage is down, the sweeper asks one later."""
+    from ..errors import TransientError
+
+    try:
+        import numpy  # noqa: F401  (what hashing needs: the model extra)
+        import pdqhash  # noqa: F401
+
+        from ..cropbank import bank_crops
+        from ..storage import Storage
+    except ImportError:
+        from ..queueing import publish_crops
+
+        with _producer_app(settings) as app:
+            publish_crops(app, [review_id])
+        return "pending"
+    storage = Storage(settings)
+    try:
+        return bank_crops(_checked_sessions(settings), storage, review_id, settings, allow_local=True)
+    except TransientError as exc:
+        return f"pending ({exc.code}; the sweeper asks a worker again)"
+    finally:
+        storage.close()
 
 
 @main.group()
@@ -155,9 +193,12 @@ def bank_export(client: str | None, out: Path) -> None:
 @bank.command("status")
 @click.option("--client", help=CLIENT_HELP)
 def bank_status(client: str | None) -> None:
-    """How many hashes a bank holds."""
-    from ..hashbank import size
+    """How many hashes a bank holds, and how they came: reviews, crops of reviewed images, imports."""
+    from ..hashbank import sizes
 
     with _bank_of(client) as (session, client_id, _):
-        count = size(session, client_id)
-    click.echo(f"{count} hash{'es' if count != 1 else ''} in the bank of {client or 'the operator'}")
+        counts = sizes(session, client_id)
+    count = sum(counts.values())
+    how = ", ".join(f"{n} {source.replace('_', ' ')}" for source, n in sorted(counts.items()))
+    owner = client or "the operator"
+    click.echo(f"{count} hash{'es' if count != 1 else ''} in the bank of {owner}" + (f" ({how})" if how else ""))

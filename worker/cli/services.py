@@ -101,7 +101,8 @@ def worker(concurrency: int | None, queues: str | None, loglevel: str, hostname:
 @click.option("--loglevel", default="INFO", show_default=True)
 def beat(loglevel: str) -> None:
     """Run the scheduler: every SYNTHGUARD_SWEEP_INTERVAL_S it queues the sweeper, which
-    re-publishes images left queued or processing longer than SYNTHGUARD_STALE_AFTER_S."""
+    re-publishes images left queued or processing longer than SYNTHGUARD_STALE_AFTER_S,
+    sends due webhooks, and asks again for review crops left pending that long."""
     from ..celery_app import app
 
     # In-memory schedule: an interval job needs no state file on disk.
