@@ -383,6 +383,12 @@ def test_a_review_banks_the_crops_of_its_image_so_cropped_copies_match(
         # A redelivered message finds the crops banked and adds nothing.
         assert bank_crops(pg_sessions, scorer.storage, review_id, settings) == "banked"
         assert len(_crop_rows(pg_sessions, banked.id)) == len(crops)
+        from worker.reviews import record
+
+        with pg_sessions.begin() as session:
+            again = record(session, session.get(ImageRow, banked.id), "ai", reviewer="test", crop_fraction=0.05)
+        # A second opinion finds the crops banked: no worker is asked to fetch the image again.
+        assert (again.bank, again.review.crops, again.crops_pending) == ("already_banked", "banked", False)
 
         matches = _score(scorer, pg_sessions, client, refs, threshold=1.0)
         assert matches[0].cached_from == early.id  # the same bytes as before the crops: reused, matched now
@@ -390,8 +396,6 @@ def test_a_review_banks_the_crops_of_its_image_so_cropped_copies_match(
             assert row.known_match is not None, ref.key
             assert row.known_match["image_id"] == str(banked.id) and row.known_match["source"] == "review_crop"
             assert row.flagged is True and row.flagged_by == ["known_match"], ref.key
-
-        from worker.reviews import record
 
         with pg_sessions.begin() as session:
             assert record(session, session.get(ImageRow, banked.id), "human", reviewer="test").bank == "removed"

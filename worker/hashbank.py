@@ -126,6 +126,17 @@ def remove_crops(session: Session, client_id: uuid.UUID | None, image_id: uuid.U
     return int(result.rowcount or 0)
 
 
+def has_crops(session: Session, client_id: uuid.UUID | None, image_id: uuid.UUID) -> bool:
+    """Whether hashes of the image's crops are in the bank now."""
+    query = select(HashBankEntry.id).where(
+        _of_client(client_id),
+        HashBankEntry.image_id == image_id,
+        HashBankEntry.source == SOURCE_REVIEW_CROP,
+        HashBankEntry.removed_at.is_(None),
+    )
+    return session.scalar(query.limit(1)) is not None
+
+
 def entry_for(session: Session, client_id: uuid.UUID | None, hash_hex: str) -> HashBankEntry | None:
     return session.scalar(select(HashBankEntry).where(_of_client(client_id), HashBankEntry.hash == hash_hex))
 

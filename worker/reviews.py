@@ -95,7 +95,9 @@ def record(
     session.flush()
     bank = _bank(session, image, verdict, min_quality)
     if verdict == AI and bank in ("added", "already_banked") and crop_fraction > 0:
-        review.crops, review.crops_at = CROPS_PENDING, review.created_at
+        # A second `ai` finds the crops of the first still banked: no worker needs to fetch the image.
+        banked = bank == "already_banked" and hashbank.has_crops(session, image.client_id, image.id)
+        review.crops, review.crops_at = (CROPS_BANKED if banked else CROPS_PENDING), review.created_at
     return Recorded(review, bank)
 
 
