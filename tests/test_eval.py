@@ -241,6 +241,16 @@ def test_eval_directory_report_metrics_provenance_and_cache(
         bool(r.provenance["ai"]) for r in real
     )
 
+    # Per generator: the files' provenance names each model (worker.attribution), and the recall of
+    # each row is that of its images' stored scores.
+    by_generator = {g["generator"]: g for g in first["by_generator"]}
+    named = {r.generator["name"]: r for r in ai}
+    assert set(by_generator) == set(named) and len(named) == len(ai)
+    for name, row in named.items():
+        assert by_generator[name]["images"] == 1
+        assert by_generator[name]["recall"] == (1.0 if row.score >= 0.5 else 0.0)
+        assert by_generator[name]["recall_with_provenance"] == 1.0  # each says AI in its metadata
+
     # Per source folder.
     sources = {g["source"]: g for g in first["by_source"]}
     assert set(sources) == {"ai/comfyui", "real"}
@@ -253,6 +263,7 @@ def test_eval_directory_report_metrics_provenance_and_cache(
     report = (out / "report.md").read_text()
     assert version in report
     assert "| model | dataset | accuracy |" in report
+    assert "## Recall by generator" in report and "| Stable Diffusion XL | 1 |" in report
     assert "truncated.jpg" in report
     for name in PLOTS:
         assert f"]({name})" in report
@@ -276,9 +287,11 @@ def test_eval_csv_with_sources_and_compare(tmp_path: Path, checkpoint: Path, fix
     real = sorted((fixtures_dir / "real").glob("*.jpg"))
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["key", "label", "source"])
+        # Columns named in the header, the generator before the source.
+        writer.writerow(["key", "label", "generator", "source"])
         for i, path in enumerate(generated):
-            writer.writerow([str(path), "ai", "sdxl" if i % 2 else "flux"])
+            # The label's generator wins over the one the file's provenance names; blank: the file's.
+            writer.writerow([str(path), "ai", "Midjourney" if i < 2 else "", "sdxl" if i % 2 else "flux"])
         for path in real:
             # Relative to the CSV's folder, with no source: grouped under its class.
             writer.writerow([os.path.relpath(path, table.parent), "real"])
@@ -293,6 +306,17 @@ def test_eval_csv_with_sources_and_compare(tmp_path: Path, checkpoint: Path, fix
     assert doc["counts"]["failed"] == 0
     sources = {g["source"]: g["images"] for g in doc["by_source"]}
     assert sources == {"flux": 2, "sdxl": 2, "real": len(real)}
+    generators = {g["generator"]: g["images"] for g in doc["by_generator"]}
+    from worker.attribution import attribute
+    from worker.provenance import read_provenance
+
+    def provenance_name(path: Path) -> str:
+        data = path.read_bytes()
+        found = attribute(read_provenance(data, "png").to_json())
+        assert found is not None
+        return found.name
+
+    assert generators == {"Midjourney": 2, **{provenance_name(p): 1 for p in generated[2:]}}
 
     versions = [row["model_version"] for row in doc["comparison"]]
     assert versions[0] == doc["model"]["version"]

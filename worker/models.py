@@ -226,7 +226,7 @@ class Image(Base):
     provenance: Mapped[dict[str, Any] | None]
     # Why it is flagged: "score", "provenance", "known_match" (null unless flagged).
     flagged_by: Mapped[list[str] | None] = mapped_column(JSONType)
-    # The image whose result was reused: same client, same bytes, same model (worker.result_cache).
+    # The image whose result was reused: same client, same bytes, same model (Scorer._reused).
     cached_from: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("images.id"))
     # PDQ perceptual hash (64 hex digits) and its quality (0-100), of the decoded pixels.
     pdq: Mapped[str | None] = mapped_column(String(64))
@@ -236,6 +236,9 @@ class Image(Base):
     pdq_forms: Mapped[bytes | None] = mapped_column(LargeBinary(256))
     # The banked image it matched: {"image_id": ..., "distance": ...} (worker.hashbank).
     known_match: Mapped[dict[str, Any] | None]
+    # Who made it, from its provenance evidence: {"name", "tool", "model", "signal", "raw"}
+    # (worker.attribution); null without evidence, never from the score.
+    generator: Mapped[dict[str, Any] | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -168,6 +168,7 @@ def add_image_flagged(session: Session, image_id: uuid.UUID, *, lease_s: float) 
         "model": {"name": image.model_name, "version": image.model_version},
         "provenance": image.provenance,
         "known_match": image.known_match,
+        "generator": image.generator,
         "cached_from": None if image.cached_from is None else str(image.cached_from),
         "metadata": scan.meta,
         "links": {"image": f"/v1/images/{image.id}", "scan": f"/v1/scans/{image.scan_id}"},

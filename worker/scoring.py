@@ -36,6 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import errors, hashbank, logs, metrics, outbox, preparing
+from .attribution import attribute
 from .batching import BatcherClosed, MicroBatcher
 from .db import database_unavailable, loggable, make_engine, make_sessionmaker, refusal
 from .detector import Detector
@@ -804,6 +805,7 @@ class Scorer:
             "pdq_quality": None if result.pdq is None else result.pdq.quality,
             "pdq_forms": None if result.pdq is None else b"".join(result.pdq.forms),
             "known_match": result.known_match,
+            "generator": None if (found := attribute(result.provenance)) is None else found.to_json(),
         }
 
     @staticmethod

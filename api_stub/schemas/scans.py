@@ -24,6 +24,7 @@ __all__ = [
     "MAX_METADATA_BYTES",
     "MAX_OBJECTS",
     "MAX_URL_LENGTH",
+    "GeneratorOut",
     "ImageDetail",
     "ImageOut",
     "ImageRef",
@@ -262,6 +263,29 @@ class KnownMatch(BaseModel):
     label: str | None = Field(None, description="The label an imported hash came with.", examples=[None])
 
 
+class GeneratorOut(BaseModel):
+    """Who made an image, as its provenance evidence names it."""
+
+    name: str = Field(
+        description="The model when known, else the tool, else the value as written.", examples=["Stable Diffusion XL"]
+    )
+    tool: str | None = Field(
+        description="The application or service, normalised (`ComfyUI`, `Adobe Firefly`, `Midjourney`, ...).",
+        examples=["ComfyUI"],
+    )
+    model: str | None = Field(
+        description="The model or model family, normalised (`Stable Diffusion XL`, `FLUX.1 [dev]`, ...).",
+        examples=["Stable Diffusion XL"],
+    )
+    signal: Literal["c2pa", "generation_params", "iptc_xmp", "sd_watermark", "exif_software"] = Field(
+        description="The provenance signal it came from, the strongest that names one: a C2PA manifest "
+        "declaring generative AI, the generation parameters a tool wrote, IPTC/XMP, the Stable Diffusion "
+        "watermark's family, the EXIF Software tag.",
+        examples=["generation_params"],
+    )
+    raw: str = Field(description="The value as the file wrote it.", examples=["sd_xl_base_1.0.safetensors"])
+
+
 class ReviewIn(BaseModel):
     """A person's decision on an image."""
 
@@ -378,6 +402,11 @@ class ImageOut(BaseModel):
         None,
         description="The hash in this client's bank that the image (or a rotated or mirrored form) is within "
         "the match distance of; null when none.",
+    )
+    generator: GeneratorOut | None = Field(
+        None,
+        description="Which generator made the image, when its provenance names one (C2PA, generation "
+        "parameters, IPTC/XMP, the SD watermark); null without such evidence: never a guess from the score.",
     )
     error_code: str | None = Field(
         description="Why the image could not be scored (`object_not_found`, `corrupt_image`, ...); null "

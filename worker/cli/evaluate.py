@@ -117,8 +117,10 @@ def eval_command(
 
     SOURCE is a local directory or an s3://bucket/prefix holding ai/ and
     real/ folders (a folder under either, such as ai/midjourney/, is reported
-    as its own source), or a CSV file of key,label[,source] rows (key: a path
-    or an s3:// URI; label: ai or real). With --from-reviews, the set is the
+    as its own source), or a CSV file of key,label[,source[,generator]] rows
+    (key: a path or an s3:// URI; label: ai or real). Recall is also reported
+    per generator, as the CSV or the files' provenance names it. With
+    --from-reviews, the set is the
     images people reviewed on your own traffic (ai or human; each client is
     reported as its own source): the report's thresholds for a target
     false-positive rate are then picked on that traffic. Images are scored in-process and

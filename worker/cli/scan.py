@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -164,6 +165,7 @@ def _print_scan(
         ("p(synthetic)", "right"),
         ("flagged", "left"),
         ("provenance", "left"),
+        ("generator", "left"),
         ("model", "left"),
         ("error", "left"),
     ):
@@ -175,9 +177,18 @@ def _print_scan(
         flagged = _flag_cell(image)
         error = f"{image.error_code}: {image.error_message}" if image.error_code else ""
         model = f"{image.model_name}@{image.model_version}" if image.model_version else ""
-        table.add_row(
-            image.uri, image.state, score, flagged, _provenance_summary(image.provenance), model, error
+        cells = (
+            image.uri,
+            image.state,
+            score,
+            flagged,
+            _provenance_summary(image.provenance),
+            _generator_cell(image.generator),
+            model,
+            error,
         )
+        # Text from files and keys, not markup: "FLUX.1 [dev]" keeps its brackets.
+        table.add_row(*(escape(cell) for cell in cells))
     console.print(table)
     console.print(f"{len(images)} images: {_summary(counts)}")
     return not_done, untrained
@@ -193,6 +204,14 @@ def _flag_cell(image: Image) -> str:
     if image.known_match and "known_match" in reasons:
         reasons[reasons.index("known_match")] = f"known match ({image.known_match.get('distance')} bits)"
     return "yes" + (f": {', '.join(reasons)}" if reasons else "")
+
+
+def _generator_cell(generator: dict[str, Any] | None) -> str:
+    """The generator's name, its tool when that says more, and the signal that named it."""
+    if not generator:
+        return ""
+    name, tool = generator.get("name"), generator.get("tool")
+    return f"{name}" + (f" ({tool})" if tool and tool != name else "") + f" [{generator.get('signal')}]"
 
 
 def _provenance_summary(provenance: dict[str, Any] | None) -> str:

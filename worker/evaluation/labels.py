@@ -2,7 +2,7 @@
 
 A set is ``ai/`` and ``real/`` folders (a folder under either is a source of
 its own, such as ``ai/midjourney``) in a local directory or under an S3
-prefix, or a CSV of ``key,label[,source]`` rows, or the images people
+prefix, or a CSV of ``key,label[,source[,generator]]`` rows, or the images people
 reviewed (``image_reviews``: ``ai`` or ``human``, the latest review of each).
 """
 
@@ -45,6 +45,8 @@ class LabelledRef:
     group: str
     # The bytes' digest when already known (a reviewed image): the object need not be fetched to find it.
     sha256: str | None = None
+    # Which generator made it, when the labels say (a CSV's generator column).
+    generator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class ScoredItem:
     provenance_ai: bool = False
     error: str | None = None
     cached: bool = False
+    # Which generator made it: the label's, else the one its provenance names (worker.attribution).
+    generator: str | None = None
 
 
 def parse_label(word: str) -> int | None:
@@ -95,20 +99,25 @@ def label_refs(refs: Iterable[ObjectRef], root: str) -> tuple[list[LabelledRef],
 
 
 def read_label_csv(path: Path) -> list[LabelledRef]:
-    """Rows ``key,label[,source]``; a key is an s3:// URI or a path (relative to the CSV's folder).
+    """Rows ``key,label[,source[,generator]]``; a key is an s3:// URI or a path (relative to the CSV's folder).
 
-    A first row whose label is not a label word is taken as a header.
+    A first row whose label is not a label word is taken as a header; a header
+    that names a ``generator`` column (any order after key and label) is read by name.
     """
     out: list[LabelledRef] = []
+    source_at, generator_at = 2, 3
     with path.open(newline="", encoding="utf-8") as handle:
         for number, row in enumerate(csv.reader(handle), start=1):
             if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
                 continue
             if len(row) < 2:
-                raise ValueError(f"{path}:{number}: expected key,label[,source]")
+                raise ValueError(f"{path}:{number}: expected key,label[,source[,generator]]")
             label = parse_label(row[1])
             if label is None:
                 if number == 1:
+                    names = [name.strip().lower() for name in row]
+                    source_at = names.index("source") if "source" in names else source_at
+                    generator_at = names.index("generator") if "generator" in names else generator_at
                     continue
                 raise ValueError(f"{path}:{number}: unknown label {row[1]!r} (expected ai or real)")
             key = row[0].strip()
@@ -118,9 +127,13 @@ def read_label_csv(path: Path) -> list[LabelledRef]:
             else:
                 local = Path(key)
                 ref = ObjectRef(None, str((local if local.is_absolute() else path.parent / local).resolve()))
-            group = row[2].strip() if len(row) > 2 and row[2].strip() else CLASS_NAMES[label]
-            out.append(LabelledRef(ref, label, group))
+            group = _column(row, source_at) or CLASS_NAMES[label]
+            out.append(LabelledRef(ref, label, group, generator=_column(row, generator_at)))
     return out
+
+
+def _column(row: list[str], at: int) -> str | None:
+    return row[at].strip() or None if len(row) > at else None
 
 
 def labelled_set(source: str, settings: Settings) -> tuple[list[LabelledRef], int]:

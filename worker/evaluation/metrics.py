@@ -310,6 +310,7 @@ def evaluate(
             "real_false_positives_by_provenance": per_class["real"]["provenance_ai"],
         },
         "by_source": [_group_summary(g, [i for i in items if i.group == g], threshold) for g in groups],
+        "by_generator": _by_generator(scored, threshold),
         "reliability": bins,
         "bootstrap": {"samples": bootstrap, "seed": seed, "level": 0.95, "stratified": True},
         "failed": [
@@ -350,3 +351,33 @@ def _group_summary(group: str, items: list[ScoredItem], threshold: float) -> dic
         "roc_auc": roc_auc(y, s),
         "provenance_ai": sum(1 for i in scored if i.provenance_ai),
     }
+
+
+UNKNOWN_GENERATOR = "(not named)"
+
+
+def _by_generator(scored: list[ScoredItem], threshold: float) -> list[dict[str, Any]]:
+    """Recall per generator among the AI images, when any image's label or provenance names one.
+
+    Generators come from the labels (a CSV's generator column) or, failing that,
+    from the provenance the file carries; AI images that name none are one row
+    of their own. Empty when nothing names a generator.
+    """
+    ai = [i for i in scored if i.label == AI]
+    if not any(i.generator for i in ai):
+        return []
+    rows = []
+    for name in sorted({i.generator or UNKNOWN_GENERATOR for i in ai}, key=lambda n: (n == UNKNOWN_GENERATOR, n)):
+        group = [i for i in ai if (i.generator or UNKNOWN_GENERATOR) == name]
+        flagged = sum(1 for i in group if i.score >= threshold)  # type: ignore[operator]
+        with_provenance = sum(1 for i in group if i.score >= threshold or i.provenance_ai)  # type: ignore[operator]
+        rows.append(
+            {
+                "generator": name,
+                "images": len(group),
+                "recall": _ratio(flagged, len(group)),
+                "recall_with_provenance": _ratio(with_provenance, len(group)),
+                "mean_score": float(np.mean([i.score for i in group])),
+            }
+        )
+    return rows

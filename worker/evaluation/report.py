@@ -273,6 +273,20 @@ def _markdown(
             for g in m["by_source"]
         ],
     )
+    if m.get("by_generator"):
+        lines += ["## Recall by generator", ""]
+        lines += [
+            "AI images by the generator their label names or, failing that, their file's provenance "
+            "(C2PA, generation parameters, IPTC/XMP, the SD watermark).",
+            "",
+        ]
+        lines += _table(
+            ("generator", "AI images", "recall", "recall with provenance flags", "mean score"),
+            [
+                (g["generator"], g["images"], _fmt(g["recall"]), _fmt(g["recall_with_provenance"]), _fmt(g["mean_score"]))
+                for g in m["by_generator"]
+            ],
+        )
     if comparison:
         lines += ["## Model comparison", ""]
         lines += _table(

@@ -46,6 +46,7 @@ def score_labelled(
     # metrics alone do not need.
     from sqlalchemy import select
 
+    from ..attribution import attribute
     from ..db import ensure_schema, get_sessionmaker
     from ..detector import checkpoint_version
     from ..inprocess_scan import run_scan
@@ -97,6 +98,7 @@ def score_labelled(
         from_cache = row is not None
         row = row or fresh[(item.ref.bucket, item.ref.key)]
         done = row.state == DONE and row.score is not None
+        named = attribute(row.provenance)  # from the evidence: also for rows stored before images.generator
         items.append(
             ScoredItem(
                 uri=item.ref.uri,
@@ -106,6 +108,7 @@ def score_labelled(
                 provenance_ai=bool((row.provenance or {}).get("ai")),
                 error=None if done else f"{row.error_code}: {row.error_message}",
                 cached=from_cache,
+                generator=item.generator or (named.name if named is not None else None),
             )
         )
     return ScoredSet(items, ", ".join(sorted(names)) or settings.model_arch, version)
