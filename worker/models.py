@@ -239,6 +239,9 @@ class Image(Base):
     # Who made it, from its provenance evidence: {"name", "tool", "model", "signal", "raw"}
     # (worker.attribution); null without evidence, never from the score.
     generator: Mapped[dict[str, Any] | None]
+    # What the model may not judge well: {"hints": [...], "short_side", "input_side", "jpeg_quality",
+    # "min_jpeg_quality"} (worker.quality); never changes the score.
+    quality: Mapped[dict[str, Any] | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

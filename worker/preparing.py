@@ -42,6 +42,7 @@ from .errors import ConfigError, PermanentError, SynthguardError, TransientError
 from .imaging import decode_image
 from .pdq import PdqHash, hash_image
 from .provenance import read_provenance
+from .quality import jpeg_quality
 
 if TYPE_CHECKING:
     from .detector import Detector
@@ -107,6 +108,7 @@ class Prepared:
     provenance_ai: bool  # a strong signal says generative AI
     pdq: PdqHash | None  # the perceptual hash of the decoded pixels, for the bank (worker.hashbank)
     seconds: tuple[float, float, float, float]  # time in each of STAGES
+    jpeg_quality: int | None = None  # estimated from a JPEG's quantisation table (worker.quality)
 
 
 def prepare_image(
@@ -159,6 +161,7 @@ def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | No
         provenance_ai=findings.ai_strong,
         pdq=pdq,
         seconds=(decoded_at - started, read_at - decoded_at, hashed_at - read_at, done_at - hashed_at),
+        jpeg_quality=jpeg_quality(data) if decoded.format == "jpeg" else None,
     )
 
 

@@ -45,6 +45,7 @@ from .intake import release_pending
 from .models import DONE, FAILED, PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
 from .pdq import PdqHash
 from .priority import RealtimeFirst
+from .quality import assess
 from .sanitise import clean_text
 from .settings import Settings
 from .storage import FetchedObject, ObjectRef, Storage
@@ -88,6 +89,8 @@ class ScoreResult:
     cached_from: uuid.UUID | None = None
     # The bank entry it matched: {"image_id", "distance", ...} (worker.hashbank).
     known_match: dict[str, Any] | None = None
+    # A JPEG's estimated quality (worker.quality); None for other formats.
+    jpeg_quality: int | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,8 @@ class Scorer:
         # Called after commit with new webhook delivery ids (the worker publishes them).
         self.on_outbox = on_outbox
         self.detector = detector
+        # The short side of the model's input (timm's data config): smaller images get a quality hint.
+        self.input_side = min(detector.data_config["input_size"][1:])
         self.storage = storage or Storage(settings)
         self.sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
         # First: it may start child processes, and when it cannot, nothing else has started yet.
@@ -294,6 +299,7 @@ class Scorer:
             provenance=prepared.provenance,
             provenance_ai=prepared.provenance_ai,
             pdq=prepared.pdq,
+            jpeg_quality=prepared.jpeg_quality,
         )
 
     def _reused(self, client_id: uuid.UUID | None, fetched: FetchedObject) -> ScoreResult | None:
@@ -316,6 +322,7 @@ class Scorer:
                     columns.provenance,
                     columns.pdq_forms,
                     columns.pdq_quality,
+                    columns.quality,
                 )
                 .where(
                     owner,
@@ -345,6 +352,8 @@ class Scorer:
             provenance_ai=bool(provenance.get("ai")),
             pdq=None if row.pdq_forms is None else PdqHash.from_bytes(row.pdq_forms, int(row.pdq_quality or 0)),
             cached_from=row.id,
+            # The hints are made again under this image's settings, from what the original measured.
+            jpeg_quality=(row.quality or {}).get("jpeg_quality"),
         )
 
     def _known(self, client_id: uuid.UUID | None, result: ScoreResult) -> ScoreResult:
@@ -806,6 +815,13 @@ class Scorer:
             "pdq_forms": None if result.pdq is None else b"".join(result.pdq.forms),
             "known_match": result.known_match,
             "generator": None if (found := attribute(result.provenance)) is None else found.to_json(),
+            "quality": assess(
+                result.width,
+                result.height,
+                result.jpeg_quality,
+                input_side=self.input_side,
+                min_jpeg_quality=self.settings.min_jpeg_quality,
+            ).to_json(),
         }
 
     @staticmethod

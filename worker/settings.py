@@ -168,6 +168,14 @@ class Settings(BaseSettings):
         "since: a review reaches matching within this many seconds.",
     )
 
+    min_jpeg_quality: int = Field(
+        30,
+        ge=0,
+        le=100,
+        description="A JPEG whose estimated quality (from its luminance quantisation table) is under this gets "
+        "the quality hint low_jpeg_quality: its score means less. Hints never change the score. 0: never.",
+    )
+
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest object fetched.")
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest width*height decoded, checked from the header."

@@ -30,6 +30,7 @@ __all__ = [
     "ImageRef",
     "KnownMatch",
     "ObjectIn",
+    "QualityOut",
     "ReviewIn",
     "ReviewOut",
     "ReviewRecorded",
@@ -286,6 +287,25 @@ class GeneratorOut(BaseModel):
     raw: str = Field(description="The value as the file wrote it.", examples=["sd_xl_base_1.0.safetensors"])
 
 
+class QualityOut(BaseModel):
+    """What the model may not judge well in this input; the score is unchanged by it."""
+
+    hints: list[Literal["below_input_size", "low_jpeg_quality"]] = Field(
+        description="`below_input_size`: the short side is under the model's input (it was enlarged to be "
+        "scored); `low_jpeg_quality`: the JPEG's estimated quality is under SYNTHGUARD_MIN_JPEG_QUALITY. "
+        "Empty: none. A threshold policy may treat a hinted image as unsure.",
+        examples=[["below_input_size"]],
+    )
+    short_side: int = Field(description="The image's short side, in pixels.", examples=[64])
+    input_side: int = Field(description="The model's input, short side (its data config).", examples=[224])
+    jpeg_quality: int | None = Field(
+        description="A JPEG's quality (1-100), estimated from its luminance quantisation table as libjpeg "
+        "scales it; null for other formats.",
+        examples=[None],
+    )
+    min_jpeg_quality: int = Field(description="The setting the JPEG quality was held to.", examples=[30])
+
+
 class ReviewIn(BaseModel):
     """A person's decision on an image."""
 
@@ -407,6 +427,11 @@ class ImageOut(BaseModel):
         None,
         description="Which generator made the image, when its provenance names one (C2PA, generation "
         "parameters, IPTC/XMP, the SD watermark); null without such evidence: never a guess from the score.",
+    )
+    quality: QualityOut | None = Field(
+        None,
+        description="Quality hints: whether the input is below the model's input size or a heavily "
+        "compressed JPEG, so that its score means less. Never changes the score; null until scored.",
     )
     error_code: str | None = Field(
         description="Why the image could not be scored (`object_not_found`, `corrupt_image`, ...); null "

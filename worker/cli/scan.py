@@ -174,6 +174,9 @@ def _print_scan(
         score = "" if image.score is None else f"{image.score:.4f}"
         if image.cached_from is not None:
             score += f" (same bytes as {image.cached_from})"
+        hints = (image.quality or {}).get("hints")
+        if hints:
+            score += f" (unsure: {', '.join(hints)})"
         flagged = _flag_cell(image)
         error = f"{image.error_code}: {image.error_message}" if image.error_code else ""
         model = f"{image.model_name}@{image.model_version}" if image.model_version else ""
