@@ -19,6 +19,7 @@ import worker.imaging  # noqa: F401  (registers the HEIF opener for the referenc
 from conftest import good_fixture_files
 from worker.db import ensure_schema, make_engine, make_sessionmaker
 from worker.detector import Detector
+from worker.imaging import spread_frames
 from worker.intake import create_scan
 from worker.models import DONE, FAILED, Scan
 from worker.models import Image as ImageRow
@@ -26,12 +27,19 @@ from worker.scoring import Scorer, process_with_retries
 from worker.storage import ObjectRef
 
 
-def reference_score(model: torch.nn.Module, path: Path) -> float:
-    """The plain way: PIL image -> timm eval transform -> model -> softmax, one image at a time."""
-    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+def reference_score(model: torch.nn.Module, path: Path, max_frames: int = 8) -> float:
+    """The plain way: PIL image -> timm eval transform -> model -> softmax, one image at a time; for an
+    animated GIF, WebP or PNG, the highest of its frames spread as SYNTHGUARD_MAX_FRAMES spreads them."""
+    opened = Image.open(path)
     transform = create_transform(**resolve_data_config(model=model), is_training=False)
-    with torch.inference_mode():
-        return float(model(transform(image).unsqueeze(0)).softmax(-1)[0, 0])
+    animated = getattr(opened, "is_animated", False) and opened.format in ("GIF", "WEBP", "PNG")
+    scores = []
+    for index in spread_frames(opened.n_frames, max_frames) if animated else [0]:
+        opened.seek(index)
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+        with torch.inference_mode():
+            scores.append(float(model(transform(image).unsqueeze(0)).softmax(-1)[0, 0]))
+    return max(scores)
 
 
 @pytest.mark.parametrize("prepare_processes", [0, 2], ids=["prepared-in-threads", "prepared-in-processes"])

@@ -121,12 +121,33 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A decoded upload: RGB pixels, orientation applied, and the format its bytes are in."""
+    """A decoded upload: RGB pixels, orientation applied, and the format its bytes are in.
+
+    For an animation decoded with ``max_frames`` above 1: ``frames`` holds the
+    frames chosen (``image`` is the first of them, frame 0), ``frame_indices``
+    their positions, ``frame_count`` how many the file has.
+    """
 
     image: Image.Image
     format: str
     width: int
     height: int
+    frames: tuple[Image.Image, ...] = ()
+    frame_indices: tuple[int, ...] = ()
+    frame_count: int = 1
+
+
+# Formats whose files may hold an animation this module scores frame by frame.
+ANIMATED_FORMATS = frozenset({"gif", "webp", "png"})
+
+
+def spread_frames(count: int, most: int) -> list[int]:
+    """Up to ``most`` frame positions of ``count``, spread evenly, the first and the last included."""
+    if count <= most:
+        return list(range(count))
+    if most <= 1:
+        return [0]
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
 
 
 def _unsupported(what: str) -> PermanentError:
@@ -329,7 +350,12 @@ def _check_pixels(im: Image.Image, fmt: str, max_pixels: int) -> None:
         )
 
 
-def _decode(reader: _DeadlineReader, data: bytes, fmt: str, max_pixels: int) -> Image.Image:
+_Animation = tuple[tuple[Image.Image, ...], tuple[int, ...], int]
+
+
+def _decode(
+    reader: _DeadlineReader, data: bytes, fmt: str, max_pixels: int, max_frames: int = 1
+) -> tuple[Image.Image, _Animation | None]:
     pil_format = _PIL_FORMATS[fmt]
     if pil_format not in Image.OPEN:
         raise _unsupported(f"{fmt.upper()} (no decoder in this build)")
@@ -362,7 +388,38 @@ def _decode(reader: _DeadlineReader, data: bytes, fmt: str, max_pixels: int) -> 
         reader.check()
         orientation = _orientation(im)
         rgb = _to_rgb(im)
-    return _apply_orientation(rgb, orientation)
+        if max_frames > 1 and fmt in ANIMATED_FORMATS and getattr(im, "is_animated", False):
+            first = _own(_apply_orientation(rgb, orientation), im)
+            return first, _frames(im, reader, first, orientation, max_pixels, max_frames)
+    return _apply_orientation(rgb, orientation), None
+
+
+def _frames(
+    im: Image.Image,
+    reader: _DeadlineReader,
+    first: Image.Image,
+    orientation: int,
+    max_pixels: int,
+    max_frames: int,
+) -> _Animation:
+    """The frames :func:`spread_frames` picks, within the pixel cap counted over every frame decoded."""
+    count = int(getattr(im, "n_frames", 1))
+    width, height = im.size
+    # Reaching frame k decodes frames 0..k (each composes onto the one before): the cap bounds k.
+    reachable = max(1, min(count, max_pixels // max(1, width * height)))
+    indices = spread_frames(reachable, max_frames)
+    frames = [first]
+    for index in indices[1:]:
+        im.seek(index)
+        im.load()
+        reader.check()
+        frames.append(_own(_apply_orientation(_to_rgb(im), orientation), im))
+    return tuple(frames), tuple(indices), count
+
+
+def _own(frame: Image.Image, im: Image.Image) -> Image.Image:
+    """``frame`` as an image of its own: an RGB frame may be the open file's image, which the next seek overwrites."""
+    return frame.copy() if frame is im else frame
 
 
 def _timeout(fmt: str, timeout_s: float) -> PermanentError:
@@ -371,14 +428,18 @@ def _timeout(fmt: str, timeout_s: float) -> PermanentError:
     )
 
 
-def decode_image(data: bytes, *, max_pixels: int, timeout_s: float = 15.0) -> DecodedImage:
+def decode_image(data: bytes, *, max_pixels: int, timeout_s: float = 15.0, max_frames: int = 1) -> DecodedImage:
     """Decode untrusted bytes into an RGB image, safely.
 
     The format is sniffed from the bytes and only that format's decoder is
     used. The header's pixel count is checked against ``max_pixels`` before
     decoding. JPEG is decoded by libjpeg-turbo through simplejpeg in strict
     mode (CMYK/YCCK JPEG through Pillow), everything else by Pillow (HEIF via
-    pillow_heif). Animated and multi-page files yield their first frame.
+    pillow_heif). Animated and multi-page files yield their first frame; with
+    ``max_frames`` above 1, an animated GIF, WebP or PNG yields up to that many
+    frames spread over it (:attr:`DecodedImage.frames`). The pixel cap then
+    counts every frame decoded on the way, those skipped over included: frames
+    past what it allows are not reached, and the time cap covers them all.
 
     The time cap works by refusing input reads once ``timeout_s`` has passed
     since the call began, so it stops decoders that pull data in blocks
@@ -398,7 +459,7 @@ def decode_image(data: bytes, *, max_pixels: int, timeout_s: float = 15.0) -> De
         raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode")
     reader = _DeadlineReader(data, time.monotonic() + timeout_s)
     try:
-        image = _decode(reader, data, fmt, max_pixels)
+        image, animation = _decode(reader, data, fmt, max_pixels, max_frames)
     except PermanentError as exc:
         if reader.expired and exc.code == errors.CORRUPT_IMAGE:
             # A decoder swallowed the deadline and reported its own failure instead.
@@ -416,4 +477,7 @@ def decode_image(data: bytes, *, max_pixels: int, timeout_s: float = 15.0) -> De
             f"{fmt.upper()} data is corrupt or truncated: {exc}", code=errors.CORRUPT_IMAGE
         ) from exc
     width, height = image.size
-    return DecodedImage(image=image, format=fmt, width=width, height=height)
+    if animation is None:
+        return DecodedImage(image=image, format=fmt, width=width, height=height)
+    frames, indices, count = animation
+    return DecodedImage(image, fmt, width, height, frames=frames, frame_indices=indices, frame_count=count)

@@ -242,6 +242,9 @@ class Image(Base):
     # What the model may not judge well: {"hints": [...], "short_side", "input_side", "jpeg_quality",
     # "min_jpeg_quality"} (worker.quality); never changes the score.
     quality: Mapped[dict[str, Any] | None]
+    # An animation's frames: {"count": in the file, "scored": [{"index", "score"}, ...]}; the score is
+    # their maximum. Null for a still image.
+    frames: Mapped[dict[str, Any] | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -170,6 +170,7 @@ def add_image_flagged(session: Session, image_id: uuid.UUID, *, lease_s: float) 
         "known_match": image.known_match,
         "generator": image.generator,
         "quality": image.quality,
+        "frames": image.frames,
         "cached_from": None if image.cached_from is None else str(image.cached_from),
         "metadata": scan.meta,
         "links": {"image": f"/v1/images/{image.id}", "scan": f"/v1/scans/{image.scan_id}"},

@@ -78,6 +78,8 @@ class PrepareSpec:
     memory_bytes: int | None = None
     # Compute each image's PDQ hash (SYNTHGUARD_PDQ_HASH): what the bank of known images matches.
     pdq_hash: bool = True
+    # Frames of an animation scored (SYNTHGUARD_MAX_FRAMES); 1: the first frame alone.
+    max_frames: int = 1
 
     @classmethod
     def from_settings(cls, settings: Settings, detector: Detector) -> PrepareSpec:
@@ -88,6 +90,7 @@ class PrepareSpec:
             decode_timeout_s=settings.decode_timeout_s,
             transform=detector.image_transform,
             pdq_hash=settings.pdq_hash,
+            max_frames=settings.max_frames,
             memory_bytes=(
                 memory_mb << 20
                 if memory_mb is not None
@@ -109,6 +112,11 @@ class Prepared:
     pdq: PdqHash | None  # the perceptual hash of the decoded pixels, for the bank (worker.hashbank)
     seconds: tuple[float, float, float, float]  # time in each of STAGES
     jpeg_quality: int | None = None  # estimated from a JPEG's quantisation table (worker.quality)
+    # An animation's frames beyond the first, as the model's input, and every chosen frame's position
+    # (frame 0 first); empty for a still image.
+    frame_pixels: tuple[np.ndarray, ...] = ()
+    frame_indices: tuple[int, ...] = ()
+    frame_count: int = 1
 
 
 def prepare_image(
@@ -131,7 +139,9 @@ def prepare_image(
 
 def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | None) -> Prepared:
     started = time.perf_counter()
-    decoded = decode_image(data, max_pixels=spec.max_pixels, timeout_s=spec.decode_timeout_s)
+    decoded = decode_image(
+        data, max_pixels=spec.max_pixels, timeout_s=spec.decode_timeout_s, max_frames=spec.max_frames
+    )
     decoded_at = time.perf_counter()
     if checkpoint is not None:
         checkpoint()
@@ -151,6 +161,7 @@ def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | No
             log.exception("hashing a decoded %s image failed; it is scored without a PDQ hash", decoded.format)
     hashed_at = time.perf_counter()
     pixels = np.asarray(spec.transform(image))
+    frame_pixels = tuple(np.asarray(spec.transform(frame)) for frame in decoded.frames[1:])
     done_at = time.perf_counter()
     return Prepared(
         format=decoded.format,
@@ -162,6 +173,9 @@ def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | No
         pdq=pdq,
         seconds=(decoded_at - started, read_at - decoded_at, hashed_at - read_at, done_at - hashed_at),
         jpeg_quality=jpeg_quality(data) if decoded.format == "jpeg" else None,
+        frame_pixels=frame_pixels,
+        frame_indices=decoded.frame_indices,
+        frame_count=decoded.frame_count,
     )
 
 

@@ -91,6 +91,8 @@ class ScoreResult:
     known_match: dict[str, Any] | None = None
     # A JPEG's estimated quality (worker.quality); None for other formats.
     jpeg_quality: int | None = None
+    # An animation's frames: {"count": frames in the file, "scored": [{"index", "score"}, ...]}; None for a still.
+    frames: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -276,9 +278,22 @@ class Scorer:
             if name != "hash" or prepared.pdq is not None:  # not hashed (SYNTHGUARD_PDQ_HASH off): no stage
                 stage(name).observe(seconds)
         tensor = torch.from_numpy(prepared.pixels)
+        frames: list[dict[str, Any]] | None = None
         try:
             submitted = time.monotonic()
-            score, forward_started = self.batcher(tensor, urgent=realtime)
+            if prepared.frame_pixels:
+                # Every frame into the batcher at once: they share forward passes with other images.
+                pending = [self.batcher.submit(tensor, urgent=realtime)]
+                pending += [self.batcher.submit(torch.from_numpy(p), urgent=realtime) for p in prepared.frame_pixels]
+                answers = [future.result() for future in pending]
+                frames = [
+                    {"index": index, "score": float(frame_score)}
+                    for index, (frame_score, _) in zip(prepared.frame_indices, answers, strict=True)
+                ]
+                # The animation is as synthetic as its most synthetic frame.
+                score, forward_started = max(a[0] for a in answers), min(a[1] for a in answers)
+            else:
+                score, forward_started = self.batcher(tensor, urgent=realtime)
             stage("queue_wait").observe(max(0.0, forward_started - submitted))
         except SynthguardError:
             raise
@@ -300,6 +315,7 @@ class Scorer:
             provenance_ai=prepared.provenance_ai,
             pdq=prepared.pdq,
             jpeg_quality=prepared.jpeg_quality,
+            frames=None if frames is None else {"count": prepared.frame_count, "scored": frames},
         )
 
     def _reused(self, client_id: uuid.UUID | None, fetched: FetchedObject) -> ScoreResult | None:
@@ -323,6 +339,7 @@ class Scorer:
                     columns.pdq_forms,
                     columns.pdq_quality,
                     columns.quality,
+                    columns.frames,
                 )
                 .where(
                     owner,
@@ -354,6 +371,7 @@ class Scorer:
             cached_from=row.id,
             # The hints are made again under this image's settings, from what the original measured.
             jpeg_quality=(row.quality or {}).get("jpeg_quality"),
+            frames=row.frames,
         )
 
     def _known(self, client_id: uuid.UUID | None, result: ScoreResult) -> ScoreResult:
@@ -815,6 +833,7 @@ class Scorer:
             "pdq_forms": None if result.pdq is None else b"".join(result.pdq.forms),
             "known_match": result.known_match,
             "generator": None if (found := attribute(result.provenance)) is None else found.to_json(),
+            "frames": result.frames,
             "quality": assess(
                 result.width,
                 result.height,

@@ -168,6 +168,14 @@ class Settings(BaseSettings):
         "since: a review reaches matching within this many seconds.",
     )
 
+    max_frames: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Frames of an animated GIF, WebP or PNG scored, spread evenly over it (the first and the "
+        "last included); the image's score is their maximum and images.frames holds each. The pixel and time "
+        "caps count every frame decoded. 1: the first frame alone, as for a still.",
+    )
     min_jpeg_quality: int = Field(
         30,
         ge=0,

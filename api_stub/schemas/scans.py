@@ -24,6 +24,8 @@ __all__ = [
     "MAX_METADATA_BYTES",
     "MAX_OBJECTS",
     "MAX_URL_LENGTH",
+    "FrameScore",
+    "FramesOut",
     "GeneratorOut",
     "ImageDetail",
     "ImageOut",
@@ -287,6 +289,23 @@ class GeneratorOut(BaseModel):
     raw: str = Field(description="The value as the file wrote it.", examples=["sd_xl_base_1.0.safetensors"])
 
 
+class FrameScore(BaseModel):
+    """One scored frame of an animation."""
+
+    index: int = Field(description="The frame's position in the file, from 0.", examples=[0])
+    score: float = Field(description="Its p(synthetic).", examples=[0.91])
+
+
+class FramesOut(BaseModel):
+    """The frames of an animation that were scored."""
+
+    count: int = Field(description="Frames in the file.", examples=[48])
+    scored: list[FrameScore] = Field(
+        description="Up to SYNTHGUARD_MAX_FRAMES frames spread evenly over the animation, first and last "
+        "included, each with its score; the image's `score` is their maximum."
+    )
+
+
 class QualityOut(BaseModel):
     """What the model may not judge well in this input; the score is unchanged by it."""
 
@@ -376,7 +395,8 @@ class ImageOut(BaseModel):
         description="`queued`, `processing`, `done` (scored) or `failed` (see `error_code`)."
     )
     score: float | None = Field(
-        description="p(synthetic) from 0 to 1: how likely the image was AI-generated. Null unless done.",
+        description="p(synthetic) from 0 to 1: how likely the image was AI-generated; for an animation, the "
+        "highest of its scored frames (`frames`). Null unless done.",
         examples=[0.93],
     )
     flagged: bool | None = Field(
@@ -427,6 +447,11 @@ class ImageOut(BaseModel):
         None,
         description="Which generator made the image, when its provenance names one (C2PA, generation "
         "parameters, IPTC/XMP, the SD watermark); null without such evidence: never a guess from the score.",
+    )
+    frames: FramesOut | None = Field(
+        None,
+        description="For an animated GIF, WebP or PNG: the frames scored and each one's score (the image's "
+        "score is their maximum); null for a still image.",
     )
     quality: QualityOut | None = Field(
         None,

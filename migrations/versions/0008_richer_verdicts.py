@@ -1,4 +1,4 @@
-"""richer verdicts: who made an image (images.generator), and what the model may not judge well (images.quality)
+"""richer verdicts: who made an image (images.generator), every frame of an animation (images.frames), and what the model may not judge well (images.quality)
 
 Revision ID: 0008
 Revises: 0007
@@ -7,7 +7,8 @@ Create Date: 2026-12-06
 The generator an image's provenance evidence names (worker.attribution):
 ``{"name", "tool", "model", "signal", "raw"}``, or null; and the quality hints
 (worker.quality): ``{"hints", "short_side", "input_side", "jpeg_quality",
-"min_jpeg_quality"}``. Images stored before keep null in both until scored
+"min_jpeg_quality"}``; and an animation's frames (``{"count", "scored":
+[{"index", "score"}]}``). Images stored before keep null until scored
 again; their provenance is stored, so ``worker.attribution.attribute`` can
 name them from it at any time.
 """
@@ -32,9 +33,11 @@ def upgrade() -> None:
     with op.batch_alter_table('images') as batch:
         batch.add_column(sa.Column('generator', _JSON, nullable=True))
         batch.add_column(sa.Column('quality', _JSON, nullable=True))
+        batch.add_column(sa.Column('frames', _JSON, nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('images') as batch:
+        batch.drop_column('frames')
         batch.drop_column('quality')
         batch.drop_column('generator')

@@ -174,6 +174,8 @@ def _print_scan(
         score = "" if image.score is None else f"{image.score:.4f}"
         if image.cached_from is not None:
             score += f" (same bytes as {image.cached_from})"
+        if image.frames:
+            score += f" (the most of {len(image.frames['scored'])} of {image.frames['count']} frames)"
         hints = (image.quality or {}).get("hints")
         if hints:
             score += f" (unsure: {', '.join(hints)})"
