@@ -181,7 +181,9 @@ class Settings(BaseSettings):
         ge=0,
         le=100,
         description="A JPEG whose estimated quality (from its luminance quantisation table) is under this gets "
-        "the quality hint low_jpeg_quality: its score means less. Hints never change the score. 0: never.",
+        "the quality hint low_jpeg_quality: its score means less. Hints never change the score. 0: never. "
+        "Under 30, recompression moves the default model's input more than twice as far as a q75 re-encode "
+        "(bench/quality_drift.py).",
     )
 
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest object fetched.")
