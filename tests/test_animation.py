@@ -76,6 +76,14 @@ def test_an_animation_decodes_to_the_frames_chosen(fmt: str) -> None:
     assert decode_image(data, max_pixels=10**8).frames == ()
 
 
+def test_an_animation_broken_after_its_first_frame_is_scored_from_that_frame() -> None:
+    data = _animation("GIF", _frames(10))
+    truncated = data[: len(data) // 2]
+    decoded = decode_image(truncated, max_pixels=10**8, max_frames=8)
+    assert decoded.frames == () and decoded.frame_count == 1
+    assert decoded.image.tobytes() == decode_image(truncated, max_pixels=10**8).image.tobytes()
+
+
 def test_the_pixel_cap_counts_every_frame_decoded_on_the_way() -> None:
     data = _animation("GIF", _frames(40, (50, 40)))
     decoded = decode_image(data, max_pixels=50 * 40 * 10, max_frames=8)

@@ -390,7 +390,14 @@ def _decode(
         rgb = _to_rgb(im)
         if max_frames > 1 and fmt in ANIMATED_FORMATS and getattr(im, "is_animated", False):
             first = _own(_apply_orientation(rgb, orientation), im)
-            return first, _frames(im, reader, first, orientation, max_pixels, max_frames)
+            try:
+                return first, _frames(im, reader, first, orientation, max_pixels, max_frames)
+            except _DECODER_ERRORS:
+                if reader.expired:
+                    raise  # the time cap counts every frame: a timeout, not a broken frame
+                # The first frame decoded and a later one is broken (a truncated GIF, say): scored
+                # from the first frame alone, as a still and as before animations were scored.
+                return first, None
     return _apply_orientation(rgb, orientation), None
 
 
