@@ -382,6 +382,17 @@ def start_service(service_env: dict[str, str], tmp_path: Path):  # type: ignore[
         proc.stop()
 
 
+def cli_env(tmp_path: Path, checkpoint: Path, name: str, **settings: str) -> dict[str, str]:
+    """SYNTHGUARD_* for CLI runs in this process: a SQLite file of their own, the test checkpoint on
+    the CPU, and ``settings`` (``max_frames="4"`` is SYNTHGUARD_MAX_FRAMES)."""
+    env = {
+        "SYNTHGUARD_DATABASE_URL": f"sqlite:///{tmp_path / f'{name}.db'}",
+        "SYNTHGUARD_MODEL_CHECKPOINT": str(checkpoint),
+        "SYNTHGUARD_DEVICE": "cpu",
+    }
+    return env | {f"SYNTHGUARD_{key.upper()}": value for key, value in settings.items()}
+
+
 def wait_until(predicate, timeout: float = 120.0, interval: float = 0.1, message: str = "condition"):  # type: ignore[no-untyped-def]
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from corpus import encode, photo
 from PIL import Image
 
+from conftest import cli_env
 from worker.cli import main
 from worker.clients import create_client
 from worker.db import get_sessionmaker
@@ -131,12 +132,7 @@ def test_an_animation_is_scored_frame_by_frame_and_stills_are_unchanged(
 
 
 def test_results_show_the_frames(tmp_path: Path, checkpoint: Path) -> None:
-    env = {
-        "SYNTHGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'anim.db'}",
-        "SYNTHGUARD_MODEL_CHECKPOINT": str(checkpoint),
-        "SYNTHGUARD_DEVICE": "cpu",
-        "SYNTHGUARD_MAX_FRAMES": "4",
-    }
+    env = cli_env(tmp_path, checkpoint, "anim", max_frames="4")
     source = tmp_path / "anim.webp"
     source.write_bytes(_animation("WEBP", _frames(9)))
     scanned = CliRunner().invoke(main, ["scan", str(source), "--json"], env=env)

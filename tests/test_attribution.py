@@ -20,6 +20,7 @@ from PIL import Image
 from sqlalchemy import select
 from test_provenance import A1111_TEXT, embed, gradient, png_with_text, read_bytes, read_file, with_xmp
 
+from conftest import cli_env
 from worker.attribution import Generator, attribute
 from worker.cli import main
 from worker.clients import create_client
@@ -182,11 +183,7 @@ def test_the_generator_is_stored_shown_and_sent(
 
 
 def test_results_show_the_generator(tmp_path: Path, checkpoint: Path, corpus_dir: Path) -> None:
-    env = {
-        "SYNTHGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'attrib.db'}",
-        "SYNTHGUARD_MODEL_CHECKPOINT": str(checkpoint),
-        "SYNTHGUARD_DEVICE": "cpu",
-    }
+    env = cli_env(tmp_path, checkpoint, "attrib")
     source = corpus_dir / "generated" / "flux_dev_example.png"
     scanned = CliRunner().invoke(main, ["scan", str(source), "--json"], env=env)
     assert scanned.exit_code == 0, scanned.output

@@ -27,7 +27,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conftest import wait_until
+from conftest import cli_env, wait_until
 from worker.celery_app import BANK_CROPS_TASK, REALTIME_QUEUE
 from worker.cli import main
 from worker.clients import create_client, disable_client
@@ -557,13 +557,7 @@ def _cli(env: dict[str, str], *args: str) -> Any:
 
 
 def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpoint: Path) -> None:
-    env = {
-        "SYNTHGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'loop.db'}",
-        "SYNTHGUARD_MODEL_CHECKPOINT": str(checkpoint),
-        "SYNTHGUARD_DEVICE": "cpu",
-        "SYNTHGUARD_BANK_REFRESH_S": "0",
-        "SYNTHGUARD_THRESHOLD": "1.0",
-    }
+    env = cli_env(tmp_path, checkpoint, "loop", bank_refresh_s="0", threshold="1.0")
     first, later = tmp_path / "first", tmp_path / "later"
     first.mkdir()
     later.mkdir()

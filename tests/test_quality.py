@@ -12,6 +12,7 @@ import simplejpeg
 from click.testing import CliRunner
 from corpus import encode, photo
 
+from conftest import cli_env
 from worker.cli import main
 from worker.clients import create_client
 from worker.db import get_sessionmaker
@@ -91,11 +92,7 @@ def test_hints_are_stored_shown_and_never_move_the_score(
 
 
 def test_results_say_unsure(tmp_path: Path, checkpoint: Path) -> None:
-    env = {
-        "SYNTHGUARD_DATABASE_URL": f"sqlite:///{tmp_path / 'quality.db'}",
-        "SYNTHGUARD_MODEL_CHECKPOINT": str(checkpoint),
-        "SYNTHGUARD_DEVICE": "cpu",
-    }
+    env = cli_env(tmp_path, checkpoint, "quality")
     tiny = tmp_path / "tiny.png"
     tiny.write_bytes(encode(photo(64, 64, 3), "PNG"))
     scanned = CliRunner().invoke(main, ["scan", str(tiny), "--json"], env=env)

@@ -24,56 +24,58 @@ from typing import Any
 
 from .sanitise import clean_text
 
+Vocabulary = tuple[tuple[re.Pattern[str], str], ...]
+
+
+def _vocabulary(*entries: tuple[str, str]) -> Vocabulary:
+    """(pattern, name) pairs, matched case-insensitively anywhere in a value."""
+    return tuple((re.compile(pattern, re.IGNORECASE), name) for pattern, name in entries)
+
+
 # Checkpoint and model names, as files and tools write them, to one name each. First match wins,
 # so the more specific patterns come first (SDXL Turbo before SDXL, SD 3.5 before SD 3).
-MODELS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern, re.IGNORECASE), name)
-    for pattern, name in (
-        (r"sd_?xl[-_ ]?turbo|sdxl[-_ ]?turbo", "SDXL Turbo"),
-        (r"sd_?xl[-_ ]?lightning|sdxl[-_ ]?lightning", "SDXL Lightning"),
-        (r"sd_?xl|sdxl|stable[-_ ]?diffusion[-_ ]?xl", "Stable Diffusion XL"),
-        (r"sd_?3[._]?5|stable[-_ ]?diffusion[-_ ]?3\.5", "Stable Diffusion 3.5"),
-        (r"sd_?3(?!\d)|stable[-_ ]?diffusion[-_ ]?3", "Stable Diffusion 3"),
-        (r"v2-1|v2-0|sd[-_ ]?2(?!\d)|768-v-ema|stable[-_ ]?diffusion[-_ ]?(v?2)(?!\d)", "Stable Diffusion 2.x"),
-        (r"v1-5|sd[-_ ]?1[._]?5|sd15|stable[-_ ]?diffusion[-_ ]?v?1[._]5", "Stable Diffusion 1.5"),
-        (r"v1-[1-4]|sd[-_ ]?1[._]?[1-4]|stable[-_ ]?diffusion[-_ ]?(v?1)(?!\d)", "Stable Diffusion 1.x"),
-        (r"flux[-_.]?1?[-_.]?dev", "FLUX.1 [dev]"),
-        (r"flux[-_.]?1?[-_.]?schnell", "FLUX.1 [schnell]"),
-        (r"flux[-_.]?1?[-_.]?(pro|ultra)", "FLUX.1 [pro]"),
-        (r"flux", "FLUX.1"),
-        (r"aura[-_ ]?flow", "AuraFlow"),
-        (r"hi[-_ ]?dream", "HiDream-I1"),
-        (r"qwen[-_ ]?image", "Qwen-Image"),
-        (r"pix[-_ ]?art", "PixArt"),
-        (r"playground[-_ ]?v?2", "Playground v2"),
-        (r"kolors", "Kolors"),
-        (r"hunyuan[-_ ]?dit", "Hunyuan-DiT"),
-        (r"kandinsky", "Kandinsky"),
-        (r"dall[-·_ ]?e|gpt[-_ ]?image", "DALL-E"),
-        (r"imagen", "Imagen"),
-        (r"novelai diffusion|nai[-_ ]?diffusion", "NovelAI Diffusion"),
-    )
+MODELS = _vocabulary(
+    (r"sd_?xl[-_ ]?turbo|sdxl[-_ ]?turbo", "SDXL Turbo"),
+    (r"sd_?xl[-_ ]?lightning|sdxl[-_ ]?lightning", "SDXL Lightning"),
+    (r"sd_?xl|sdxl|stable[-_ ]?diffusion[-_ ]?xl", "Stable Diffusion XL"),
+    (r"sd_?3[._]?5|stable[-_ ]?diffusion[-_ ]?3\.5", "Stable Diffusion 3.5"),
+    (r"sd_?3(?!\d)|stable[-_ ]?diffusion[-_ ]?3", "Stable Diffusion 3"),
+    (r"v2-1|v2-0|sd[-_ ]?2(?!\d)|768-v-ema|stable[-_ ]?diffusion[-_ ]?(v?2)(?!\d)", "Stable Diffusion 2.x"),
+    (r"v1-5|sd[-_ ]?1[._]?5|sd15|stable[-_ ]?diffusion[-_ ]?v?1[._]5", "Stable Diffusion 1.5"),
+    (r"v1-[1-4]|sd[-_ ]?1[._]?[1-4]|stable[-_ ]?diffusion[-_ ]?(v?1)(?!\d)", "Stable Diffusion 1.x"),
+    (r"flux[-_.]?1?[-_.]?dev", "FLUX.1 [dev]"),
+    (r"flux[-_.]?1?[-_.]?schnell", "FLUX.1 [schnell]"),
+    (r"flux[-_.]?1?[-_.]?(pro|ultra)", "FLUX.1 [pro]"),
+    (r"flux", "FLUX.1"),
+    (r"aura[-_ ]?flow", "AuraFlow"),
+    (r"hi[-_ ]?dream", "HiDream-I1"),
+    (r"qwen[-_ ]?image", "Qwen-Image"),
+    (r"pix[-_ ]?art", "PixArt"),
+    (r"playground[-_ ]?v?2", "Playground v2"),
+    (r"kolors", "Kolors"),
+    (r"hunyuan[-_ ]?dit", "Hunyuan-DiT"),
+    (r"kandinsky", "Kandinsky"),
+    (r"dall[-·_ ]?e|gpt[-_ ]?image", "DALL-E"),
+    (r"imagen", "Imagen"),
+    (r"novelai diffusion|nai[-_ ]?diffusion", "NovelAI Diffusion"),
 )
 
 # Applications and services, to one name each.
-TOOLS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(pattern, re.IGNORECASE), name)
-    for pattern, name in (
-        (r"firefly", "Adobe Firefly"),
-        (r"midjourney|niji ?journey", "Midjourney"),
-        (r"dall[-·_ ]?e|openai|chatgpt|gpt[-_ ]?image", "OpenAI DALL-E"),
-        (r"google ai|imagen|gemini", "Google Imagen"),
-        (r"bing image creator|microsoft designer|image creator from microsoft", "Microsoft Designer"),
-        (r"novelai", "NovelAI"),
-        (r"comfy[-_ ]?ui", "ComfyUI"),
-        (r"automatic1111|a1111|stable[-_ ]?diffusion[-_ ]?web[-_ ]?ui", "AUTOMATIC1111"),
-        (r"invoke[-_ ]?ai", "InvokeAI"),
-        (r"fooocus", "Fooocus"),
-        (r"dreamstudio", "DreamStudio"),
-        (r"leonardo\.?ai", "Leonardo.Ai"),
-        (r"ideogram", "Ideogram"),
-        (r"stable[-_ ]?diffusion|stability", "Stable Diffusion"),
-    )
+TOOLS = _vocabulary(
+    (r"firefly", "Adobe Firefly"),
+    (r"midjourney|niji ?journey", "Midjourney"),
+    (r"dall[-·_ ]?e|openai|chatgpt|gpt[-_ ]?image", "OpenAI DALL-E"),
+    (r"google ai|imagen|gemini", "Google Imagen"),
+    (r"bing image creator|microsoft designer|image creator from microsoft", "Microsoft Designer"),
+    (r"novelai", "NovelAI"),
+    (r"comfy[-_ ]?ui", "ComfyUI"),
+    (r"automatic1111|a1111|stable[-_ ]?diffusion[-_ ]?web[-_ ]?ui", "AUTOMATIC1111"),
+    (r"invoke[-_ ]?ai", "InvokeAI"),
+    (r"fooocus", "Fooocus"),
+    (r"dreamstudio", "DreamStudio"),
+    (r"leonardo\.?ai", "Leonardo.Ai"),
+    (r"ideogram", "Ideogram"),
+    (r"stable[-_ ]?diffusion|stability", "Stable Diffusion"),
 )
 
 # The SD watermark's payloads (worker.provenance.watermark) name a model family.
@@ -102,7 +104,7 @@ class Generator:
         return asdict(self)
 
 
-def _match(table: tuple[tuple[re.Pattern[str], str], ...], text: str | None) -> str | None:
+def _match(table: Vocabulary, text: str | None) -> str | None:
     if not text:
         return None
     return next((name for pattern, name in table if pattern.search(text)), None)
