@@ -139,6 +139,32 @@ def test_the_sd_watermark_names_its_family(corpus_dir: Path) -> None:
     assert found == Generator("Stable Diffusion 2.x", None, "Stable Diffusion 2.x", "sd_watermark", "SDV2")
 
 
+@pytest.mark.parametrize(
+    ("written", "model", "tool"),
+    [
+        ("sd_xl_base_1.0.safetensors", "Stable Diffusion XL", None),
+        ("sd_xl_turbo_1.0_fp16.safetensors", "SDXL Turbo", None),
+        ("v1-5-pruned-emaonly.ckpt", "Stable Diffusion 1.5", None),
+        ("sd-v1-4.ckpt", "Stable Diffusion 1.x", None),
+        ("v2-1_768-ema-pruned.safetensors", "Stable Diffusion 2.x", None),
+        ("sd3_medium_incl_clips.safetensors", "Stable Diffusion 3", None),
+        ("FLUX.1 [schnell]", "FLUX.1 [schnell]", None),
+        ("flux1-dev-fp8.safetensors", "FLUX.1 [dev]", None),
+        ("Adobe Firefly Image 3", None, "Adobe Firefly"),
+        ("Made with Google AI", None, "Google Imagen"),
+        ("niji journey v6", None, "Midjourney"),
+        ("juggernautXL_v9.safetensors", None, None),  # a fine-tune the vocabulary does not know
+        ("Imagenomic Portraiture 3", None, None),  # an editor plug-in, not Imagen
+        ("Influx Studio", None, None),
+    ],
+)
+def test_names_are_normalised_to_one_vocabulary(written: str, model: str | None, tool: str | None) -> None:
+    provenance = {"signals": {"c2pa": {"found": True, "ai": True, "strength": "strong", "evidence": {"tool": written}}}}
+    found = attribute(provenance)
+    assert found is not None and (found.model, found.tool, found.raw) == (model, tool, written)
+    assert found.name == (model or tool or written)
+
+
 def test_no_evidence_names_nothing() -> None:
     assert _named(encode(gradient(), "PNG")) is None
     assert attribute(None) is None and attribute({"signals": "garbled"}) is None
