@@ -27,7 +27,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import io  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -41,7 +40,7 @@ from PIL import Image, ImageOps  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from corpus import encode, photo  # noqa: E402  (tests/corpus.py: the photo-like images of the test suite)
+from corpus import cut, encode, jpeg_copy, photo  # noqa: E402  (tests/corpus.py: the photo-like images of the test suite)
 
 from worker.cropbank import crop_hashes  # noqa: E402
 from worker.hashindex import HashIndex  # noqa: E402
@@ -141,29 +140,24 @@ def matching(sizes: list[int], count: int) -> None:
     print()
 
 
-def _cut(image: Image.Image, left: float, top: float = 0, right: float = 0, bottom: float = 0) -> Image.Image:
-    w, h = image.size
-    return image.crop((round(w * left), round(h * top), w - round(w * right), h - round(h * bottom)))
-
-
 def robustness(photos: int) -> None:
     copies: dict[str, Callable[[Image.Image], Image.Image]] = {
-        "JPEG q70": lambda im: Image.open(io.BytesIO(encode(im, "JPEG", quality=70))),
+        "JPEG q70": lambda im: jpeg_copy(im, 70),
         "half size": lambda im: im.resize((im.width // 2, im.height // 2), Image.Resampling.LANCZOS),
         "mirrored": ImageOps.mirror,
         "rotated 90": lambda im: im.transpose(Image.Transpose.ROTATE_90),
-        "trimmed 0.5% each edge": lambda im: _cut(im, 0.005, 0.005, 0.005, 0.005),
-        "trimmed 1% each edge": lambda im: _cut(im, 0.01, 0.01, 0.01, 0.01),
-        "trimmed 1.27% each edge (5% of the area)": lambda im: _cut(im, 0.0127, 0.0127, 0.0127, 0.0127),
-        "trimmed 2.5% each edge (5% of each side)": lambda im: _cut(im, 0.025, 0.025, 0.025, 0.025),
-        "2.5% cut off the left": lambda im: _cut(im, 0.025),
-        "3.5% cut off the left": lambda im: _cut(im, 0.035),
-        "5% cut off the left": lambda im: _cut(im, 0.05),
-        "5% off the top and the right (a corner)": lambda im: _cut(im, 0, 0.05, 0.05),
-        "2.5% off the left and the top": lambda im: _cut(im, 0.025, 0.025),
-        "3% left, 2% right, 1% top, 4% bottom": lambda im: _cut(im, 0.03, 0.01, 0.02, 0.04),
-        "7% cut off the left": lambda im: _cut(im, 0.07),
-        "10% cut off the left": lambda im: _cut(im, 0.10),
+        "trimmed 0.5% each edge": lambda im: cut(im, 0.005, 0.005, 0.005, 0.005),
+        "trimmed 1% each edge": lambda im: cut(im, 0.01, 0.01, 0.01, 0.01),
+        "trimmed 1.27% each edge (5% of the area)": lambda im: cut(im, 0.0127, 0.0127, 0.0127, 0.0127),
+        "trimmed 2.5% each edge (5% of each side)": lambda im: cut(im, 0.025, 0.025, 0.025, 0.025),
+        "2.5% cut off the left": lambda im: cut(im, 0.025),
+        "3.5% cut off the left": lambda im: cut(im, 0.035),
+        "5% cut off the left": lambda im: cut(im, 0.05),
+        "5% off the top and the right (a corner)": lambda im: cut(im, 0, 0.05, 0.05),
+        "2.5% off the left and the top": lambda im: cut(im, 0.025, 0.025),
+        "3% left, 2% right, 1% top, 4% bottom": lambda im: cut(im, 0.03, 0.01, 0.02, 0.04),
+        "7% cut off the left": lambda im: cut(im, 0.07),
+        "10% cut off the left": lambda im: cut(im, 0.10),
     }
     originals = [photo(640, 480, seed) for seed in range(500, 500 + photos)]
     own = [hash_image(im).forms[0] for im in originals]

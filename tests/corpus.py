@@ -94,6 +94,17 @@ def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
     return out.getvalue()
 
 
+def jpeg_copy(image: Image.Image, quality: int) -> Image.Image:
+    """``image`` re-encoded as a JPEG at ``quality`` and opened again: a re-upload's copy."""
+    return Image.open(io.BytesIO(encode(image.convert("RGB"), "JPEG", quality=quality)))
+
+
+def cut(image: Image.Image, left: float = 0, top: float = 0, right: float = 0, bottom: float = 0) -> Image.Image:
+    """``image`` with these fractions of its width and height cut from each side: a cropped copy."""
+    w, h = image.size
+    return image.crop((round(w * left), round(h * top), w - round(w * right), h - round(h * bottom)))
+
+
 # ----------------------------------------------------------------------------- metadata
 
 

@@ -11,7 +11,6 @@ a second layer where a test says so.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import uuid
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from corpus import encode, photo
+from corpus import cut, encode, jpeg_copy, photo
 from PIL import Image, ImageOps
 from prometheus_client import REGISTRY
 from sqlalchemy import select
@@ -99,27 +98,16 @@ def test_the_index_finds_exactly_what_a_full_scan_finds(size: int) -> None:
     assert 30 < hits < len(queries)  # both sides of the radius were exercised
 
 
-def _jpeg(image: Image.Image, quality: int) -> Image.Image:
-    return Image.open(io.BytesIO(encode(image.convert("RGB"), "JPEG", quality=quality)))
-
-
-def _trim(image: Image.Image, fraction: float) -> Image.Image:
-    """``image`` with ``fraction`` of its width and height cut off each edge."""
-    w, h = image.size
-    dx, dy = round(w * fraction), round(h * fraction)
-    return image.crop((dx, dy, w - dx, h - dy))
-
-
 # What a re-upload does to an image, and what PDQ at distance 31 survives (bench/RESULTS.md,
 # "Bank matching", measures larger crops, which it does not).
 COPIES: dict[str, Callable[[Image.Image], Image.Image]] = {
-    "jpeg-q70": lambda im: _jpeg(im, 70),
+    "jpeg-q70": lambda im: jpeg_copy(im, 70),
     "half-size": lambda im: im.resize((im.width // 2, im.height // 2), Image.Resampling.LANCZOS),
     "mirrored": ImageOps.mirror,
     "flipped": ImageOps.flip,
     "rotated-90": lambda im: im.transpose(Image.Transpose.ROTATE_90),
-    "trimmed-half-pct": lambda im: _trim(im, 0.005),
-    "all-at-once": lambda im: _jpeg(ImageOps.mirror(_trim(im, 0.005)).resize((im.width // 2, im.height // 2)), 70),
+    "trimmed-half-pct": lambda im: cut(im, 0.005, 0.005, 0.005, 0.005),
+    "all-at-once": lambda im: jpeg_copy(ImageOps.mirror(cut(im, 0.005, 0.005, 0.005, 0.005)).resize((im.width // 2, im.height // 2)), 70),
 }
 
 
@@ -138,22 +126,16 @@ def test_a_copy_of_an_image_is_within_the_match_distance(fixtures_dir: Path, cop
         assert min(distance(banked, form) for form in copied.forms) <= MATCH_DISTANCE, path.name
 
 
-def _cut(image: Image.Image, left: float, top: float, right: float, bottom: float) -> Image.Image:
-    """``image`` with these fractions of its width and height cut from each side."""
-    w, h = image.size
-    return image.crop((round(w * left), round(h * top), w - round(w * right), h - round(h * bottom)))
-
-
 # Copies cropped by up to 5% (SYNTHGUARD_BANK_CROP's default), which PDQ alone does not match:
 # the bank holds the crops of the reviewed image (worker.cropbank) for them.
 CROPPED: dict[str, Callable[[Image.Image], Image.Image]] = {
-    "left-5pct": lambda im: _cut(im, 0.05, 0, 0, 0),
-    "bottom-5pct": lambda im: _cut(im, 0, 0, 0, 0.05),
-    "right-2.5pct": lambda im: _cut(im, 0, 0, 0.025, 0),
-    "top-right-corner-5pct": lambda im: _cut(im, 0, 0.05, 0.05, 0),
-    "centred-5pct": lambda im: _cut(im, 0.025, 0.025, 0.025, 0.025),
-    "mirrored-top-5pct-half-jpeg-q70": lambda im: _jpeg(
-        ImageOps.mirror(_cut(im, 0, 0.05, 0, 0)).resize((im.width // 2, im.height // 2)), 70
+    "left-5pct": lambda im: cut(im, 0.05, 0, 0, 0),
+    "bottom-5pct": lambda im: cut(im, 0, 0, 0, 0.05),
+    "right-2.5pct": lambda im: cut(im, 0, 0, 0.025, 0),
+    "top-right-corner-5pct": lambda im: cut(im, 0, 0.05, 0.05, 0),
+    "centred-5pct": lambda im: cut(im, 0.025, 0.025, 0.025, 0.025),
+    "mirrored-top-5pct-half-jpeg-q70": lambda im: jpeg_copy(
+        ImageOps.mirror(cut(im, 0, 0.05, 0, 0)).resize((im.width // 2, im.height // 2)), 70
     ),
 }
 
@@ -168,7 +150,7 @@ def test_a_cropped_copy_is_within_the_match_distance_of_the_banked_crops(fixture
     for path in _pictures(fixtures_dir):
         original = Image.open(path).convert("RGB")
         banked = _banked_for_review(original)
-        copied = hash_image(_jpeg(CROPPED[copy](original), 85))
+        copied = hash_image(jpeg_copy(CROPPED[copy](original), 85))
         assert min(distance(b, form) for b in banked for form in copied.forms) <= MATCH_DISTANCE, path.name
 
 
@@ -365,7 +347,7 @@ def test_a_review_banks_the_crops_of_its_image_so_cropped_copies_match(
     s3_client.put_object(Bucket=bucket, Key="orig.png", Body=encode(original, "PNG"))
     for name in ("left-5pct", "top-right-corner-5pct", "centred-5pct"):
         s3_client.put_object(Bucket=bucket, Key=f"cropped/{name}.jpg", Body=encode(CROPPED[name](original), "JPEG"))
-    s3_client.put_object(Bucket=bucket, Key="later.jpg", Body=encode(_cut(original, 0, 0, 0.05, 0), "JPEG"))
+    s3_client.put_object(Bucket=bucket, Key="later.jpg", Body=encode(cut(original, 0, 0, 0.05, 0), "JPEG"))
     client = _client(pg_sessions, "cropper")
     settings = settings_factory(database_url=pg_url, s3_endpoint_url=s3_endpoint, bank_refresh_s=0)
     assert settings.bank_crop == 0.05  # the default
@@ -566,7 +548,7 @@ def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpo
         (first / name).write_bytes(encode(picture, "PNG"))
     (later / "p80-copy.jpg").write_bytes(encode(ImageOps.mirror(pictures["p80.png"]), "JPEG", quality=70))
     (later / "p81-same.png").write_bytes((first / "p81.png").read_bytes())
-    (later / "p80-cropped.jpg").write_bytes(encode(_cut(pictures["p80.png"], 0.05, 0, 0, 0), "JPEG"))
+    (later / "p80-cropped.jpg").write_bytes(encode(cut(pictures["p80.png"], 0.05, 0, 0, 0), "JPEG"))
 
     scanned = _cli(env, "scan", str(first), "--json")
     assert scanned.exit_code == 0, scanned.output
@@ -665,7 +647,7 @@ def test_the_loop_through_a_real_worker_and_a_verified_webhook(
     s3_client.put_object(Bucket=bucket, Key="upload/1.png", Body=encode(picture, "PNG"))
     s3_client.put_object(Bucket=bucket, Key="upload/2.jpg", Body=encode(picture.resize((256, 192)), "JPEG", quality=70))
     s3_client.put_object(Bucket=bucket, Key="upload/3.png", Body=encode(picture, "PNG"))
-    s3_client.put_object(Bucket=bucket, Key="upload/4.jpg", Body=encode(_cut(picture, 0, 0, 0.05, 0.05), "JPEG"))
+    s3_client.put_object(Bucket=bucket, Key="upload/4.jpg", Body=encode(cut(picture, 0, 0, 0.05, 0.05), "JPEG"))
     with running_receiver() as receiver:
         with sessions.begin() as session:
             client = create_client(session, f"loop-{uuid.uuid4().hex[:6]}", all_buckets=True, webhook_url=receiver.url)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, func, insert, select, update
+from sqlalchemy import ColumnElement, and_, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -110,31 +110,28 @@ def remove(session: Session, client_id: uuid.UUID | None, hash_hex: str) -> bool
     return bool(result.rowcount)
 
 
+def _live_crops(client_id: uuid.UUID | None, image_id: uuid.UUID) -> ColumnElement[bool]:
+    return and_(
+        _of_client(client_id),
+        HashBankEntry.image_id == image_id,
+        HashBankEntry.source == SOURCE_REVIEW_CROP,
+        HashBankEntry.removed_at.is_(None),
+    )
+
+
 def remove_crops(session: Session, client_id: uuid.UUID | None, image_id: uuid.UUID) -> int:
     """Take the hashes of an image's crops out of the bank; how many were in it."""
     now = utcnow()
     result = session.execute(
-        update(HashBankEntry)
-        .where(
-            _of_client(client_id),
-            HashBankEntry.image_id == image_id,
-            HashBankEntry.source == SOURCE_REVIEW_CROP,
-            HashBankEntry.removed_at.is_(None),
-        )
-        .values(removed_at=now, updated_at=now)
+        update(HashBankEntry).where(_live_crops(client_id, image_id)).values(removed_at=now, updated_at=now)
     )
     return int(result.rowcount or 0)
 
 
 def has_crops(session: Session, client_id: uuid.UUID | None, image_id: uuid.UUID) -> bool:
     """Whether hashes of the image's crops are in the bank now."""
-    query = select(HashBankEntry.id).where(
-        _of_client(client_id),
-        HashBankEntry.image_id == image_id,
-        HashBankEntry.source == SOURCE_REVIEW_CROP,
-        HashBankEntry.removed_at.is_(None),
-    )
-    return session.scalar(query.limit(1)) is not None
+    query = select(HashBankEntry.id).where(_live_crops(client_id, image_id)).limit(1)
+    return session.scalar(query) is not None
 
 
 def entry_for(session: Session, client_id: uuid.UUID | None, hash_hex: str) -> HashBankEntry | None:
