@@ -112,12 +112,12 @@ SETS = {
 }
 SIZES = {
     # images per set, unique images per set, backfill size, one client's realtime flood, realtime probes,
-    # probe interval (s), levers
+    # probe interval (s), levers, hashes in the bank stage's full bank
     "quick": {"n": {"jpeg-1024": 60, "png-1024": 40, "jpeg-12mp": 16}, "unique": 4, "backfill": 200, "flood": 200,
-              "probes": 8, "interval": 0.3, "ceiling_s": 1.5,
+              "probes": 8, "interval": 0.3, "ceiling_s": 1.5, "bank": 20_000,
               "levers": [Lever(frozen=False), Lever(prepare=0), Lever(4, threads=1, processes=2, prepare=0)]},
     "full": {"n": {"jpeg-1024": 500, "png-1024": 240, "jpeg-12mp": 90}, "unique": 8, "backfill": 1000, "flood": 1000,
-             "probes": 20, "interval": 0.3, "ceiling_s": 3.0,
+             "probes": 20, "interval": 0.3, "ceiling_s": 3.0, "bank": 1_000_000,
              "levers": [Lever(frozen=False), Lever(16), Lever(batch_size=8), Lever(prepare=1),
                         Lever(threads=2), Lever(prepare=0), Lever(4, prepare=0), Lever(threads=1, prepare=0),
                         Lever(4, processes=2, prepare=0), Lever(4, threads=1, processes=2, prepare=0)]},
@@ -669,20 +669,52 @@ def scrape_all(workers: list[Proc]) -> dict[str, float]:
     return out
 
 
-def run_synthguard(env: Env, api: Api, worker: Proc | list[Proc], keys: list[str], warm_keys: list[str]) -> dict:
+def run_synthguard(env: Env, api: Api, worker: Proc | list[Proc], keys: list[str], warm_keys: list[str],
+                   http=None) -> dict:  # type: ignore[no-untyped-def]
+    """The images of ``keys`` through the service, as the API client of ``http`` (the API's own by default)."""
     workers = worker if isinstance(worker, list) else [worker]
-    ids = api.scan(warm_keys, "bulk").split(",")
+    ids = api.scan(warm_keys, "bulk", http).split(",")
     api.wait(ids, len(warm_keys))
     before = scrape_all(workers)
     meter = procstat.Meter([w.pid for w in workers])
     t0 = datetime.now(UTC)
-    scan_ids = api.scan(keys, "bulk").split(",")
+    scan_ids = api.scan(keys, "bulk", http).split(",")
     failed, last = api.wait(scan_ids, len(keys))
     stats = meter.stop()
     after = scrape_all(workers)
     elapsed = (last - t0).total_seconds() if last else float("nan")
     stages = {k: after[k] - before.get(k, 0.0) for k in after}
     return {"n": len(keys), "failed": failed, "seconds": elapsed, "rate": len(keys) / elapsed, "stages": stages, **stats}
+
+
+def fill_bank(api: Api, name: str, hashes: int) -> None:
+    """Give client ``name`` a bank of ``hashes`` uniformly random hashes (as an import would), in SQL."""
+    from sqlalchemy import text
+
+    with api.sessions.begin() as session:
+        session.execute(text(
+            "INSERT INTO hash_bank (id, client_id, hash, quality, source, created_at, updated_at) "
+            "SELECT gen_random_uuid(), c.id, md5(random()::text) || md5(random()::text), 100, 'import', now(), now() "
+            "FROM api_clients c, generate_series(1, :n) WHERE c.name = :name"), {"n": hashes, "name": name})
+
+
+def bank_stage(env: Env, api: Api, keys: list[str], warm: list[str], hashes: int) -> dict:
+    """One worker, the same images as a client with an empty bank and as one with ``hashes``, alternated."""
+    clients = {"empty": api.add_client("bank-empty"), "full": api.add_client("bank-full")}
+    started = time.monotonic()
+    fill_bank(api, "bank-full", hashes)
+    out: dict = {"hashes": hashes, "fill_s": time.monotonic() - started, "runs": []}
+    worker = start_worker(env, 8, 32)
+    try:
+        for bank in ("empty", "full", "empty", "full"):
+            # The warm-up images load the client's bank into the worker first.
+            r = run_synthguard(env, api, worker, keys, warm, http=clients[bank])
+            out["runs"].append({"bank": bank, **r})
+            LOG(f"  bank {bank}: {r['rate']:.2f} img/s, worker CPU {worker_cpu_ms(r):.1f} ms per image")
+    finally:
+        worker.stop()
+        env.procs.remove(worker)
+    return out
 
 
 def run_naive(env: Env, sets: dict[str, list[str]], warm_keys: list[str]) -> dict:
@@ -822,7 +854,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few images: a smoke run of every stage")
     parser.add_argument("--output", default=str(REPO / "bench" / "last_run.md"), help="markdown tables written here")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: ceilings,s3,naive,synthguard,levers,latency,fairness,dct")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: ceilings,s3,naive,synthguard,levers,latency,fairness,dct,bank")
     parser.add_argument("--backfill", type=int, default=0,
                         help="images in the latency stage's bulk backfill (default 1000; the issue's 10000 takes "
                              "about 5 minutes per layout on 2 cores)")
@@ -972,6 +1004,7 @@ def main() -> int:
                 return out
 
             res["fairness"] = stage("fairness", fair)
+            res["bank"] = stage("bank", lambda: bank_stage(env, api, keys["jpeg-1024"], warm, size["bank"]))
     finally:
         env.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -1039,7 +1072,7 @@ def render(res: dict) -> str:
                 table(["set", "worker CPU ms per image (process tree)", "decode + preprocess + forward CPU ms",
                        "ratio"], rows), ""]
     if sg:
-        names = ["fetch", "decode", "provenance", "hash", "preprocess", "queue_wait", "forward", "store"]
+        names = ["fetch", "decode", "provenance", "hash", "preprocess", "queue_wait", "forward", "match", "store"]
         rows = []
         for n, r in sg.items():
             st = r.get("stages") or {}
@@ -1092,6 +1125,19 @@ def render(res: dict) -> str:
                 "Burst: SYNTHGUARD_REALTIME_BURST of the API.", "",
                 table(["configuration", "probes", "idle p50 s", "idle p95 s", "flood p50 s", "flood p95 s",
                        "flood max s", "p95 flood/idle", "flood s", "flood done at last probe"], rows), ""]
+    bk = res.get("bank")
+    if bk:
+        rows = []
+        for r in bk["runs"]:
+            st = r.get("stages") or {}
+            match_ms = 1000 * st.get("sum:match", float("nan")) / max(1.0, st.get("count:match", 0.0))
+            rows.append([r["bank"] if r["bank"] == "empty" else f"{bk['hashes']:,} hashes", r["rate"],
+                         f"{worker_cpu_ms(r):.1f}", f"{match_ms:.2f}", f"{r['peak_rss_mib']:.0f}"])
+        out += [f"### A worker against an empty bank and one of {bk['hashes']:,} hashes, alternated (jpeg-1024)", "",
+                f"Hashes uniformly random, put in the bank in SQL ({bk['fill_s']:.0f}s); the warm-up images of "
+                "each run load the client's bank into the worker.", "",
+                table(["bank", "img/s", "worker CPU ms per image", "match ms per image (its stage)",
+                       "worker peak RSS MiB"], rows), ""]
     d = res.get("dct")
     if d:
         out += [f"### JPEG DCT-scaled decode (Pillow draft to >= {d['short_side']}px short side), not a service default", "",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -83,19 +84,24 @@ def test_the_index_finds_exactly_what_a_full_scan_finds(size: int) -> None:
         forms[int(rng.integers(8))] = near  # a copy shows up in one of its eight forms
         queries.append(forms)
     queries.append([next(iter(removed))])  # a removed hash matches nothing (unless a live one is near)
-    hits = 0
-    for forms in queries:
-        query = np.frombuffer(b"".join(forms), dtype=np.uint8).reshape(-1, 32)
-        every = np.unpackbits(live[:, None, :] ^ query[None, :, :], axis=2).sum(axis=2).min(axis=1)
-        best = int(every.min())
-        found = index.nearest(forms, MATCH_DISTANCE)
-        if best > MATCH_DISTANCE:
-            assert found is None
-        else:
-            hits += 1
-            assert found is not None and found.distance == best
-            assert found.hash in {live[i].tobytes() for i in np.flatnonzero(every == best)}
-    assert 30 < hits < len(queries)  # both sides of the radius were exercised
+    # With the late rows scanned after the tables, and again once the tables hold them too.
+    for rebuilt in (False, True):
+        if rebuilt:
+            index.build()
+            assert index.unbuilt == 0
+        hits = 0
+        for forms in queries:
+            query = np.frombuffer(b"".join(forms), dtype=np.uint8).reshape(-1, 32)
+            every = np.unpackbits(live[:, None, :] ^ query[None, :, :], axis=2).sum(axis=2).min(axis=1)
+            best = int(every.min())
+            found = index.nearest(forms, MATCH_DISTANCE)
+            if best > MATCH_DISTANCE:
+                assert found is None
+            else:
+                hits += 1
+                assert found is not None and found.distance == best
+                assert found.hash in {live[i].tobytes() for i in np.flatnonzero(every == best)}
+        assert 30 < hits < len(queries)  # both sides of the radius were exercised
 
 
 # What a re-upload does to an image, and what PDQ at distance 31 survives (bench/RESULTS.md,
@@ -491,6 +497,61 @@ def test_a_worker_sees_a_review_after_its_refresh_interval(pg_sessions) -> None:
     with pg_sessions.begin() as session:
         remove(session, client, second.hex)
     assert slow.nearest(client, second.forms, MATCH_DISTANCE) is not None  # not read again yet
+
+
+def test_a_refresh_holds_up_no_other_threads_search(pg_sessions) -> None:
+    """While one thread reads a bank's changes, the others match against the bank held, without waiting."""
+    client = _client(pg_sessions, "busy-bank")
+    first, second = hash_image(photo(200, 200, 78)), hash_image(photo(200, 200, 79))
+    with pg_sessions.begin() as session:
+        import_rows(session, client, [(1, {"hash": first.hex})])
+    reading, go_on = threading.Event(), threading.Event()
+    hold = threading.Event()  # set: the next read of the database waits for go_on
+
+    def sessions() -> Session:
+        if hold.is_set():
+            reading.set()
+            assert go_on.wait(60)
+        return pg_sessions()
+
+    banks = Banks(sessions, refresh_s=0)  # every search finds a refresh due
+    assert banks.nearest(client, first.forms, MATCH_DISTANCE).distance == 0  # loaded
+    with pg_sessions.begin() as session:
+        import_rows(session, client, [(1, {"hash": second.hex})])
+    hold.set()
+    seen: list[object] = []
+    refresher = threading.Thread(target=lambda: seen.append(banks.nearest(client, second.forms, MATCH_DISTANCE)))
+    refresher.start()
+    assert reading.wait(60)  # the refresher is inside its read
+    # This thread neither reads nor waits (a read would wait for go_on, which nothing sets yet):
+    # it matches against the bank as loaded.
+    assert banks.nearest(client, first.forms, MATCH_DISTANCE).distance == 0
+    assert banks.nearest(client, second.forms, MATCH_DISTANCE) is None
+    hold.clear()
+    go_on.set()
+    refresher.join(60)
+    assert seen[0] is not None and seen[0].distance == 0  # the refresh brought the second hash
+    assert banks.nearest(client, second.forms, MATCH_DISTANCE).distance == 0
+
+
+def test_a_bank_that_grows_in_a_worker_gets_its_tables_rebuilt(pg_sessions) -> None:
+    """Hashes read by refreshes are found first by a scan, then by rebuilt tables, which cover them all."""
+    client = _client(pg_sessions, "growing-bank")
+    rng = np.random.default_rng(7)
+    hashes = [rng.integers(0, 256, 32, dtype=np.uint8).tobytes() for _ in range(2 * BUILD_AT + 10)]
+    with pg_sessions.begin() as session:
+        import_rows(session, client, [(i, {"hash": h.hex()}) for i, h in enumerate(hashes[:BUILD_AT])])
+    banks = Banks(pg_sessions, refresh_s=0)
+    assert banks.nearest(client, (hashes[0],), MATCH_DISTANCE).distance == 0
+    index = banks._banks[client].index
+    assert index.unbuilt == 0  # the load built tables over the whole bank
+    with pg_sessions.begin() as session:
+        import_rows(session, client, [(i, {"hash": h.hex()}) for i, h in enumerate(hashes[BUILD_AT:])])
+    near = _flip(hashes[-1], 20, rng)
+    assert banks.nearest(client, (near,), MATCH_DISTANCE).distance == 20
+    index = banks._banks[client].index
+    assert len(index) == len(hashes) and index.unbuilt == 0  # more came than the tables held: rebuilt
+    assert all(banks.nearest(client, (h,), MATCH_DISTANCE).distance == 0 for h in hashes[:: BUILD_AT // 8])
 
 
 # ---------------------------------------------------------------------- the HTTP API

@@ -336,16 +336,20 @@ class _Bank:
 
     def __init__(self, index: HashIndex) -> None:
         self.index = index
-        self.lock = threading.Lock()
-        self.seen: datetime | None = None  # newest updated_at read
+        self.lock = threading.Lock()  # searches and changes to ``index`` take turns on it
+        self.refreshing = threading.Lock()  # one thread at a time reads changes and builds
+        self.seen: datetime | None = None  # newest updated_at read; None until loaded
         self.checked = -float("inf")  # monotonic time of the last refresh: never, so the first match loads it
 
 
 class Banks:
     """Every client's bank, held in this process and refreshed from ``hash_bank`` every ``refresh_s``.
 
-    Thread-safe: the worker's threads match concurrently; a bank's refresh and
-    its searches take turns on its lock.
+    Thread-safe: the worker's threads match concurrently. One thread at a time
+    refreshes a bank, reading the database and (re)building slice tables
+    outside the search lock, so the other threads go on matching against what
+    is held meanwhile; only a bank's first load makes them wait, since
+    without it they would miss its matches.
     """
 
     def __init__(self, sessions: sessionmaker[Session], *, refresh_s: float) -> None:
@@ -357,9 +361,14 @@ class Banks:
     def nearest(self, client_id: uuid.UUID | None, forms: tuple[bytes, ...], radius: int) -> Match | None:
         """The banked hash nearest any of ``forms``, when within ``radius`` bits."""
         bank = self._bank(client_id)
+        # The first load is waited for; a later refresh is skipped while another thread runs one.
+        if time.monotonic() - bank.checked >= self.refresh_s and bank.refreshing.acquire(blocking=bank.seen is None):
+            try:
+                if time.monotonic() - bank.checked >= self.refresh_s:
+                    self._refresh(client_id, bank)
+            finally:
+                bank.refreshing.release()
         with bank.lock:
-            if time.monotonic() - bank.checked >= self.refresh_s:
-                self._refresh(client_id, bank)
             hit = bank.index.nearest(forms, radius)
         return None if hit is None else Match(hash_hex=hit.hash.hex(), distance=hit.distance)
 
@@ -373,33 +382,52 @@ class Banks:
             return bank
 
     def _refresh(self, client_id: uuid.UUID | None, bank: _Bank) -> None:
-        """Read the rows changed since the newest one seen (less the lookback); all rows the first time."""
-        columns = (HashBankEntry.hash, HashBankEntry.removed_at, HashBankEntry.updated_at)
-        query = select(*columns).where(_of_client(client_id)).order_by(HashBankEntry.updated_at)
-        first = bank.seen is None
-        if not first:
-            query = query.where(HashBankEntry.updated_at >= bank.seen - REFRESH_LOOKBACK).limit(RELOAD_AT + 1)
-        else:
-            query = query.where(HashBankEntry.removed_at.is_(None))
+        """Apply the rows changed since the newest one seen (less the lookback), or load the bank whole.
+
+        Called holding ``bank.refreshing``: nothing else changes the index meanwhile.
+        """
+        if bank.seen is None:
+            self._load(client_id, bank)
+            return
+        query = (
+            select(HashBankEntry.hash, HashBankEntry.removed_at, HashBankEntry.updated_at)
+            .where(_of_client(client_id), HashBankEntry.updated_at >= bank.seen - REFRESH_LOOKBACK)
+            .order_by(HashBankEntry.updated_at)
+            .limit(RELOAD_AT + 1)
+        )
         with self.sessions() as session:
             rows = session.execute(query).all()
-        if not first and len(rows) > RELOAD_AT:
+        if len(rows) > RELOAD_AT:
             # Many changes at once (an import): a fresh load costs less than applying them one by one.
-            from .hashindex import HashIndex
-
-            bank.index, bank.seen = HashIndex(), None
-            self._refresh(client_id, bank)
+            self._load(client_id, bank)
             return
-        if first:
-            bank.index.put_many([bytes.fromhex(row.hash) for row in rows])
-        else:
+        with bank.lock:
             for row in rows:
                 bank.index.put(bytes.fromhex(row.hash), alive=row.removed_at is None)
+        if bank.index.wants_build:
+            # Searches go on meanwhile, against the tables held and a scan of the rows after them.
+            tables = bank.index.tables()
+            with bank.lock:
+                bank.index.install(tables)
         if rows:
-            newest = rows[-1].updated_at
-            bank.seen = newest if bank.seen is None else max(bank.seen, newest)
-        elif first:
-            bank.seen = datetime.min.replace(tzinfo=utcnow().tzinfo) + REFRESH_LOOKBACK
+            bank.seen = max(bank.seen, rows[-1].updated_at)
         bank.checked = time.monotonic()
-        if first:
-            log.info("hash bank of client %s loaded: %d hashes", client_id or "(operator)", len(rows))
+
+    def _load(self, client_id: uuid.UUID | None, bank: _Bank) -> None:
+        """Read every live row into a new index; the one held serves until it is ready."""
+        from .hashindex import HashIndex
+
+        query = (
+            select(HashBankEntry.hash, HashBankEntry.updated_at)
+            .where(_of_client(client_id), HashBankEntry.removed_at.is_(None))
+            .order_by(HashBankEntry.updated_at)
+        )
+        with self.sessions() as session:
+            rows = session.execute(query).all()
+        index = HashIndex()
+        index.put_many([bytes.fromhex(row.hash) for row in rows])  # builds its tables
+        seen = rows[-1].updated_at if rows else datetime.min.replace(tzinfo=utcnow().tzinfo) + REFRESH_LOOKBACK
+        with bank.lock:
+            bank.index, bank.seen = index, seen
+        bank.checked = time.monotonic()
+        log.info("hash bank of client %s loaded: %d hashes", client_id or "(operator)", len(rows))

@@ -5,13 +5,13 @@ slices of 16 bits. Two hashes at most ``r`` bits apart agree within
 ``r // 16`` bits on at least one slice (pigeonhole), so looking up, in each
 slice's table, the query's slice and its neighbours within that many bits
 finds every candidate; only candidates are compared bit by bit. At PDQ's
-radius 31 that is 17 lookups per slice, and the candidates stay a few
-thousand at a million hashes (bench/bank_cost.py measures it against a scan
+radius 31 that is 17 lookups per slice, and about 4,000 candidates per
+query form at a million random hashes (bench/bank_cost.py measures it against a scan
 of every hash and faiss's binary indexes; bench/RESULTS.md, "Bank matching").
 
 Small banks are scanned whole: below ``BUILD_AT`` hashes a scan is cheaper
 than the tables. Hashes added after the tables were built are scanned until
-there are enough of them to rebuild.
+there are enough of them to rebuild (``wants_build``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,14 @@ from .pdq import HASH_BYTES
 
 SLICES = 16
 SLICE_BITS = 16
+BUCKETS = 1 << SLICE_BITS
+WORDS = HASH_BYTES // 8
 # Below this many hashes a whole scan costs as little as the tables (bench/bank_cost.py), and
 # a bank spares their 4 MB.
-BUILD_AT = 4_096
+BUILD_AT = 2_048
+# Rows added after the tables are scanned by every search; rebuilding once they are this share
+# of the tables keeps that scan small against the lookups (a rebuild is 0.3 s per million hashes).
+REBUILD_SHARE = 256
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,23 @@ class Hit:
 
     hash: bytes
     distance: int
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """Slice tables over the index's first ``rows`` rows.
+
+    ``order`` holds, table after table, the rows sorted by that table's slice;
+    ``starts[t * BUCKETS + v]`` is where rows with value ``v`` in slice ``t``
+    begin in it (and the next entry where they end).
+    """
+
+    rows: int
+    order: np.ndarray
+    starts: np.ndarray
+
+
+_NO_TABLES = _Tables(rows=0, order=np.empty(0, dtype=np.int32), starts=np.zeros(1, dtype=np.int32))
 
 
 @functools.cache
@@ -55,43 +77,49 @@ class HashIndex:
 
     A bank holds each hash once per client (``hash_bank``'s unique key), so
     the hash itself names its bank entry: the index keeps nothing else.
+    Tables are built by the caller (``build``, or ``tables`` then ``install``
+    so that a worker can build them while other threads search:
+    worker.hashbank.Banks); ``put`` only appends.
     """
 
     def __init__(self) -> None:
-        self._hashes = np.empty((0, HASH_BYTES), dtype=np.uint8)
+        # Each hash as four 64-bit words: XOR and a population count compare two of them.
+        self._words = np.empty((0, WORDS), dtype=np.uint64)
         self._alive = np.empty(0, dtype=bool)
         self._size = 0
-        # Slice tables over rows [0, _built): per slice, rows ordered by slice value, and where each value starts.
-        self._built = 0
-        self._order = np.empty((SLICES, 0), dtype=np.int32)
-        self._starts = np.empty((SLICES, 0), dtype=np.int32)
+        self._tables = _NO_TABLES
 
     def __len__(self) -> int:
-        return int(self._alive[: self._size].sum())
+        return int(np.count_nonzero(self._alive[: self._size]))
 
     @property
     def nbytes(self) -> int:
         """Memory the index holds: the hashes, their live flags and the slice tables."""
-        return sum(a.nbytes for a in (self._hashes, self._alive, self._order, self._starts))
+        return self._words.nbytes + self._alive.nbytes + self._tables.order.nbytes + self._tables.starts.nbytes
+
+    @property
+    def unbuilt(self) -> int:
+        """Rows added after the tables were built: every search scans them."""
+        return self._size - self._tables.rows
+
+    @property
+    def wants_build(self) -> bool:
+        """Whether enough rows came after the tables that rebuilding them pays."""
+        return self._size >= BUILD_AT and self.unbuilt > max(BUILD_AT, self._tables.rows // REBUILD_SHARE)
 
     def put(self, hash_: bytes, *, alive: bool = True) -> None:
         """Add ``hash_``, or mark it live or removed where it is here already."""
-        query = np.frombuffer(hash_, dtype=np.uint8).reshape(1, HASH_BYTES)
-        rows, _ = self._candidates(query, 0)
-        same = rows[(self._hashes[rows] == query).all(axis=1)]
+        query = _words(hash_)
+        same, _ = self._within(query, 0)
         if same.size:
             self._alive[same] = alive
             return
         if not alive:
             return
         self._grow(self._size + 1)
-        self._hashes[self._size] = query[0]
+        self._words[self._size] = query[0]
         self._alive[self._size] = True
         self._size += 1
-        tail = self._size - self._built
-        # Rows after the tables are scanned on every search: rebuild before they cost much.
-        if self._size >= BUILD_AT and tail > max(BUILD_AT, self._built // 64):
-            self.build()
 
     def put_many(self, hashes: Sequence[bytes]) -> None:
         """Add many live hashes not here yet at once (a bank's first load), then build the tables."""
@@ -99,7 +127,7 @@ class HashIndex:
             return
         start = self._size
         self._grow(start + len(hashes))
-        self._hashes[start : start + len(hashes)] = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, HASH_BYTES)
+        self._words[start : start + len(hashes)] = _words(b"".join(hashes))
         self._alive[start : start + len(hashes)] = True
         self._size += len(hashes)
         if self._size >= BUILD_AT:
@@ -107,76 +135,106 @@ class HashIndex:
 
     def build(self) -> None:
         """(Re)build the slice tables over every row held now."""
-        slices = self._slices(self._hashes[: self._size])
-        order = np.argsort(slices, axis=0, kind="stable").T.astype(np.int32)
-        starts = np.empty((SLICES, (1 << SLICE_BITS) + 1), dtype=np.int32)
+        self.install(self.tables())
+
+    def tables(self) -> _Tables:
+        """Slice tables over the rows held now; reads the index and changes nothing in it."""
+        rows = self._size
+        slices = _slices(self._words[:rows])
+        order = np.empty(SLICES * rows, dtype=np.int32)
+        starts = np.zeros(SLICES * BUCKETS + 1, dtype=np.int32)
         for table in range(SLICES):
-            counts = np.bincount(slices[:, table], minlength=1 << SLICE_BITS)
-            starts[table, 0] = 0
-            np.cumsum(counts, out=starts[table, 1:])
-        self._order, self._starts, self._built = order, starts, self._size
+            # A stable sort of 16-bit keys is numpy's radix sort: 0.3 s for a million hashes' 16 tables.
+            order[table * rows : (table + 1) * rows] = np.argsort(slices[table], kind="stable")
+            counts = np.bincount(slices[table], minlength=BUCKETS)
+            # Where each bucket starts in ``order``: tables follow one another.
+            np.cumsum(counts, out=starts[table * BUCKETS + 1 : (table + 1) * BUCKETS + 1])
+            starts[table * BUCKETS + 1 : (table + 1) * BUCKETS + 1] += table * rows
+        return _Tables(rows=rows, order=order, starts=starts)
+
+    def install(self, tables: _Tables) -> None:
+        """Search with ``tables`` from now on (made by :meth:`tables` of this index)."""
+        self._tables = tables
 
     def nearest(self, queries: Sequence[bytes], radius: int) -> Hit | None:
         """The live hash nearest any of ``queries`` (an image's dihedral forms), if within ``radius`` bits."""
         if not self._size or not queries:
             return None
-        query = np.frombuffer(b"".join(queries), dtype=np.uint8).reshape(-1, HASH_BYTES)
-        if not self._built or radius // SLICES > 2:
-            # No tables yet, or a radius too wide for them to pay: every live row against every form.
-            rows = np.flatnonzero(self._alive[: self._size])
-            if rows.size == 0:
-                return None
-            words = self._hashes[rows].view(np.uint64)[:, None, :] ^ query.view(np.uint64)[None, :, :]
-            distances = np.bitwise_count(words).sum(axis=2, dtype=np.int32).min(axis=1)
-        else:
-            rows, forms = self._candidates(query, radius)
-            keep = self._alive[rows]
-            rows, forms = rows[keep], forms[keep]
-            if rows.size == 0:
-                return None
-            # Each candidate against the form that found it: XOR of 64-bit words, then population count.
-            words = self._hashes[rows].view(np.uint64) ^ query.view(np.uint64)[forms]
-            distances = np.bitwise_count(words).sum(axis=1, dtype=np.int32)
-        best = int(np.argmin(distances))
-        if int(distances[best]) > radius:
+        rows, distances = self._within(_words(b"".join(queries)), radius)
+        # Removed rows are left out only among the few within the radius: looking every candidate
+        # up first costs another read of memory per candidate.
+        live = np.flatnonzero(self._alive.take(rows))
+        if live.size == 0:
             return None
-        return Hit(hash=bytes(self._hashes[rows[best]]), distance=int(distances[best]))
+        best = int(live[np.argmin(distances.take(live))])
+        return Hit(hash=self._words[rows[best]].tobytes(), distance=int(distances[best]))
+
+    def _within(self, query: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows within ``radius`` of any query form, live or removed, each with its distance (a row may come twice)."""
+        rows: list[np.ndarray] = []
+        distances: list[np.ndarray] = []
+        scanned_from = 0
+        if self._tables.rows and radius // SLICES <= 2:
+            # Each candidate the tables give against the form that found it.
+            found, forms = self._candidates(query, radius)
+            found_distances = _distances(self._words.take(found, axis=0), query.take(forms, axis=0))
+            near = found_distances <= radius
+            rows.append(found[near])
+            distances.append(found_distances[near])
+            scanned_from = self._tables.rows
+        # Rows after the tables (every row, when there are none, or the radius is too wide for
+        # them to pay), against every form.
+        rest = self._words[scanned_from : self._size]
+        for form in query:
+            rest_distances = _distances(rest, form[None, :])
+            near = np.flatnonzero(rest_distances <= radius)
+            rows.append(near + scanned_from)
+            distances.append(rest_distances[near])
+        return np.concatenate(rows), np.concatenate(distances)
 
     def _candidates(self, query: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows that may be within ``radius`` of a query form, each with that form's index.
+        """Rows of the tables that may be within ``radius`` of a query form, each with that form's index.
 
-        From the tables, plus every row added after them; a row may come more than once.
+        A row may come more than once.
         """
-        tail = np.arange(self._built, self._size)
-        if not self._built:
-            return np.tile(np.arange(self._size), len(query)), np.repeat(np.arange(len(query)), self._size)
+        tables = self._tables
         masks = _neighbours(radius // SLICES)
-        keys = self._slices(query)[:, :, None] ^ masks[None, None, :]  # forms x slices x probes
-        tables = np.broadcast_to(np.arange(SLICES)[None, :, None], keys.shape)
-        low = self._starts[tables, keys].ravel()
-        counts = self._starts[tables, keys + 1].ravel() - low
+        # forms x slices x probes: the bucket of each probe, counted across the tables.
+        keys = (_slices(query).T[:, :, None] ^ masks[None, None, :]) + (np.arange(SLICES) * BUCKETS)[None, :, None]
+        low = tables.starts.take(keys.ravel())
+        counts = tables.starts.take(keys.ravel() + 1) - low
         total = int(counts.sum())
         # Every row of every probed bucket, gathered without a Python loop.
-        offsets = np.repeat(low - np.cumsum(counts) + counts, counts) + np.arange(total)
-        found = self._order[np.repeat(tables.ravel(), counts), offsets]
-        found_forms = np.repeat(np.arange(len(query)).repeat(keys.shape[1] * keys.shape[2]), counts)
-        return (
-            np.concatenate([found, np.tile(tail, len(query))]),
-            np.concatenate([found_forms, np.repeat(np.arange(len(query)), tail.size)]),
-        )
-
-    @staticmethod
-    def _slices(hashes: np.ndarray) -> np.ndarray:
-        """Each hash as 16 slices of 16 bits (rows x slices)."""
-        return hashes.view(">u2").astype(np.int64)
+        positions = np.repeat(low - np.cumsum(counts) + counts, counts) + np.arange(total)
+        forms = np.repeat(np.arange(len(query)).repeat(keys.shape[1] * keys.shape[2]), counts)
+        return tables.order.take(positions), forms
 
     def _grow(self, size: int) -> None:
         if size <= len(self._alive):
             return
         capacity = max(size, 2 * len(self._alive), 1024)
-        hashes = np.zeros((capacity, HASH_BYTES), dtype=np.uint8)
-        hashes[: self._size] = self._hashes[: self._size]
-        self._hashes = hashes
+        words = np.zeros((capacity, WORDS), dtype=np.uint64)
+        words[: self._size] = self._words[: self._size]
+        self._words = words
         alive = np.zeros(capacity, dtype=bool)
         alive[: self._size] = self._alive[: self._size]
         self._alive = alive
+
+
+def _distances(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Bits apart, row by row, of two arrays of hashes as words (``right`` may be one row).
+
+    (Adding the four columns by hand: numpy's sum over a four-long axis costs ten times as much.)
+    """
+    bits = np.bitwise_count(left ^ right)
+    return bits[:, 0].astype(np.int32) + bits[:, 1] + bits[:, 2] + bits[:, 3]
+
+
+def _words(hashes: bytes) -> np.ndarray:
+    """Hashes as rows of four 64-bit words."""
+    return np.frombuffer(hashes, dtype=np.uint64).reshape(-1, WORDS)
+
+
+def _slices(words: np.ndarray) -> np.ndarray:
+    """Each hash as 16 slices of 16 bits, slice-major (slices x rows), as 16-bit unsigned integers."""
+    return np.ascontiguousarray(words.view(np.uint8).view(">u2").astype(np.uint16).T)

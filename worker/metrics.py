@@ -94,7 +94,7 @@ WEBHOOK_ATTEMPTS = Counter(
 # Info appends "_info": the series is synthguard_model_info{name,version,device} 1.
 MODEL = Info("synthguard_model", "The detector this worker process has loaded.")
 
-STAGES = ("fetch", "decode", "provenance", "hash", "preprocess", "queue_wait", "forward", "store")
+STAGES = ("fetch", "decode", "provenance", "hash", "preprocess", "queue_wait", "forward", "match", "store")
 
 # Scrapes must stay fast when the broker is slow or gone.
 BROKER_TIMEOUT_S = 0.5

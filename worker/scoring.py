@@ -379,7 +379,8 @@ class Scorer:
         pdq, settings = result.pdq, self.settings
         if pdq is None or pdq.quality < settings.bank_min_quality:
             return result
-        match = self.banks.nearest(client_id, pdq.forms, settings.bank_match_distance)
+        with metrics.STAGE_SECONDS.labels("match").time():
+            match = self.banks.nearest(client_id, pdq.forms, settings.bank_match_distance)
         if match is None:
             return result
         with self.sessions() as session:
