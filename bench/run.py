@@ -692,9 +692,12 @@ def fill_bank(api: Api, name: str, hashes: int) -> None:
     from sqlalchemy import text
 
     with api.sessions.begin() as session:
+        # One change of the bank (worker.hashbank's versions), which every row carries.
+        session.execute(text("INSERT INTO bank_versions (bank, version) SELECT id, 1 FROM api_clients WHERE name = :name"),
+                        {"name": name})
         session.execute(text(
-            "INSERT INTO hash_bank (id, client_id, hash, quality, source, created_at, updated_at) "
-            "SELECT gen_random_uuid(), c.id, md5(random()::text) || md5(random()::text), 100, 'import', now(), now() "
+            "INSERT INTO hash_bank (id, client_id, hash, quality, source, created_at, updated_at, version) "
+            "SELECT gen_random_uuid(), c.id, md5(random()::text) || md5(random()::text), 100, 'import', now(), now(), 1 "
             "FROM api_clients c, generate_series(1, :n) WHERE c.name = :name"), {"n": hashes, "name": name})
 
 

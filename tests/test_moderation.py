@@ -466,8 +466,7 @@ def test_a_match_is_recorded_but_flags_nothing_when_bank_flags_are_off(
     picture = photo(320, 240, 75)
     s3_client.put_object(Bucket=bucket, Key="known.jpg", Body=encode(ImageOps.mirror(picture), "JPEG"))
     client = _client(pg_sessions, "observer")
-    with pg_sessions.begin() as session:
-        report = import_rows(session, client, [(1, {"hash": hash_image(picture).hex, "label": "known template"})])
+    report = import_rows(pg_sessions, client, [(1, {"hash": hash_image(picture).hex, "label": "known template"})])
     assert report.added == 1
     settings = settings_factory(database_url=pg_url, s3_endpoint_url=s3_endpoint, bank_flags=False, bank_refresh_s=0)
     with Scorer(settings, Detector.from_settings(settings), sessions=pg_sessions) as scorer:
@@ -483,8 +482,7 @@ def test_a_worker_sees_a_review_after_its_refresh_interval(pg_sessions) -> None:
     banks = Banks(pg_sessions, refresh_s=0)
     first, second = hash_image(photo(200, 200, 76)), hash_image(photo(200, 200, 77))
     assert banks.nearest(client, first.forms, MATCH_DISTANCE) is None
-    with pg_sessions.begin() as session:
-        import_rows(session, client, [(1, {"hash": first.hex}), (2, {"hash": second.hex})])
+    import_rows(pg_sessions, client, [(1, {"hash": first.hex}), (2, {"hash": second.hex})])
     assert banks.nearest(client, first.forms, MATCH_DISTANCE).distance == 0
     from worker.hashbank import remove
 
@@ -503,8 +501,7 @@ def test_a_refresh_holds_up_no_other_threads_search(pg_sessions) -> None:
     """While one thread reads a bank's changes, the others match against the bank held, without waiting."""
     client = _client(pg_sessions, "busy-bank")
     first, second = hash_image(photo(200, 200, 78)), hash_image(photo(200, 200, 79))
-    with pg_sessions.begin() as session:
-        import_rows(session, client, [(1, {"hash": first.hex})])
+    import_rows(pg_sessions, client, [(1, {"hash": first.hex})])
     reading, go_on = threading.Event(), threading.Event()
     hold = threading.Event()  # set: the next read of the database waits for go_on
 
@@ -516,8 +513,7 @@ def test_a_refresh_holds_up_no_other_threads_search(pg_sessions) -> None:
 
     banks = Banks(sessions, refresh_s=0)  # every search finds a refresh due
     assert banks.nearest(client, first.forms, MATCH_DISTANCE).distance == 0  # loaded
-    with pg_sessions.begin() as session:
-        import_rows(session, client, [(1, {"hash": second.hex})])
+    import_rows(pg_sessions, client, [(1, {"hash": second.hex})])
     hold.set()
     seen: list[object] = []
     refresher = threading.Thread(target=lambda: seen.append(banks.nearest(client, second.forms, MATCH_DISTANCE)))
@@ -539,19 +535,35 @@ def test_a_bank_that_grows_in_a_worker_gets_its_tables_rebuilt(pg_sessions) -> N
     client = _client(pg_sessions, "growing-bank")
     rng = np.random.default_rng(7)
     hashes = [rng.integers(0, 256, 32, dtype=np.uint8).tobytes() for _ in range(2 * BUILD_AT + 10)]
-    with pg_sessions.begin() as session:
-        import_rows(session, client, [(i, {"hash": h.hex()}) for i, h in enumerate(hashes[:BUILD_AT])])
+    import_rows(pg_sessions, client, [(i, {"hash": h.hex()}) for i, h in enumerate(hashes[:BUILD_AT])])
     banks = Banks(pg_sessions, refresh_s=0)
     assert banks.nearest(client, (hashes[0],), MATCH_DISTANCE).distance == 0
     index = banks._banks[client].index
     assert index.unbuilt == 0  # the load built tables over the whole bank
-    with pg_sessions.begin() as session:
-        import_rows(session, client, [(i, {"hash": h.hex()}) for i, h in enumerate(hashes[BUILD_AT:])])
+    import_rows(pg_sessions, client, [(i, {"hash": h.hex()}) for i, h in enumerate(hashes[BUILD_AT:])])
     near = _flip(hashes[-1], 20, rng)
     assert banks.nearest(client, (near,), MATCH_DISTANCE).distance == 20
     index = banks._banks[client].index
     assert len(index) == len(hashes) and index.unbuilt == 0  # more came than the tables held: rebuilt
     assert all(banks.nearest(client, (h,), MATCH_DISTANCE).distance == 0 for h in hashes[:: BUILD_AT // 8])
+
+
+def test_a_bank_that_gains_many_hashes_at_once_is_loaded_again_once(pg_sessions) -> None:
+    """More changes than a refresh applies one by one (an import) reload the bank, once: later refreshes read nothing."""
+    from worker.hashbank import RELOAD_AT
+
+    client = _client(pg_sessions, "imported")
+    rng = np.random.default_rng(8)
+    hashes = [rng.integers(0, 256, 32, dtype=np.uint8).tobytes() for _ in range(RELOAD_AT + 10)]
+    banks = Banks(pg_sessions, refresh_s=0)
+    assert banks.nearest(client, (hashes[0],), MATCH_DISTANCE) is None  # the empty bank, loaded
+    import_rows(pg_sessions, client, [(i, {"hash": h.hex()}) for i, h in enumerate(hashes)])
+    assert banks.nearest(client, (hashes[0],), MATCH_DISTANCE).distance == 0
+    reloaded = banks._banks[client].index
+    assert len(reloaded) == len(hashes)
+    for probe in hashes[:: RELOAD_AT // 4]:
+        assert banks.nearest(client, (probe,), MATCH_DISTANCE).distance == 0
+        assert banks._banks[client].index is reloaded  # refreshed, and nothing more to read
 
 
 # ---------------------------------------------------------------------- the HTTP API
@@ -686,8 +698,7 @@ def test_a_large_import_goes_in_batches_and_accounts_for_every_line(tmp_path: Pa
         add(session, None, hashes[4], quality=None, source="review")
         remove(session, None, hashes[4])  # removed: the import brings it back
     lines = [f"{h},90,list A" for h in hashes] + [f"{hashes[7]},90", "zz,90", f"{hashes[8]},lots"]
-    with sessions.begin() as session:
-        report = import_rows(session, None, read_csv("\n".join(lines)))
+    report = import_rows(sessions, None, read_csv("\n".join(lines)))
     assert (report.added, report.present, report.invalid_count) == (len(hashes) - 1, 2, 2)
     with sessions() as session:
         assert size(session, None) == len(hashes)

@@ -5,8 +5,10 @@ it out (worker.reviews); ``synthguard bank import``/``export`` move banks as
 CSV. Rows are never deleted: a removed hash keeps its row with ``removed_at``,
 so that workers, which hold each bank in memory (:class:`Banks`, over a
 worker.hashindex.HashIndex), learn of removals by reading the rows changed
-since they last looked. Client ``None`` is the operator's bank: it serves the
-images of ``synthguard scan``, which have no API client.
+since they last looked. Which rows changed since is told by the bank's version
+(``bank_versions``): every transaction that changes a bank increments it and
+stamps the rows it changes. Client ``None`` is the operator's bank: it serves
+the images of ``synthguard scan``, which have no API client.
 
 The table functions need SQL alone (the API calls them); :class:`Banks`
 needs numpy (the worker has it).
@@ -22,14 +24,13 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, and_, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import HashBankEntry, utcnow
+from .models import BankVersion, HashBankEntry, utcnow
 from .pdq import MIN_QUALITY, parse_hex
 from .sanitise import clean_text
 
@@ -42,11 +43,10 @@ SOURCE_REVIEW = "review"
 SOURCE_REVIEW_CROP = "review_crop"  # a crop of a reviewed image (worker.cropbank)
 SOURCE_IMPORT = "import"
 
-# How far back, before the newest change a worker has seen, it reads again: a change committed
-# late (a long transaction, another host's clock behind) still reaches it. Re-reading is harmless.
-REFRESH_LOOKBACK = timedelta(seconds=60)
 # A refresh that brings more changes than this reloads the whole bank instead (an import).
 RELOAD_AT = 5_000
+# bank_versions' key for the operator's bank (client NULL in hash_bank).
+OPERATOR_BANK = uuid.UUID(int=0)
 MAX_LABEL = 200
 CSV_FIELDS = ("hash", "quality", "label", "source", "image_id", "created_at")
 # Hashes an import looks up and inserts at once; within every backend's limit on bound parameters.
@@ -56,6 +56,33 @@ IMPORT_BATCH = 500
 def _of_client(client_id: uuid.UUID | None) -> ColumnElement[bool]:
     column = HashBankEntry.client_id
     return column.is_(None) if client_id is None else column == client_id
+
+
+def _next_version(session: Session, client_id: uuid.UUID | None) -> int:
+    """Increment the bank's version, for this transaction's changes to carry.
+
+    The row stays locked until the transaction ends, so a transaction that
+    changes the same bank later gets a higher version only once this one has
+    committed: versions follow commit order, which is what lets workers read
+    changes by version alone (:class:`Banks`).
+    """
+    bank = client_id or OPERATOR_BANK
+    bump = update(BankVersion).where(BankVersion.bank == bank).values(version=BankVersion.version + 1)
+    version = session.scalar(bump.returning(BankVersion.version))
+    if version is not None:
+        return int(version)
+    try:
+        with session.begin_nested():
+            session.execute(insert(BankVersion).values(bank=bank, version=1))
+        return 1
+    except IntegrityError:
+        # The bank's first change, made by another transaction meanwhile: now there is a row.
+        return int(session.scalar(bump.returning(BankVersion.version)))
+
+
+def version(session: Session, client_id: uuid.UUID | None) -> int:
+    """The bank's version now (0 before its first change)."""
+    return session.scalar(select(BankVersion.version).where(BankVersion.bank == (client_id or OPERATOR_BANK))) or 0
 
 
 def add(
@@ -72,6 +99,7 @@ def add(
     now = utcnow()
     entry = session.scalar(select(HashBankEntry).where(_of_client(client_id), HashBankEntry.hash == hash_hex))
     if entry is None:
+        stamp = _next_version(session, client_id)
         try:
             with session.begin_nested():
                 session.add(
@@ -84,6 +112,7 @@ def add(
                         label=label,
                         created_at=now,
                         updated_at=now,
+                        version=stamp,
                     )
                 )
             return True
@@ -94,6 +123,7 @@ def add(
         return False
     entry.removed_at = None
     entry.updated_at = now
+    entry.version = _next_version(session, client_id)
     entry.source, entry.image_id, entry.quality = source, image_id, quality
     entry.label = label or entry.label
     return True
@@ -105,7 +135,7 @@ def remove(session: Session, client_id: uuid.UUID | None, hash_hex: str) -> bool
     result = session.execute(
         update(HashBankEntry)
         .where(_of_client(client_id), HashBankEntry.hash == hash_hex, HashBankEntry.removed_at.is_(None))
-        .values(removed_at=now, updated_at=now)
+        .values(removed_at=now, updated_at=now, version=_next_version(session, client_id))
     )
     return bool(result.rowcount)
 
@@ -122,8 +152,9 @@ def _live_crops(client_id: uuid.UUID | None, image_id: uuid.UUID) -> ColumnEleme
 def remove_crops(session: Session, client_id: uuid.UUID | None, image_id: uuid.UUID) -> int:
     """Take the hashes of an image's crops out of the bank; how many were in it."""
     now = utcnow()
+    stamp = _next_version(session, client_id)
     result = session.execute(
-        update(HashBankEntry).where(_live_crops(client_id, image_id)).values(removed_at=now, updated_at=now)
+        update(HashBankEntry).where(_live_crops(client_id, image_id)).values(removed_at=now, updated_at=now, version=stamp)
     )
     return int(result.rowcount or 0)
 
@@ -194,7 +225,7 @@ def read_csv(text: str) -> Iterator[tuple[int, dict[str, str]]]:
 
 
 def import_rows(
-    session: Session,
+    sessions: sessionmaker[Session],
     client_id: uuid.UUID | None,
     rows: Iterable[tuple[int, dict[str, str]]],
     *,
@@ -202,9 +233,12 @@ def import_rows(
 ) -> ImportReport:
     """Add each row's hash to the bank (as ``import``); count what happened to each.
 
-    Rows go in batches: one query finds which of a batch's hashes the bank has,
-    one statement inserts the rest, so a list of a million hashes is a few
-    thousand statements, not two million.
+    Rows go in batches, each its own transaction: one query finds which of a
+    batch's hashes the bank has, one statement inserts the rest, so a list of
+    a million hashes is a few thousand statements, not two million, and the
+    bank's version (:func:`_next_version`) is held for one batch at a time,
+    not for the whole import, while reviews go on. An import stopped half-way
+    keeps the batches it committed; running it again adds the rest.
     """
     report = ImportReport()
     batch: dict[str, tuple[int | None, str | None]] = {}
@@ -232,10 +266,12 @@ def import_rows(
             continue
         batch[hash_hex] = (quality, clean_text(row["label"], MAX_LABEL) if row.get("label") else None)
         if len(batch) >= IMPORT_BATCH:
-            _import_batch(session, client_id, batch, report)
+            with sessions.begin() as session:
+                _import_batch(session, client_id, batch, report)
             batch = {}
     if batch:
-        _import_batch(session, client_id, batch, report)
+        with sessions.begin() as session:
+            _import_batch(session, client_id, batch, report)
     return report
 
 
@@ -252,6 +288,7 @@ def _import_batch(
         )
     }
     now = utcnow()
+    stamp = _next_version(session, client_id)
     new: list[dict[str, Any]] = []
     for hash_hex, (quality, label) in batch.items():
         entry = banked.get(hash_hex)
@@ -266,6 +303,7 @@ def _import_batch(
                     "label": label,
                     "created_at": now,
                     "updated_at": now,
+                    "version": stamp,
                 }
             )
         elif add(session, client_id, hash_hex, quality=quality, source=SOURCE_IMPORT, label=label):
@@ -338,7 +376,7 @@ class _Bank:
         self.index = index
         self.lock = threading.Lock()  # searches and changes to ``index`` take turns on it
         self.refreshing = threading.Lock()  # one thread at a time reads changes and builds
-        self.seen: datetime | None = None  # newest updated_at read; None until loaded
+        self.seen: int | None = None  # the bank's version read up to; None until loaded
         self.checked = -float("inf")  # monotonic time of the last refresh: never, so the first match loads it
 
 
@@ -382,7 +420,7 @@ class Banks:
             return bank
 
     def _refresh(self, client_id: uuid.UUID | None, bank: _Bank) -> None:
-        """Apply the rows changed since the newest one seen (less the lookback), or load the bank whole.
+        """Apply the rows changed since the version seen, or load the bank whole.
 
         Called holding ``bank.refreshing``: nothing else changes the index meanwhile.
         """
@@ -390,9 +428,9 @@ class Banks:
             self._load(client_id, bank)
             return
         query = (
-            select(HashBankEntry.hash, HashBankEntry.removed_at, HashBankEntry.updated_at)
-            .where(_of_client(client_id), HashBankEntry.updated_at >= bank.seen - REFRESH_LOOKBACK)
-            .order_by(HashBankEntry.updated_at)
+            select(HashBankEntry.hash, HashBankEntry.removed_at, HashBankEntry.version)
+            .where(_of_client(client_id), HashBankEntry.version > bank.seen)
+            .order_by(HashBankEntry.version)
             .limit(RELOAD_AT + 1)
         )
         with self.sessions() as session:
@@ -410,24 +448,22 @@ class Banks:
             with bank.lock:
                 bank.index.install(tables)
         if rows:
-            bank.seen = max(bank.seen, rows[-1].updated_at)
+            bank.seen = int(rows[-1].version)
         bank.checked = time.monotonic()
 
     def _load(self, client_id: uuid.UUID | None, bank: _Bank) -> None:
         """Read every live row into a new index; the one held serves until it is ready."""
         from .hashindex import HashIndex
 
-        query = (
-            select(HashBankEntry.hash, HashBankEntry.updated_at)
-            .where(_of_client(client_id), HashBankEntry.removed_at.is_(None))
-            .order_by(HashBankEntry.updated_at)
-        )
+        live = select(HashBankEntry.hash).where(_of_client(client_id), HashBankEntry.removed_at.is_(None))
         with self.sessions() as session:
-            rows = session.execute(query).all()
+            # The version first: changes committed between the two reads are read again by the
+            # next refresh, which is harmless; the other way round they could be missed.
+            seen = version(session, client_id)
+            hashes = [bytes.fromhex(hash_hex) for hash_hex in session.scalars(live)]
         index = HashIndex()
-        index.put_many([bytes.fromhex(row.hash) for row in rows])  # builds its tables
-        seen = rows[-1].updated_at if rows else datetime.min.replace(tzinfo=utcnow().tzinfo) + REFRESH_LOOKBACK
+        index.put_many(hashes)  # builds its tables
         with bank.lock:
             bank.index, bank.seen = index, seen
         bank.checked = time.monotonic()
-        log.info("hash bank of client %s loaded: %d hashes", client_id or "(operator)", len(rows))
+        log.info("hash bank of client %s loaded: %d hashes", client_id or "(operator)", len(hashes))

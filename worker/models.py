@@ -307,7 +307,8 @@ class HashBankEntry(Base):
     __table_args__ = (
         CheckConstraint("source IN ('review', 'review_crop', 'import')", name="source"),
         UniqueConstraint("client_id", "hash", name="uq_hash_bank_client_id_hash"),
-        Index("ix_hash_bank_client_id_updated_at", "client_id", "updated_at"),
+        # Workers read a bank's changes by version (worker.hashbank.Banks).
+        Index("ix_hash_bank_client_id_version", "client_id", "version"),
         # A review `human` removes an image's crops by its id; deleting an image nulls its rows.
         Index("ix_hash_bank_image_id", "image_id"),
     )
@@ -323,6 +324,25 @@ class HashBankEntry(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     removed_at: Mapped[datetime | None]
+    # The bank's version (bank_versions) of the transaction that last changed the row; NULL for
+    # rows last changed before versions were kept, which only a whole load reads.
+    version: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class BankVersion(Base):
+    """How many times a bank has changed: the counter that orders its changes.
+
+    A transaction that changes a bank first increments its row here (worker.hashbank),
+    which holds the row until it commits, so a later one's version is always the
+    higher: workers read ``hash_bank`` rows with a version above the last they
+    saw, and no change that commits late is passed over.
+    """
+
+    __tablename__ = "bank_versions"
+
+    # The client's id; the nil UUID for the operator's bank (client NULL in hash_bank).
+    bank: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class WebhookDelivery(Base):

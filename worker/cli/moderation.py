@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from ..settings import Settings
 from ._base import _checked_sessions, _client_id, _fail, _producer_app, _settings, main
@@ -22,12 +22,17 @@ CLIENT_HELP = (
 )
 
 
+def _bank(client: str | None) -> tuple[sessionmaker[Session], uuid.UUID | None, Settings]:
+    """The database, and the client id the bank belongs to (None: the operator's)."""
+    settings = _settings()
+    sessions = _checked_sessions(settings)
+    return sessions, _client_id(sessions, client), settings
+
+
 @contextmanager
 def _bank_of(client: str | None) -> Iterator[tuple[Session, uuid.UUID | None, Settings]]:
     """A transaction, and the client id the bank belongs to (None: the operator's)."""
-    settings = _settings()
-    sessions = _checked_sessions(settings)
-    client_id = _client_id(sessions, client)
+    sessions, client_id, settings = _bank(client)
     with sessions.begin() as session:
         yield session, client_id, settings
 
@@ -136,16 +141,18 @@ def bank_import(source: Path, client: str | None, as_json: bool) -> None:
     names its columns, in any order; other columns are ignored). A file of bare
     hashes, one per line, works too. Hashes with a quality under
     SYNTHGUARD_BANK_MIN_QUALITY are left out. Malformed lines are reported and
-    skipped, the rest imported, and the command then exits 1.
+    skipped, the rest imported, and the command then exits 1. Hashes go in
+    500 at a time, each batch committed: an import stopped half-way keeps what
+    it added, and running it again adds the rest.
     """
     from ..hashbank import import_rows, read_csv
 
     text = sys.stdin.read() if str(source) == "-" else source.read_text(encoding="utf-8-sig")
-    with _bank_of(client) as (session, client_id, settings):
-        try:
-            report = import_rows(session, client_id, read_csv(text), min_quality=settings.bank_min_quality)
-        except ValueError as exc:
-            raise _fail(f"{source}: {exc}") from exc
+    sessions, client_id, settings = _bank(client)
+    try:
+        report = import_rows(sessions, client_id, read_csv(text), min_quality=settings.bank_min_quality)
+    except ValueError as exc:
+        raise _fail(f"{source}: {exc}") from exc
     counts = {
         "added": report.added,
         "already_present": report.present,
