@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What the bank of known images costs: `python bench/bank_cost.py [--sizes 10000,100000,1000000] [--photos N]`.
+"""What the bank of known images costs: `python bench/bank_cost.py [--sizes 10000,100000,1000000] [--photos N] [--sections matching]`.
 
 Three tables, measured in one run, asserting nothing:
 
@@ -188,10 +188,17 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200, help="images matched per bank size")
     parser.add_argument("--photos", type=int, default=100, help="images per kind of copy")
     parser.add_argument("--repeat", type=int, default=5, help="runs per hashing timing")
+    parser.add_argument(
+        "--sections", default="hashing,matching,robustness", help="which tables, comma-separated (default: all three)"
+    )
     args = parser.parse_args()
-    hashing(args.repeat)
-    matching([int(s) for s in args.sizes.split(",")], args.queries)
-    robustness(args.photos)
+    sections = set(args.sections.split(","))
+    if "hashing" in sections:
+        hashing(args.repeat)
+    if "matching" in sections:
+        matching([int(s) for s in args.sizes.split(",")], args.queries)
+    if "robustness" in sections:
+        robustness(args.photos)
 
 
 if __name__ == "__main__":

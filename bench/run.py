@@ -15,7 +15,9 @@ Same machine, same images, same run:
      worker for all lanes and with a realtime worker beside a bulk one (LATENCY_LAYOUTS);
   6. fairness: one client's realtime latency idle and while another client floods the realtime
      lane, with overflow (SYNTHGUARD_REALTIME_BURST) and without (FAIRNESS_LAYOUTS);
-  7. JPEG DCT-scaled decode (Pillow draft): speed and score drift (not a service default).
+  7. JPEG DCT-scaled decode (Pillow draft): speed and score drift (not a service default);
+  8. bank: one worker against a client with an empty bank and one with a million hashes
+     (20,000 with --quick), alternated: throughput, worker CPU and the `match` stage.
 
 Services it needs: Redis (db 10), PostgreSQL (database synthguard_bench, created and
 dropped here). Nothing is downloaded: the checkpoint is built with timm, pretrained=False.

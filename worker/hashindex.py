@@ -7,7 +7,7 @@ slice's table, the query's slice and its neighbours within that many bits
 finds every candidate; only candidates are compared bit by bit. At PDQ's
 radius 31 that is 17 lookups per slice, and about 4,000 candidates per
 query form at a million random hashes (bench/bank_cost.py measures it against a scan
-of every hash and faiss's binary indexes; bench/RESULTS.md, "Bank matching").
+of every hash and faiss's binary indexes; bench/RESULTS.md, "Bank matching" and "Bank matching, after").
 
 Small banks are scanned whole: below ``BUILD_AT`` hashes a scan is cheaper
 than the tables. Hashes added after the tables were built are scanned until
