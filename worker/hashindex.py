@@ -33,7 +33,7 @@ WORDS = HASH_BYTES // 8
 # a bank spares their 4 MB.
 BUILD_AT = 2_048
 # Rows added after the tables are scanned by every search; rebuilding once they are this share
-# of the tables keeps that scan small against the lookups (a rebuild is 0.3 s per million hashes).
+# of the tables keeps that scan small against the lookups (a rebuild is about 0.7 s per million hashes).
 REBUILD_SHARE = 256
 
 
