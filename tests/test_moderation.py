@@ -531,7 +531,7 @@ def test_a_refresh_holds_up_no_other_threads_search(pg_sessions) -> None:
 
 
 def test_a_bank_that_grows_in_a_worker_gets_its_tables_rebuilt(pg_sessions) -> None:
-    """Hashes read by refreshes are found first by a scan, then by rebuilt tables, which cover them all."""
+    """Hashes a refresh reads are found; when more came than the tables held, the tables are rebuilt over them all."""
     client = _client(pg_sessions, "growing-bank")
     rng = np.random.default_rng(7)
     hashes = [rng.integers(0, 256, 32, dtype=np.uint8).tobytes() for _ in range(2 * BUILD_AT + 10)]
