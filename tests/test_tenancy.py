@@ -555,7 +555,7 @@ def test_the_api_and_worker_refuse_postgresql_without_a_secret_key(service_env) 
 
 
 def test_a_client_limited_to_registered_callback_hosts_may_name_only_those(
-    api, make_client, sessions
+    api, make_client, sessions, service_env
 ) -> None:
     client_id, headers = make_client("hooked", callback_hosts=["hooks.example.com"])
     objects = [{"bucket": "hooked", "key": "a.jpg"}]
@@ -576,3 +576,19 @@ def test_a_client_limited_to_registered_callback_hosts_may_name_only_those(
     )
     assert registered.status_code == 202, registered.text
     assert image_count(sessions, client_id) == 1
+
+    # The operator changes the list, then drops it: any host the URL policy allows.
+    moved = _cli(["clients", "set", str(client_id), "--callback-host", "hooks.example.org"], service_env)
+    assert moved.exit_code == 0, moved.output
+    assert_problem(api.post("/v1/scans", json={"objects": objects, "callback_url": "https://hooks.example.com/in"},
+                            headers=headers), 422)
+    both = _cli(["clients", "set", str(client_id), "--callback-host", "a.example", "--any-callback-host"], service_env)
+    assert both.exit_code == 2 and "contradict" in both.output
+    cleared = _cli(["clients", "set", str(client_id), "--any-callback-host"], service_env)
+    assert cleared.exit_code == 0, cleared.output
+    listed = {c["id"]: c for c in json.loads(_cli(["clients", "list", "--json"], service_env).stdout)}
+    assert listed[str(client_id)]["callback_hosts"] is None
+    anywhere = api.post(
+        "/v1/scans", json={"objects": objects, "callback_url": "https://victim.example.net/x"}, headers=headers
+    )
+    assert anywhere.status_code == 202, anywhere.text

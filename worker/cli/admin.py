@@ -342,6 +342,11 @@ def clients_revoke(name: str, grant: Grant) -> None:
 @clients.command("set")
 @click.argument("name")
 @_limit_options
+@click.option(
+    "--any-callback-host",
+    is_flag=True,
+    help="Drop the client's callback hosts: its scans' callback_url may name any host the URL policy allows.",
+)
 def clients_set(
     name: str,
     lanes: tuple[str, ...],
@@ -349,10 +354,13 @@ def clients_set(
     max_pending_bulk: int | None,
     images_per_minute: int | None,
     callback_hosts: tuple[str, ...],
+    any_callback_host: bool,
 ) -> None:
     """Change the lanes and limits of client NAME; options not given stay as they are."""
     from ..clients import check_lanes, normalize_hosts
 
+    if callback_hosts and any_callback_host:
+        raise click.UsageError("--callback-host and --any-callback-host contradict each other: give one")
     with _one_client(name) as (_, client, _):
         if lanes:
             client.lanes = check_lanes(lanes)
@@ -365,6 +373,8 @@ def clients_set(
                 setattr(client, column, value)
         if callback_hosts:
             client.callback_hosts = normalize_hosts(callback_hosts)
+        elif any_callback_host:
+            client.callback_hosts = None
     click.echo(f"updated client {client.name}")
 
 
