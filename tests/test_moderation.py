@@ -674,6 +674,10 @@ def test_scan_review_bank_and_eval_from_the_command_line(tmp_path: Path, checkpo
     platform = _cli(other, "bank", "status", "--client", "platform").output
     assert f"{len(rows)} hashes in the bank of platform ({len(rows)} import)" in platform
     assert "0 hashes" in _cli(other, "bank", "status").output  # the operator's bank there is empty
+    # From stdin too, behind a byte-order mark as some Windows tools write one.
+    piped = CliRunner().invoke(main, ["bank", "import", "-", "--json"], env=other, input="\ufeff" + exported.stdout)
+    assert piped.exit_code == 0, piped.output
+    assert json.loads(piped.stdout)["added"] == len(rows)
 
 
 def test_a_bank_csv_reads_with_or_without_a_header() -> None:

@@ -147,7 +147,8 @@ def bank_import(source: Path, client: str | None, as_json: bool) -> None:
     """
     from ..hashbank import import_rows, read_csv
 
-    text = sys.stdin.read() if str(source) == "-" else source.read_text(encoding="utf-8-sig")
+    # A byte-order mark (some Windows tools write one) is not part of the first line, from a file or stdin.
+    text = sys.stdin.read().removeprefix("\ufeff") if str(source) == "-" else source.read_text(encoding="utf-8-sig")
     sessions, client_id, settings = _bank(client)
     try:
         report = import_rows(sessions, client_id, read_csv(text), min_quality=settings.bank_min_quality)
