@@ -241,27 +241,21 @@ def watermark_stages(image: Image.Image) -> dict[str, Callable[[], object]]:
     n = 8 * min(strip, rows_total)
     rgbx = np.empty((n, 8 * nbx, 4), np.uint8)
     window = Image.frombuffer("RGBX", (8 * nbx, n), rgbx, "raw", "RGBX", 0, 1)
-    bgr = np.empty((3, n, 8 * nbx), np.float32)
-    u, tmp = (np.empty((2, n, 8 * nbx), np.float32) for _ in range(2))
+    yuv = np.empty((2, n, 8 * nbx, 3), np.uint8)
     bits = np.zeros((2, rows_total * nbx), np.uint8)
 
     def paste() -> None:
         for top in tops:
             window.im.paste(image.im, (0, -8 * top, width, height - 8 * top))
 
-    def widen() -> None:
+    def convert() -> None:
         for _ in tops:
-            np.copyto(bgr, rgbx.transpose(2, 0, 1)[2::-1])
-
-    def planes() -> None:
-        for _ in tops:
-            watermark.u_planes(bgr[::2], bgr[1], u, tmp)
+            watermark.convert(rgbx, yuv)
 
     return {
         "paste into numpy": paste,
-        "uint8 -> float32": widen,
-        "u_planes": planes,
-        "block_bits": lambda: [watermark.block_bits(u) for _ in tops],
+        "convert (OpenCV, both orders)": convert,
+        "block_bits": lambda: [watermark.block_bits(yuv) for _ in tops],
         "vote": lambda: watermark.vote(bits),
     }
 

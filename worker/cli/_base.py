@@ -46,6 +46,7 @@ MODEL_STACK = {
     "c2pa": "c2pa-python",
     "pdqhash": "pdqhash",
     "matplotlib": "matplotlib",
+    "cv2": "opencv-python-headless",
 }
 MODEL_EXTRA_HINT = "pip install 'synthguard[model]'"
 

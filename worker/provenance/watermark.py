@@ -1,9 +1,9 @@
-"""The ``sd_watermark`` signal: Stable Diffusion's invisible ``dwtDct`` watermark, read with numpy alone.
+"""The ``sd_watermark`` signal: Stable Diffusion's invisible ``dwtDct`` watermark.
 
 SD 1.x, SD 2.x and SDXL payloads, in both channel orders their encoders used.
 The bits are the ones invisible-watermark's decoder (OpenCV, PyWavelets) would
-read, computed from integer sums of the U plane; every payload is voted on
-from the same bits.
+read: OpenCV's own colour conversion gives the U plane, and integer sums of it
+stand in for the Haar band; every payload is voted on from the same bits.
 """
 
 from __future__ import annotations
@@ -13,10 +13,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from ._base import NONE, STRONG, Budget, Signal, missing
+
+# The worker spreads images over its own threads and preparing processes; OpenCV's pool
+# would add threads that spin on those same cores (about 1.7x the CPU per conversion).
+cv2.setNumThreads(1)
 
 # The encoder works on the U plane of OpenCV's BGR->YUV, takes its Haar LL band,
 # and in every 4x4 block of that band quantises the largest non-DC magnitude
@@ -27,14 +32,14 @@ MIN_PIXELS = 256 * 256  # the encoder refuses smaller images
 # The top rows only: more add votes, not information. Not less, though: marks weakened by
 # 4:2:0 JPEG need the votes (on a marked 12 MP photo a 1 MP cap lost an SDXL mark this finds).
 MAX_SCAN_PIXELS = 4_000_000
-# Pixels converted per step: about 4 MB of float32 buffers per image, reused step to step.
-# Larger steps stop fitting the caches and cost page faults (fresh pages every step) that
-# outweigh the arithmetic; smaller ones pay numpy's per-call overhead.
+# Pixels converted per step: about 2 MB of buffers per image, reused step to step, so that
+# a 12 MP image costs no more memory than a 1 MP one.
 STRIP_PIXELS = 131_072
 FALSE_POSITIVE = 1e-8  # per payload and channel order, for an unmarked image
 _HAAR = 0.7071067811865476  # PyWavelets' Haar tap; same float ops give the same LL band bit for bit
-# OpenCV's BGR->YUV multipliers (14-bit fixed point) as float32: each is an integer over 2**14.
-_Y_RED, _Y_GREEN, _Y_BLUE, _U_BLUE_MINUS_Y = (np.float32(c / (1 << 14)) for c in (4899, 9617, 1868, 8061))
+# OpenCV's conversion codes for the two channel orders: an encoder handed BGR ("bgr") saw our
+# pixels as OpenCV reads RGB; one handed RGB as if it were BGR ("rgb", diffusers) as it reads BGR.
+_ORDERS = (("bgr", cv2.COLOR_RGB2YUV), ("rgb", cv2.COLOR_BGR2YUV))
 
 
 def _payload_bits(data: bytes) -> np.ndarray:
@@ -81,45 +86,27 @@ def min_matching_bits(n_bits: int, p_false: float = FALSE_POSITIVE) -> int:
     return 0
 
 
-def u_planes(blue_red: np.ndarray, green: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """OpenCV's 8-bit BGR->YUV U channel for both channel orders, bit-exact, into ``out``.
+def convert(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit BGR->YUV of RGB pixels for both channel orders, into ``out`` (2, rows, cols, 3).
 
-    ``blue_red`` holds our blue and red planes (float32, integer values),
-    ``green`` our green plane, which is scaled in place. ``out[0]`` is the U
-    plane of an encoder handed BGR ("bgr"); ``out[1]`` of one handed RGB as if
-    it were BGR ("rgb", diffusers), whose "blue" was our red.
-
-    OpenCV computes Y = (4899 R + 9617 G + 1868 B + 2**13) >> 14 and
-    U = ((B - Y) * 8061 + (128 << 14) + 2**13) >> 14. Here every product and
-    partial sum is a multiple of 2**-14 below 2**8 in magnitude, i.e. needs at
-    most 22 significant bits, which float32 holds exactly, so floor() gives the
-    shifts bit for bit. U never leaves [3, 253] (B - Y is within +-255), so OpenCV's
-    saturation never applies.
+    ``pixels``: (rows, cols, 3 or 4) uint8 in RGB order, a fourth channel
+    ignored. ``out[0]`` is what an encoder handed BGR saw ("bgr"), ``out[1]``
+    what one handed RGB as if it were BGR saw ("rgb"); U is channel 1. The
+    encoder called the same function, so the planes are its own bit for bit
+    (a test checks OpenCV's 14-bit fixed-point formula over every colour).
     """
-    green *= _Y_GREEN
-    green += 0.5  # OpenCV's rounding term, 2**13 / 2**14
-    np.multiply(blue_red[::-1], _Y_RED, out=out)
-    out += green
-    np.multiply(blue_red, _Y_BLUE, out=tmp)
-    out += tmp
-    np.floor(out, out=out)  # Y
-    np.subtract(blue_red, out, out=out)
-    out *= _U_BLUE_MINUS_Y
-    out += 128.5
-    np.floor(out, out=out)
+    for plane, (_, code) in enumerate(_ORDERS):
+        cv2.cvtColor(pixels, code, dst=out[plane])
     return out
 
 
 def u_plane(rgb: np.ndarray, *, swapped: bool) -> np.ndarray:
-    """OpenCV's 8-bit BGR->YUV U channel of RGB pixels, bit-exact (float32 holding integers).
+    """The U plane (uint8) of RGB pixels for one channel order.
 
     ``swapped``: the encoder was handed RGB as if it were BGR (diffusers does
     this), so its "blue" was our red.
     """
-    blue_red = np.stack([rgb[..., 2], rgb[..., 0]]).astype(np.float32)
-    out = np.empty_like(blue_red)
-    u_planes(blue_red, rgb[..., 1].astype(np.float32), out, np.empty_like(out))
-    return out[1 if swapped else 0]
+    return cv2.cvtColor(np.ascontiguousarray(rgb), _ORDERS[1 if swapped else 0][1])[..., 1]
 
 
 # The bit of a block is "(LL mod 36) > 18" for its largest non-DC LL coefficient. Exactly,
@@ -140,30 +127,32 @@ def _tie_bits(blocks: np.ndarray) -> np.ndarray:
     return (ll.reshape(len(ll), 16)[:, 1:].max(axis=1) % SCALE) > SCALE / 2
 
 
-def block_bits(u: np.ndarray) -> np.ndarray:
+def block_bits(yuv: np.ndarray) -> np.ndarray:
     """The bit every 4x4 block of each U plane's Haar LL band carries, row-major: (planes, blocks).
 
-    ``u``: U planes of shape (planes, rows, cols), rows and cols multiples of 8.
+    ``yuv``: uint8 YUV images of shape (planes, rows, cols, 3), U in channel 1,
+    rows and cols multiples of 8.
     """
-    planes, rows, cols = u.shape
+    planes, rows, cols, _ = yuv.shape
     nby, nbx = rows // 8, cols // 8
-    pairs = u[:, 0::2] + u[:, 1::2]
-    sums = pairs[:, :, 0::2] + pairs[:, :, 1::2]  # twice the LL band, exact in float32
-    # Largest non-DC sum per 4x4 block: columns 1-3 of every row, then the rows.
-    quads = sums.reshape(planes, rows // 2, nbx, 4)
-    right = np.maximum(quads[..., 2], quads[..., 3])
-    np.maximum(right, quads[..., 1], out=right)
-    whole = np.maximum(right, quads[..., 0]).reshape(planes, nby, 4, nbx)
-    right = right.reshape(planes, nby, 4, nbx)
-    largest = np.maximum(whole[:, :, 1], whole[:, :, 2])
-    np.maximum(largest, whole[:, :, 3], out=largest)
-    np.maximum(largest, right[:, :, 0], out=largest)
-    phase = largest.astype(np.int16) % _SUM_PERIOD  # float remainder is several times slower
+    # Row pairs over all three channels, then U's column pairs: contiguous rows add faster
+    # than U's strided bytes, and cheaper than copying U out first. Twice the LL band.
+    pairs = np.add(yuv[:, 0::2], yuv[:, 1::2], dtype=np.uint16)
+    sums = pairs[:, :, 0::2, 1] + pairs[:, :, 1::2, 1]
+    # Largest non-DC sum per 4x4 block. U is at least 3, so a zeroed DC never wins.
+    band = sums.reshape(planes, nby, 4, cols // 2)
+    band[:, :, 0, 0::4] = 0
+    largest = np.maximum(band[:, :, 0], band[:, :, 1])
+    np.maximum(largest, band[:, :, 2], out=largest)
+    np.maximum(largest, band[:, :, 3], out=largest)
+    largest = np.maximum(largest[..., 0::2], largest[..., 1::2])
+    largest = np.maximum(largest[..., 0::2], largest[..., 1::2])
+    phase = largest % _SUM_PERIOD
     bits = phase > _SUM_PERIOD // 2
     ties = np.flatnonzero(phase == _SUM_PERIOD // 2)
     if ties.size:
         plane, by, bx = np.unravel_index(ties, phase.shape)
-        bits.ravel()[ties] = _tie_bits(u.reshape(planes, nby, 8, nbx, 8)[plane, by, :, bx, :])
+        bits.ravel()[ties] = _tie_bits(yuv[..., 1].reshape(planes, nby, 8, nbx, 8)[plane, by, :, bx, :])
     return bits.reshape(planes, nby * nbx)
 
 
@@ -235,10 +224,7 @@ def read(image: Image.Image | None, budget: Budget) -> Signal:
     rgbx = np.empty((window_rows, cols, 4), np.uint8)
     window = Image.frombuffer("RGBX", (cols, window_rows), rgbx, "raw", "RGBX", 0, 1)
     image.load()
-    # Blue, green, red: one widening copy fills all three (per-band copies cost more), and
-    # planes 0 and 2 are the blue and red that u_planes wants together.
-    bgr = np.empty((3, window_rows, cols), np.float32)
-    u, tmp = (np.empty((2, window_rows, cols), np.float32) for _ in range(2))
+    yuv = np.empty((2, window_rows, cols, 3), np.uint8)
     bits = np.empty((2, rows_total * nbx), np.uint8)
     error = None
     rows_done = 0
@@ -251,9 +237,8 @@ def read(image: Image.Image | None, budget: Budget) -> Signal:
         # The whole image placed 8*top rows up: Pillow clips it to the window, which gets
         # rows 8*top onwards of the image's left columns, with no intermediate image.
         window.im.paste(image.im, (0, -8 * top, width, height - 8 * top))
-        np.copyto(bgr[:, :n], rgbx[:n, :, 2::-1].transpose(2, 0, 1))
-        u_planes(bgr[::2, :n], bgr[1, :n], u[:, :n], tmp[:, :n])
-        bits[:, top * nbx : bottom * nbx] = block_bits(u[:, :n])
+        convert(rgbx[:n], yuv[:, :n])
+        bits[:, top * nbx : bottom * nbx] = block_bits(yuv[:, :n])
         rows_done = bottom
     if rows_done == 0:
         return missing("sd_watermark", error, checked=False)
