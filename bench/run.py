@@ -21,6 +21,8 @@ Same machine, same images, same run:
 
 Services it needs: Redis (db 10), PostgreSQL (database synthguard_bench, created and
 dropped here). Nothing is downloaded: the checkpoint is built with timm, pretrained=False.
+On a GPU host, `--device cuda --scale N` runs the workers there with N times the images
+(bench/gpu_session.sh's `service` step does, with PostgreSQL and Redis from wheels).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ from bench import procstat  # noqa: E402
 PG_ADMIN = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 PG_DB = "synthguard_bench"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+# SYNTHGUARD_DEVICE of every worker the bench starts (--device); the ceilings stay on the CPU.
+DEVICE = "cpu"
 # Fernet key for the services' webhook secrets (32 random bytes, url-safe base64), new each run.
 BENCH_SECRET_KEY = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
 ARCH = "tf_mobilenetv3_large_100"
@@ -290,12 +294,13 @@ class Env:
     def service_env(self, **overrides: object) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
-            "PYTHONPATH": str(REPO),
+            # The checkout first; packages carried onto a machine (bench/gpu_session.sh) stay reachable.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             "SYNTHGUARD_DATABASE_URL": self.pg_url,
             "SYNTHGUARD_BROKER_URL": REDIS_URL,
             "SYNTHGUARD_S3_ENDPOINT_URL": self.s3_url,
             "SYNTHGUARD_MODEL_CHECKPOINT": str(self.checkpoint),
-            "SYNTHGUARD_DEVICE": "cpu",
+            "SYNTHGUARD_DEVICE": DEVICE,
             "SYNTHGUARD_METRICS_PORT": "0",
             "SYNTHGUARD_LOG_FORMAT": "text",
             # The bench measures the pipeline, not the limits in front of it: every limit off.
@@ -561,8 +566,8 @@ class Api:
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("api did not start")
+            if time.monotonic() > deadline or self.proc.proc.poll() is not None:
+                raise RuntimeError(f"api did not start:\n{self.proc.log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.1)
 
     def close(self) -> None:
@@ -856,6 +861,7 @@ def machine() -> str:
 
 
 def main() -> int:
+    global DEVICE, SETS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few images: a smoke run of every stage")
     parser.add_argument("--output", default=str(REPO / "bench" / "last_run.md"), help="markdown tables written here")
@@ -877,8 +883,22 @@ def main() -> int:
     parser.add_argument("--bulk-chunk", type=int, default=0,
                         help="SYNTHGUARD_BULK_CHUNK of the API that publishes every stage's images (default: "
                              "the service's)")
+    parser.add_argument("--device", default="cpu",
+                        help="SYNTHGUARD_DEVICE of the workers it starts (cuda on a GPU host); the naive "
+                             "baseline and the ceilings stay on the CPU")
+    parser.add_argument("--scale", type=int, default=1,
+                        help="images per set in the throughput stages times this (a GPU host scores the "
+                             "default 500 1024 JPEGs in about a second)")
+    parser.add_argument("--sets", default=",".join(SETS),
+                        help="comma-separated image sets (jpeg-1024 always: the warm-up and the levers use it)")
     args = parser.parse_args()
+    DEVICE = args.device
+    wanted = {"jpeg-1024", *filter(None, args.sets.split(","))}
+    if wanted - set(SETS):
+        parser.error(f"--sets: unknown {', '.join(sorted(wanted - set(SETS)))}; sets: {', '.join(SETS)}")
+    SETS = {name: shape for name, shape in SETS.items() if name in wanted}
     size = dict(SIZES["quick" if args.quick else "full"])
+    size["n"] = {name: n * max(1, args.scale) for name, n in size["n"].items()}
     if args.backfill:
         size["backfill"] = args.backfill
     if args.probes:
@@ -891,7 +911,8 @@ def main() -> int:
                if args.layouts else LATENCY_LAYOUTS)
     started = time.monotonic()
     res: dict = {"size": "quick" if args.quick else "full", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "machine": machine(), "cores": os.cpu_count(), "errors": {}}
+                 "machine": machine(), "cores": os.cpu_count(), "errors": {}, "device": DEVICE,
+                 "images": size["n"]}
     LOG(f"synthguard bench ({res['size']}) on {res['machine']}")
     workdir = Path(tempfile.mkdtemp(prefix="synthguard-bench-"))
     env = Env(workdir)
@@ -1028,7 +1049,8 @@ def worker_cpu_ms(r: dict) -> float:
 
 
 def render(res: dict) -> str:
-    out = [f"Run: `{res['size']}`, {res['date']}, {res['total_s']:.0f}s. Machine: {res['machine']}.", ""]
+    out = [f"Run: `{res['size']}`, {res['date']}, {res['total_s']:.0f}s. Machine: {res['machine']}. "
+           f"Workers on `{res.get('device', 'cpu')}`.", ""]
     c = res.get("ceilings")
     if c:
         eager = c.get("model_eager", {})
@@ -1054,7 +1076,7 @@ def render(res: dict) -> str:
         for n in SETS:
             s, v = sg.get(n), nv.get(n)
             b = bound(c, n) if c else float("nan")
-            rows.append([n, v["n"] if v else "-", v["rate"] if v else "-", s["rate"] if s else "-",
+            rows.append([n, (s or v)["n"] if s or v else "-", v["rate"] if v else "-", s["rate"] if s else "-",
                          (s["rate"] / v["rate"]) if s and v else "-", (s["rate"] / b) if s and c else "-",
                          f"{s['proc_cpu_pct']:.0f}% / {s['machine_busy_pct']:.0f}%" if s else "-",
                          f"{v['proc_cpu_pct']:.0f}% / {v['machine_busy_pct']:.0f}%" if v else "-",
@@ -1066,10 +1088,13 @@ def render(res: dict) -> str:
         fails = {f"{k} {n}": r["failed"] for k, d in (("synthguard", sg), ("naive", nv)) for n, r in d.items() if r["failed"]}
         if fails:
             out += [f"Failed images: {fails}", ""]
-    if sg and c:
+    if sg:
         cores = res.get("cores") or os.cpu_count() or 1
         rows = []
         for n, r in sg.items():
+            if not c:  # no ceilings (skipped, as on a GPU host): the worker's CPU per image alone
+                rows.append([n, f"{worker_cpu_ms(r):.1f}", "-", "-"])
+                continue
             # The ceilings ran with every core busy: the bound's CPU per image is cores / its rate.
             bound_ms = 1000.0 * cores / bound(c, n)
             rows.append([n, f"{worker_cpu_ms(r):.1f}", f"{bound_ms:.1f}", f"{worker_cpu_ms(r) / bound_ms:.2f}"])
@@ -1163,7 +1188,9 @@ def render(res: dict) -> str:
                     "(test checkpoint with random weights, scaled classifier; the published weights may drift differently).", ""]
     if res["errors"]:
         out += ["### Not measured", ""] + [f"- {k}: {v}" for k, v in res["errors"].items()] + [""]
-    out += ["GPU: this script measures the CPU path; on a GPU machine run bench/gpu.py (bench/RESULTS.md, GPU section)."]
+    if res.get("device", "cpu") == "cpu":
+        out += ["GPU: these workers ran on the CPU; on a GPU machine run bench/gpu.py, and this script with "
+                "`--device cuda` (bench/gpu_session.sh, its `service` step)."]
     return "\n".join(out)
 
 
