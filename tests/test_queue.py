@@ -75,16 +75,21 @@ def test_every_fixture_folder_through_a_real_worker(
 # ------------------------------------------------------------------ guarantees
 
 
-def test_a_worker_killed_mid_batch_loses_nothing(
-    corpus_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions
+def test_a_worker_killed_with_images_in_flight_loses_nothing(
+    corpus_dir, s3_client, s3_endpoint, bucket, service_settings, celery_app, start_service, sessions
 ) -> None:
     keys = _upload_copies(s3_client, bucket, corpus_dir, 6)
-    # A long batch wait holds every claimed image inside the batcher: the kill lands mid-batch.
-    doomed = start_service("worker", batch_size=64, batch_wait_ms=60_000, concurrency=6)
-    queued = _enqueue(service_settings, celery_app, bucket, keys)
-    wait_until(lambda: image_states(sessions, queued.image_ids).get(PROCESSING) == 6, message="all claimed")
-    doomed.signal(signal.SIGKILL)
-    doomed.wait()
+    # Every claimed image is held at its fetch, so the kill lands with all six in flight (realtime
+    # images do not wait for a batch to fill: without the hold, six at once would be a race).
+    proxy = FlakyS3(s3_endpoint, {}, holds=("img/",))
+    try:
+        doomed = start_service("worker", concurrency=6, s3_endpoint_url=proxy.url)
+        queued = _enqueue(service_settings, celery_app, bucket, keys)
+        wait_until(lambda: image_states(sessions, queued.image_ids).get(PROCESSING) == 6, message="all claimed")
+        doomed.signal(signal.SIGKILL)
+        doomed.wait()
+    finally:
+        proxy.close()
     assert image_states(sessions, queued.image_ids) == {PROCESSING: 6}
 
     start_service("worker", stale_after_s=1)
@@ -139,21 +144,28 @@ def test_transient_errors_retry_and_permanent_ones_fail_at_once(
 
 
 # SIGTERM goes to the worker's whole process group (as a service manager's stop may), its
-# preparing processes and their fork server included: the worker still stores the batch in
-# flight and exits cleanly.
+# preparing processes and their fork server included: the worker still stores the images in
+# flight and exits cleanly. Their fetches are held until the signal has gone out, so that all
+# three threads are mid-image when it lands (realtime images do not wait for a batch to fill,
+# so without the hold the moment three are in flight at once is a race).
 @pytest.mark.parametrize("prepare_processes", [0, 2], ids=["prepared-in-threads", "prepared-in-processes"])
 def test_sigterm_finishes_the_batch_in_flight_and_keeps_the_rest(
-    corpus_dir, s3_client, bucket, service_settings, celery_app, start_service, sessions, redis_url,
+    corpus_dir, s3_client, s3_endpoint, bucket, service_settings, celery_app, start_service, sessions, redis_url,
     prepare_processes,
 ) -> None:
     keys = _upload_copies(s3_client, bucket, corpus_dir, 9)
-    worker = start_service(
-        "worker", batch_size=64, batch_wait_ms=3000, concurrency=3, prepare_processes=prepare_processes
-    )
-    queued = _enqueue(service_settings, celery_app, bucket, keys)
-    wait_until(lambda: image_states(sessions, queued.image_ids).get(PROCESSING) == 3, message="a batch in flight")
-    worker.signal(signal.SIGTERM)
-    assert worker.wait(60) == 0
+    proxy = FlakyS3(s3_endpoint, {}, holds=("img/",))
+    try:
+        worker = start_service(
+            "worker", concurrency=3, prepare_processes=prepare_processes, s3_endpoint_url=proxy.url
+        )
+        queued = _enqueue(service_settings, celery_app, bucket, keys)
+        wait_until(lambda: image_states(sessions, queued.image_ids).get(PROCESSING) == 3, message="three in flight")
+        worker.signal(signal.SIGTERM)
+        proxy.release()
+        assert worker.wait(60) == 0
+    finally:
+        proxy.close()
     states = image_states(sessions, queued.image_ids)
     assert states == {DONE: 3, QUEUED: 6}  # the batch in flight was stored, nothing half-done
     assert redis.Redis.from_url(redis_url).llen("synthguard.realtime") == 6  # prefetched ones went back

@@ -20,7 +20,7 @@ from PIL import Image
 from ._base import NONE, STRONG, Budget, Signal, missing
 
 # The worker spreads images over its own threads and preparing processes; OpenCV's pool
-# would add threads that spin on those same cores (about 1.7x the CPU per conversion).
+# would add threads that spin on those same cores (up to 1.7x the CPU per conversion here).
 cv2.setNumThreads(1)
 
 # The encoder works on the U plane of OpenCV's BGR->YUV, takes its Haar LL band,
