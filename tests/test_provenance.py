@@ -686,7 +686,7 @@ def test_the_u_planes_are_opencvs_fixed_point_formula_for_every_colour() -> None
             y = (4899 * r + 9617 * green + 1868 * b + (1 << 13)) >> 14
             u = ((b - y) * 8061 + (128 << 14) + (1 << 13)) >> 14
             assert np.array_equal(yuv[plane, ..., 1].ravel(), u)
-            assert np.array_equal(watermark.u_plane(rgbx[..., :3], swapped=plane == 1).ravel(), u)
+            assert np.array_equal(yuv_of(rgbx[..., :3])[plane, ..., 1].ravel(), u)  # RGB without the pad
 
 
 def test_float_haar_ll_is_the_half_sum_or_a_hair_above() -> None:
@@ -712,7 +712,7 @@ def test_float_haar_ll_is_the_half_sum_or_a_hair_above() -> None:
 def _reference_block_bits(rgb: np.ndarray, *, swapped: bool) -> np.ndarray:
     """The decoder's bits the plain way: float64 U plane, PyWavelets' Haar ops, argmax per block."""
     tap = 0.7071067811865476
-    u = watermark.u_plane(rgb, swapped=swapped).astype(np.float64)
+    u = yuv_of(rgb)[1 if swapped else 0, ..., 1].astype(np.float64)
     rows = u[1::2, :] * tap + u[0::2, :] * tap
     ll = rows[:, 1::2] * tap + rows[:, 0::2] * tap
     nby, nbx = ll.shape[0] // 4, ll.shape[1] // 4

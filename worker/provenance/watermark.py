@@ -101,15 +101,6 @@ def convert(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def u_plane(rgb: np.ndarray, *, swapped: bool) -> np.ndarray:
-    """The U plane (uint8) of RGB pixels for one channel order.
-
-    ``swapped``: the encoder was handed RGB as if it were BGR (diffusers does
-    this), so its "blue" was our red.
-    """
-    return cv2.cvtColor(np.ascontiguousarray(rgb), _ORDERS[1 if swapped else 0][1])[..., 1]
-
-
 # The bit of a block is "(LL mod 36) > 18" for its largest non-DC LL coefficient. Exactly,
 # LL is half the sum of a 2x2 pixel block of U; PyWavelets' float ops (a tap whose square is a
 # hair above 1/2) give that half-sum or at most 1.2e-13 above it, never below (checked over
@@ -179,7 +170,7 @@ def vote(
         sums[:, :rest] += bits[:, full * n :]
         counts = np.full(n, float(full))
         counts[:rest] += 1
-        for index, order in enumerate(("bgr", "rgb")):
+        for index, (order, _) in enumerate(_ORDERS):
             votes = sums[index] / counts
             # Threshold at the mean vote, not at 0.5: flat areas push every bit
             # the same way (the quantised value stops being the block's largest),
