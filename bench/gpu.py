@@ -15,7 +15,7 @@ Run on a machine with a CUDA GPU; asserts nothing. What it measures, in one run:
   5. the worker's path without broker, database and S3: threads that decode, read provenance and
      preprocess (themselves or through preparing processes), feeding the service's MicroBatcher and
      `Detector.predict` on the GPU, in one process and in several processes sharing the GPU;
-  6. a lever the service does not use: JPEGs decoded by nvJPEG (torchvision) and resized on the GPU,
+  6. SYNTHGUARD_DEVICE_DECODE's batch function: JPEGs decoded by nvJPEG (torchvision) and resized on the GPU,
      its rate and its score drift against the CPU reference (section `gpujpeg`).
 Nothing is downloaded: the checkpoint is built with timm (pretrained=False) and saved as safetensors.
 """
@@ -426,40 +426,35 @@ def pipeline(
 
 def gpu_jpeg(checkpoint: Path, images: dict[str, list[bytes]], fixtures: Path | None, min_s: float,
              device: str = "cuda") -> dict:
-    """Lever: JPEGs decoded on the GPU (torchvision's nvJPEG), resized and cropped there by the
-    model's own timm transform, against the service's CPU path: rate and score drift.
+    """SYNTHGUARD_DEVICE_DECODE's batch function (worker.device_decode.DeviceBatch): JPEGs decoded on
+    the GPU (torchvision's nvJPEG), their watermark bits read, resized and cropped there by the model's
+    own timm transform, and scored; its rate, and its score drift against the service's CPU path.
 
-    The rate counts decode + resize/crop + normalise + forward for a batch of 64 bytes objects;
-    the drift compares each image's score with the float32 CPU reference (decode_image +
-    Detector.preprocess + the CPU model).
+    The rate counts decode + orientation + watermark + resize/crop + normalise + forward for a batch of
+    64 bytes objects; the drift compares each image's score with the float32 CPU reference
+    (decode_image + Detector.preprocess + the CPU model).
     """
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
-    from worker.imaging import decode_image
+    from worker.device_decode import DeviceBatch, EncodedJpeg, Refused
+    from worker.imaging import check_jpeg, decode_image
 
     det, ref = detector(checkpoint, device), detector(checkpoint, "cpu", frozen=False)
-    if det.pixel_transform is None:
-        return {"error": "the model's data config has no uint8 pixel transform"}
-    ai = ref.ai_index
+    on_device = DeviceBatch(det)
 
-    def on_device(blobs: list[bytes]) -> torch.Tensor:
-        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-        return torch.stack([det.pixel_transform(x) for x in decoded])
-
-    def scores(model, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def reference(blob: bytes) -> float:
+        pixels = ref.preprocess(decode_image(blob, max_pixels=100_000_000).image).unsqueeze(0)
         with torch.inference_mode():
-            return model._forward(model.normalise(pixels.to(model.device))).float().softmax(-1)[:, ai].cpu()
+            return float(ref._forward(ref.normalise(pixels)).float().softmax(-1)[0, ref.ai_index])
 
     out: dict[str, Any] = {"rate": {}, "drift": {}, "refused": {}}
     for name, blobs in images.items():
         if not name.startswith("jpeg"):
             continue
-        batch = (blobs * (64 // len(blobs) + 1))[:64]
+        batch = [EncodedJpeg(b, 1) for b in (blobs * (64 // len(blobs) + 1))[:64]]
 
-        def run(batch: list[bytes] = batch) -> None:
-            scores(det, on_device(batch))
+        def run(batch: list[EncodedJpeg] = batch) -> None:
+            on_device(batch)
 
         if device.startswith("cuda"):
             out["rate"][name] = cuda_rate(run, len(batch), min_s)[0]
@@ -475,13 +470,15 @@ def gpu_jpeg(checkpoint: Path, images: dict[str, list[bytes]], fixtures: Path | 
         samples += [(f"{p.parent.name}/{p.name}", p.read_bytes()) for folder in ("real", "c2pa", "generated")
                     for p in sorted((fixtures / folder).glob("*")) if p.suffix.lower() in (".jpg", ".jpeg")]
     for label, blob in samples:
-        try:
-            want = scores(ref, ref.preprocess(decode_image(blob, max_pixels=100_000_000).image).unsqueeze(0))
-            got = scores(det, on_device([blob]))
-        except Exception as exc:  # noqa: BLE001 - a JPEG nvJPEG refuses is listed, not fatal
-            out["refused"][label] = f"{type(exc).__name__}: {exc}"
+        checked = check_jpeg(blob, max_pixels=100_000_000)
+        if checked is None:
+            out["refused"][label] = "not taken by the device path (CMYK)"
             continue
-        out["drift"][label] = [float(want[0]), float(got[0])]
+        (got,) = on_device([EncodedJpeg(blob, checked.orientation)])
+        if isinstance(got, Refused):
+            out["refused"][label] = got.reason
+            continue
+        out["drift"][label] = [reference(blob), float(got.score)]
     drifts = [abs(a - b) for a, b in out["drift"].values()]
     if drifts:
         LOG(f"  GPU JPEG drift over {len(drifts)} images: max {max(drifts):.2e}, mean {statistics.mean(drifts):.2e}")
@@ -551,7 +548,7 @@ def render(res: dict[str, Any]) -> str:
                        [[n, *[f"{r[c]['img_s']:.0f} ({r[c]['mean_batch']:.0f})" for c in cols]] for n, r in pipe.items()]))
     jpeg = res.get("gpujpeg")
     if jpeg:
-        lines += ["", "### Lever, not the service's path: JPEG decoded and resized on the GPU (nvJPEG), batch 64", ""]
+        lines += ["", "### SYNTHGUARD_DEVICE_DECODE: JPEG decoded, watermark-read and resized on the GPU (nvJPEG), batch 64", ""]
         if "error" in jpeg:
             lines.append(f"Not measured: {jpeg['error']}")
         else:

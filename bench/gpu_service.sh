@@ -8,7 +8,7 @@
 #   bash bench/gpu_service.sh OUT_DIR
 #
 # Settings (environment): SERVICE_DEVICE (cuda), SERVICE_SCALE (20: 10,000 1024 JPEGs),
-# SERVICE_SETS (jpeg-1024), SERVICE_LEVERS (run.py --levers; worker processes and obstore),
+# SERVICE_SETS (jpeg-1024), SERVICE_LEVERS (run.py --levers; worker processes, obstore, device decoding),
 # SERVICE_REDIS_PORT (6379), SERVICE_PGDATA (/tmp/sg-pgdata). On a CPU machine, for a rehearsal:
 # SERVICE_DEVICE=cpu SERVICE_SCALE=1 SERVICE_REDIS_PORT=6390 bash bench/gpu_service.sh /tmp/out
 set -euo pipefail
@@ -53,4 +53,4 @@ echo "PostgreSQL: $uri; Redis: 127.0.0.1:$port"
 BENCH_POSTGRES_URL="postgresql+psycopg://${uri#postgresql://}" BENCH_REDIS_URL="redis://127.0.0.1:$port/10" \
   "$python" bench/run.py --device "${SERVICE_DEVICE:-cuda}" --scale "${SERVICE_SCALE:-20}" \
     --sets "${SERVICE_SETS:-jpeg-1024}" --skip ceilings,s3,naive,latency,fairness,dct,bank \
-    --levers "${SERVICE_LEVERS:-processes=2;obstore=1;processes=2,obstore=1}" --output "$out/service.md"
+    --levers "${SERVICE_LEVERS:-processes=2;obstore=1;devdecode=1;devdecode=1,obstore=1}" --output "$out/service.md"

@@ -86,13 +86,15 @@ class Lever(NamedTuple):
     prepare: int | None = None  # SYNTHGUARD_PREPARE_PROCESSES; None: auto (one per core)
     obstore: bool = False  # SYNTHGUARD_S3_CLIENT=obstore
     chunk: int | None = None  # SYNTHGUARD_BULK_CHUNK of the API that publishes; None: the service's default
+    devdecode: bool = False  # SYNTHGUARD_DEVICE_DECODE: JPEGs decoded on the model's device
 
     @property
     def key(self) -> str:
         prepare = "auto" if self.prepare is None else self.prepare
         return (f"{self.concurrency},{self.batch_size},{self.threads or 'default'},{self.processes},"
                 f"{'frozen' if self.frozen else 'eager'},{prepare}" + (",obstore" if self.obstore else "")
-                + (f",chunk={self.chunk}" if self.chunk is not None else ""))
+                + (f",chunk={self.chunk}" if self.chunk is not None else "")
+                + (",devdecode" if self.devdecode else ""))
 
 
 def parse_lever(text: str) -> Lever:
@@ -627,11 +629,13 @@ class Api:
 
 def start_worker(env: Env, concurrency: int, batch_size: int, torch_threads: int | None = None,
                  node: int = 0, queues: str | None = None, nice: int = 0, frozen: bool = True,
-                 prepare: int | None = None, s3_client: str = "botocore", standby: int | None = None) -> Proc:
+                 prepare: int | None = None, s3_client: str = "botocore", standby: int | None = None,
+                 device_decode: bool = False) -> Proc:
     port = free_port()
     proc_env = env.service_env(concurrency=concurrency, batch_size=batch_size, metrics_port=port,
                                model_freeze_cpu=str(frozen).lower(),
-                               prepare_processes="auto" if prepare is None else prepare, s3_client=s3_client)
+                               prepare_processes="auto" if prepare is None else prepare, s3_client=s3_client,
+                               device_decode=str(device_decode).lower())
     if standby is not None:
         proc_env["SYNTHGUARD_REALTIME_STANDBY"] = str(standby)
     if torch_threads:
@@ -969,7 +973,8 @@ def main() -> int:
                 for lever in size["levers"]:
                     workers = [start_worker(env, lever.concurrency, lever.batch_size, lever.threads, node=i,
                                             frozen=lever.frozen, prepare=lever.prepare,
-                                            s3_client="obstore" if lever.obstore else "botocore")
+                                            s3_client="obstore" if lever.obstore else "botocore",
+                                            device_decode=lever.devdecode)
                                for i in range(lever.processes)]
                     # The chunk is the publisher's setting: its own API process publishes this lever's images.
                     lever_api = api if lever.chunk is None else Api(env, f"chunk-{len(out)}", bulk_chunk=lever.chunk)

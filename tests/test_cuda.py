@@ -173,3 +173,41 @@ def test_a_cuda_scorer_prepares_images_in_one_process_per_core(
             scores = list(threads.map(lambda p: scorer.score(ObjectRef(None, str(p))).score, files))
     reference = cpu_detector.predict(pixels)
     assert scores == pytest.approx(reference, abs=FLOAT32_PARITY)
+
+
+def test_jpegs_decoded_by_nvjpeg_score_and_read_like_the_cpu_path(checkpoint: Path) -> None:
+    """SYNTHGUARD_DEVICE_DECODE on a GPU: nvJPEG's pixels give the CPU path's provenance (the watermark
+    read from them bit for bit as the CPU reader would) and scores within the 1e-3 a default must keep."""
+    import numpy as np
+
+    import worker.device_decode as device_decode
+    from worker.provenance import watermark
+    from worker.scoring import Scorer
+    from worker.settings import Settings
+    from worker.storage import ObjectRef
+
+    files = good_fixture_files()
+    results = {}
+    for on_device in (False, True):
+        settings = Settings(
+            model_checkpoint=str(checkpoint), device="cuda", database_url="sqlite://", device_decode=on_device
+        )
+        with Scorer(settings, Detector.from_settings(settings), allow_local=True) as scorer:
+            results[on_device] = [scorer.score(ObjectRef(None, str(p))) for p in files]
+    drift = [abs(a.score - b.score) for a, b in zip(results[False], results[True], strict=True)]
+    assert max(drift) <= 1e-3, max(drift)
+    for path, want, got in zip(files, results[False], results[True], strict=True):
+        assert got.provenance == want.provenance, path.name
+    jpegs = [p.read_bytes() for p in files if p.read_bytes()[:3] == b"\xff\xd8\xff"]
+    decoded = device_decode.decode(jpegs, torch.device("cuda"))
+    for pixels in decoded:
+        if isinstance(pixels, device_decode.Refused):
+            continue
+        assert pixels.device.type == "cuda"
+        bits = device_decode.watermark_bits(pixels)
+        if bits is None:
+            continue
+        rgb = pixels.permute(1, 2, 0).cpu().numpy()
+        rows, nbx = watermark.scan_blocks(rgb.shape[1], rgb.shape[0]) or (0, 0)
+        crop = np.ascontiguousarray(rgb[: 8 * rows, : 8 * nbx])
+        assert np.array_equal(bits, watermark.block_bits(watermark.convert(crop, np.empty((2, *crop.shape), np.uint8))))

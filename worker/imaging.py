@@ -14,6 +14,8 @@ import re
 import struct
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +80,7 @@ _ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = frozenset({Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90})
 
 # The one libjpeg warning that real cameras trigger on intact images; every other
 # warning (bad Huffman code, unknown marker, premature end) means damaged pixels.
@@ -350,12 +353,8 @@ def _check_pixels(im: Image.Image, fmt: str, max_pixels: int) -> None:
         )
 
 
-_Animation = tuple[tuple[Image.Image, ...], tuple[int, ...], int]
-
-
-def _decode(
-    reader: _DeadlineReader, data: bytes, fmt: str, max_pixels: int, max_frames: int = 1
-) -> tuple[Image.Image, _Animation | None]:
+def _open_header(reader: _DeadlineReader, fmt: str, max_pixels: int) -> Image.Image:
+    """The format's decoder opened on the header alone (no pixels yet), the pixel cap checked."""
     pil_format = _PIL_FORMATS[fmt]
     if pil_format not in Image.OPEN:
         raise _unsupported(f"{fmt.upper()} (no decoder in this build)")
@@ -367,19 +366,35 @@ def _decode(
             code=errors.CORRUPT_IMAGE,
         ) from exc
     _check_pixels(im, fmt, max_pixels)
+    return im
+
+
+def _strict_jpeg(data: bytes, min_side: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB pixels of a (non-CMYK) JPEG by libjpeg-turbo, at full size or at the smallest DCT scale
+    (1/8 to 1) that keeps ``min_side`` (width, height)."""
+    scale = {} if min_side is None else {"min_width": min_side[0], "min_height": min_side[1]}
+    # strict=True turns libjpeg's "recoverable" errors (corrupt entropy-coded
+    # data) into exceptions; Pillow would return garbage pixels silently.
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **scale)  # type: ignore[no-any-return]
+    except ValueError as exc:
+        if not _BENIGN_JPEG_WARNING.search(str(exc)):
+            raise
+        # Junk between segments (some cameras write it) leaves the pixels intact.
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False, **scale)  # type: ignore[no-any-return]
+
+
+_Animation = tuple[tuple[Image.Image, ...], tuple[int, ...], int]
+
+
+def _decode(
+    reader: _DeadlineReader, data: bytes, fmt: str, max_pixels: int, max_frames: int = 1
+) -> tuple[Image.Image, _Animation | None]:
+    im = _open_header(reader, fmt, max_pixels)
     if fmt == "jpeg" and im.mode != "CMYK":
         orientation = _orientation(im)  # JPEG EXIF is in the header Pillow has already read
         reader.check()
-        # strict=True turns libjpeg's "recoverable" errors (corrupt entropy-coded
-        # data) into exceptions; Pillow would return garbage pixels silently.
-        try:
-            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
-        except ValueError as exc:
-            if not _BENIGN_JPEG_WARNING.search(str(exc)):
-                raise
-            # Junk between segments (some cameras write it) leaves the pixels intact.
-            pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
-        rgb = Image.fromarray(pixels)
+        rgb = Image.fromarray(_strict_jpeg(data))
     else:
         # Load before reading EXIF: PNG's getexif() would otherwise load the
         # pixels itself, inside a handler meant only for a mangled EXIF block.
@@ -435,6 +450,29 @@ def _timeout(fmt: str, timeout_s: float) -> PermanentError:
     )
 
 
+@contextmanager
+def _decode_errors(reader: _DeadlineReader, fmt: str, timeout_s: float, max_pixels: int) -> Iterator[None]:
+    """What a decoder raises inside, as the PermanentError with the code that names it."""
+    try:
+        yield
+    except PermanentError as exc:
+        if reader.expired and exc.code == errors.CORRUPT_IMAGE:
+            # A decoder swallowed the deadline and reported its own failure instead.
+            raise _timeout(fmt, timeout_s) from exc
+        raise
+    except Image.DecompressionBombError as exc:
+        raise PermanentError(
+            f"image is over Pillow's decompression-bomb limit ({exc}); the cap is {max_pixels} pixels",
+            code=errors.TOO_LARGE,
+        ) from exc
+    except _DECODE_FAILURES as exc:
+        if reader.expired:
+            raise _timeout(fmt, timeout_s) from exc
+        raise PermanentError(
+            f"{fmt.upper()} data is corrupt or truncated: {exc}", code=errors.CORRUPT_IMAGE
+        ) from exc
+
+
 def decode_image(data: bytes, *, max_pixels: int, timeout_s: float = 15.0, max_frames: int = 1) -> DecodedImage:
     """Decode untrusted bytes into an RGB image, safely.
 
@@ -465,26 +503,55 @@ def decode_image(data: bytes, *, max_pixels: int, timeout_s: float = 15.0, max_f
         # Someone in this process switched it on; truncated uploads would decode silently.
         raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode")
     reader = _DeadlineReader(data, time.monotonic() + timeout_s)
-    try:
+    with _decode_errors(reader, fmt, timeout_s, max_pixels):
         image, animation = _decode(reader, data, fmt, max_pixels, max_frames)
-    except PermanentError as exc:
-        if reader.expired and exc.code == errors.CORRUPT_IMAGE:
-            # A decoder swallowed the deadline and reported its own failure instead.
-            raise _timeout(fmt, timeout_s) from exc
-        raise
-    except Image.DecompressionBombError as exc:
-        raise PermanentError(
-            f"image is over Pillow's decompression-bomb limit ({exc}); the cap is {max_pixels} pixels",
-            code=errors.TOO_LARGE,
-        ) from exc
-    except _DECODE_FAILURES as exc:
-        if reader.expired:
-            raise _timeout(fmt, timeout_s) from exc
-        raise PermanentError(
-            f"{fmt.upper()} data is corrupt or truncated: {exc}", code=errors.CORRUPT_IMAGE
-        ) from exc
     width, height = image.size
     if animation is None:
         return DecodedImage(image=image, format=fmt, width=width, height=height)
     frames, indices, count = animation
     return DecodedImage(image, fmt, width, height, frames=frames, frame_indices=indices, frame_count=count)
+
+
+@dataclass(frozen=True)
+class CheckedJpeg:
+    """A JPEG checked on the CPU, to be decoded at full size elsewhere (the model's device).
+
+    ``width`` and ``height`` are the full image's, and ``preview`` the whole image
+    at a reduced DCT scale; both with the EXIF ``orientation`` applied, which the
+    full decode must apply too.
+    """
+
+    width: int
+    height: int
+    orientation: int
+    preview: Image.Image
+
+
+def check_jpeg(data: bytes, *, max_pixels: int, timeout_s: float = 15.0, min_side: int = 1) -> CheckedJpeg | None:
+    """Every check :func:`decode_image` makes of a JPEG, without its full-size decode; None for any other
+    format and for CMYK/YCCK JPEGs, which only :func:`decode_image` decodes.
+
+    Sniffing and the pixel cap come first, from the header. The entropy-coded
+    data is then decoded strictly, as by :func:`decode_image`, but at the
+    smallest DCT scale whose sides are at least ``min_side`` (or the image's
+    own): corrupt or truncated data fails here with ``corrupt_image``, for a
+    fraction of a full decode's CPU. Raises what :func:`decode_image` raises.
+    """
+    fmt = sniff_format(data)
+    if fmt != "jpeg":
+        return None
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode")
+    reader = _DeadlineReader(data, time.monotonic() + timeout_s)
+    with _decode_errors(reader, fmt, timeout_s, max_pixels):
+        im = _open_header(reader, fmt, max_pixels)
+        if im.mode == "CMYK":
+            return None
+        orientation = _orientation(im)
+        reader.check()
+        width, height = im.size
+        pixels = _strict_jpeg(data, (min(width, min_side), min(height, min_side)))
+    preview = _apply_orientation(Image.fromarray(pixels), orientation)
+    if _ORIENTATION_TRANSPOSE.get(orientation) in _SWAPS_SIDES:
+        width, height = height, width
+    return CheckedJpeg(width=width, height=height, orientation=orientation, preview=preview)

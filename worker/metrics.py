@@ -73,6 +73,11 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+DEVICE_DECODE_REFUSED = Counter(
+    "synthguard_device_decode_refused_total",
+    "JPEGs that passed the CPU's checks but that the model's device could not decode "
+    "(SYNTHGUARD_DEVICE_DECODE); each went through the CPU path instead.",
+)
 PREPARE_PROCESSES_LOST = Counter(
     "synthguard_prepare_processes_lost_total",
     "Preparing processes (SYNTHGUARD_PREPARE_PROCESSES) that died or were killed while working on an "
@@ -107,14 +112,14 @@ def observe_batch(stats: BatchStats) -> None:
     STAGE_SECONDS.labels("forward").observe(stats.run_s)
 
 
-def stamp_start(forward: Callable[[list[Any]], Sequence[float]]) -> Callable[[list[Any]], list[tuple[float, float]]]:
+def stamp_start(forward: Callable[[list[Any]], Sequence[Any]]) -> Callable[[list[Any]], list[tuple[Any, float]]]:
     """Wrap a batch function so that each result carries the ``time.monotonic()`` its call began.
 
     The batcher's ``BatchStats`` times a batch; an image's own wait from submit
     to its forward pass is known only to the thread that submitted it.
     """
 
-    def stamped(items: list[Any]) -> list[tuple[float, float]]:
+    def stamped(items: list[Any]) -> list[tuple[Any, float]]:
         started = time.monotonic()
         return [(result, started) for result in forward(items)]
 

@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,9 +39,9 @@ from PIL import Image
 
 from . import errors
 from .errors import ConfigError, PermanentError, SynthguardError, TransientError
-from .imaging import decode_image
+from .imaging import check_jpeg, decode_image
 from .pdq import PdqHash, hash_image
-from .provenance import read_provenance
+from .provenance import Findings, read_provenance
 from .quality import jpeg_quality
 
 if TYPE_CHECKING:
@@ -80,6 +80,9 @@ class PrepareSpec:
     pdq_hash: bool = True
     # Frames of an animation scored (SYNTHGUARD_MAX_FRAMES); 1: the first frame alone.
     max_frames: int = 1
+    # Leave a JPEG's full decode, watermark and preprocessing to the model's device
+    # (SYNTHGUARD_DEVICE_DECODE, worker.device_decode); only checked and its metadata read here.
+    device_decode: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings, detector: Detector) -> PrepareSpec:
@@ -91,6 +94,7 @@ class PrepareSpec:
             transform=detector.image_transform,
             pdq_hash=settings.pdq_hash,
             max_frames=settings.max_frames,
+            device_decode=settings.device_decode,
             memory_bytes=(
                 memory_mb << 20
                 if memory_mb is not None
@@ -117,6 +121,25 @@ class Prepared:
     frame_pixels: tuple[np.ndarray, ...] = ()
     frame_indices: tuple[int, ...] = ()
     frame_count: int = 1
+    # A JPEG left to the model's device (PrepareSpec.device_decode): ``pixels`` is empty, the image goes
+    # to the batcher as its bytes, and these findings still lack the watermark the device reads.
+    device_findings: Findings | None = None
+    orientation: int = 1  # its EXIF orientation, for the device to apply
+
+    @property
+    def on_device(self) -> bool:
+        """True when the model's device decodes this image (worker.device_decode)."""
+        return self.device_findings is not None
+
+
+# The pixels of an image the device decodes: none here.
+_NO_PIXELS = np.empty((0,), np.uint8)
+
+# The least side of the reduced decode that checks a JPEG for the device and that its PDQ hash is
+# taken from. On the fixtures and synthetic photos, hashes of quality 50 or more came within 8 bits of
+# the full image's at 128 (6 at 320, 22 at 1/8 scale whatever the size), and checking and hashing a
+# 1024x1024 JPEG took 2.9 ms of CPU against 3.8 at 320 (bench/RESULTS.md, "Decoding on the device").
+PREVIEW_SIDE = 128
 
 
 def prepare_image(
@@ -137,7 +160,53 @@ def prepare_image(
         ) from None
 
 
+def _hash(image: Image.Image, fmt: str, spec: PrepareSpec) -> PdqHash | None:
+    if not spec.pdq_hash:
+        return None
+    try:
+        return hash_image(image)
+    except Exception:  # a hash is one signal: the image is still scored without it
+        log.exception("hashing a decoded %s image failed; it is scored without a PDQ hash", fmt)
+        return None
+
+
+def _prepare_for_device(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | None) -> Prepared | None:
+    """A JPEG checked and its metadata read, for the model's device to decode; None for any other image."""
+    started = time.perf_counter()
+    # The reduced decode that checks the data also feeds the hash (which resizes to HASH_SIDE).
+    checked = check_jpeg(
+        data,
+        max_pixels=spec.max_pixels,
+        timeout_s=spec.decode_timeout_s,
+        min_side=PREVIEW_SIDE if spec.pdq_hash else 1,
+    )
+    if checked is None:
+        return None
+    checked_at = time.perf_counter()
+    if checkpoint is not None:
+        checkpoint()
+        checked_at = time.perf_counter()
+    findings = read_provenance(data, "jpeg")  # the watermark is read on the device, from the full pixels
+    read_at = time.perf_counter()
+    pdq = _hash(checked.preview, "jpeg", spec)
+    return Prepared(
+        format="jpeg",
+        width=checked.width,
+        height=checked.height,
+        pixels=_NO_PIXELS,
+        provenance=findings.to_json(),
+        provenance_ai=findings.ai_strong,
+        pdq=pdq,
+        seconds=(checked_at - started, read_at - checked_at, time.perf_counter() - read_at, 0.0),
+        jpeg_quality=jpeg_quality(data),
+        device_findings=findings,
+        orientation=checked.orientation,
+    )
+
+
 def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | None) -> Prepared:
+    if spec.device_decode and (prepared := _prepare_for_device(data, spec, checkpoint)) is not None:
+        return prepared
     started = time.perf_counter()
     decoded = decode_image(
         data, max_pixels=spec.max_pixels, timeout_s=spec.decode_timeout_s, max_frames=spec.max_frames
@@ -153,12 +222,7 @@ def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | No
         checkpoint()
         read_at = time.perf_counter()
     image = decoded.image if decoded.image.mode == "RGB" else decoded.image.convert("RGB")
-    pdq: PdqHash | None = None
-    if spec.pdq_hash:
-        try:
-            pdq = hash_image(image)
-        except Exception:  # a hash is one signal: the image is still scored without it
-            log.exception("hashing a decoded %s image failed; it is scored without a PDQ hash", decoded.format)
+    pdq = _hash(image, decoded.format, spec)
     hashed_at = time.perf_counter()
     pixels = np.asarray(spec.transform(image))
     frame_pixels = tuple(np.asarray(spec.transform(frame)) for frame in decoded.frames[1:])
@@ -182,6 +246,14 @@ def _prepare(data: bytes, spec: PrepareSpec, checkpoint: Callable[[], None] | No
 # A job for a child: bytes and the spec in, a Prepared out. Module-level, so that it pickles by name.
 Job = Callable[[bytes, PrepareSpec], Prepared]
 
+# What a child is asked to do with the image that follows: leave a JPEG to the device where its spec
+# says so, or decode it here whatever the spec says (a JPEG the device refused).
+_AS_SPECIFIED, _ON_CPU = b"spec", b"cpu"
+
+
+def _on_cpu(spec: PrepareSpec) -> PrepareSpec:
+    return replace(spec, device_decode=False) if spec.device_decode else spec
+
 
 class Preparer(Protocol):
     """Runs :func:`prepare_image` for the worker's threads, somewhere."""
@@ -189,8 +261,15 @@ class Preparer(Protocol):
     processes: int
 
     def prepare(
-        self, data: bytes, *, urgent: bool = False, checkpoint: Callable[[], None] | None = None
-    ) -> Prepared: ...
+        self,
+        data: bytes,
+        *,
+        urgent: bool = False,
+        checkpoint: Callable[[], None] | None = None,
+        on_device: bool = True,
+    ) -> Prepared:
+        """``on_device=False``: the CPU path (full decode, preprocess) even under ``PrepareSpec.device_decode``."""
+        ...
 
     def close(self) -> None: ...
 
@@ -204,9 +283,14 @@ class InlinePreparer:
         self.spec = spec
 
     def prepare(
-        self, data: bytes, *, urgent: bool = False, checkpoint: Callable[[], None] | None = None
+        self,
+        data: bytes,
+        *,
+        urgent: bool = False,
+        checkpoint: Callable[[], None] | None = None,
+        on_device: bool = True,
     ) -> Prepared:
-        return prepare_image(data, self.spec, checkpoint=checkpoint)
+        return prepare_image(data, self.spec if on_device else _on_cpu(self.spec), checkpoint=checkpoint)
 
     def close(self) -> None:
         pass
@@ -272,13 +356,15 @@ def _child_main(conn: Connection, spec: PrepareSpec, job: Job) -> None:
     if spec.memory_bytes is not None:
         _cap_address_space(spec.memory_bytes)
     conn.send("ready")
+    on_cpu = _on_cpu(spec)
     while True:
         try:
+            mode = conn.recv_bytes()
             data = conn.recv_bytes()
         except (EOFError, OSError):
             return
         try:
-            reply: tuple[Any, ...] = ("ok", job(data, spec))
+            reply: tuple[Any, ...] = ("ok", job(data, spec if mode == _AS_SPECIFIED else on_cpu))
         except SynthguardError as exc:
             # Rebuilt by the parent from these fields: an exception's pickle would lose its code.
             reply = ("error", exc.transient, exc.code, exc.message)
@@ -396,9 +482,10 @@ class _Child:
         self.process.join(timeout=1.0)
         return self.process.exitcode
 
-    def run(self, data: bytes, hard_timeout_s: float) -> tuple[Any, ...]:
+    def run(self, data: bytes, hard_timeout_s: float, on_device: bool = True) -> tuple[Any, ...]:
         """Send one image and wait for its reply; :class:`_ChildGone` when the child did not give one."""
         try:
+            self.conn.send_bytes(_AS_SPECIFIED if on_device else _ON_CPU)
             self.conn.send_bytes(data)
             if self.conn.poll(hard_timeout_s):
                 return self.conn.recv()  # type: ignore[no-any-return]
@@ -499,7 +586,12 @@ class ProcessPreparer:
         return _Child(self._context, self.spec, self.job, name=f"synthguard-prepare-{next(self._numbers)}")
 
     def prepare(
-        self, data: bytes, *, urgent: bool = False, checkpoint: Callable[[], None] | None = None
+        self,
+        data: bytes,
+        *,
+        urgent: bool = False,
+        checkpoint: Callable[[], None] | None = None,
+        on_device: bool = True,
     ) -> Prepared:
         """Run the job for ``data`` in a free child; re-raises the job's error, or the child's death as one."""
         child = self._take(urgent)
@@ -512,7 +604,7 @@ class ProcessPreparer:
                         f"no preparing process: {exc.message}", code=errors.INTERNAL_ERROR
                     ) from exc
             try:
-                reply = child.run(data, self.hard_timeout_s)
+                reply = child.run(data, self.hard_timeout_s, on_device)
             except _ChildGone as gone:
                 log.warning("preparing process %s %s", child.process.name, gone)
                 child = None

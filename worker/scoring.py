@@ -30,6 +30,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
+import numpy as np
 import torch
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import DBAPIError
@@ -40,11 +41,15 @@ from .attribution import attribute
 from .batching import BatcherClosed, MicroBatcher
 from .db import database_unavailable, loggable, make_engine, make_sessionmaker, refusal
 from .detector import Detector
+from .device_decode import DeviceBatch, EncodedJpeg, Refused
 from .errors import ImageNotFound, PermanentError, SynthguardError, TransientError
 from .intake import release_pending
 from .models import DONE, FAILED, PROCESSING, QUEUED, ApiClient, Image, Scan, utcnow
 from .pdq import PdqHash
+from .preparing import Prepared
 from .priority import RealtimeFirst
+from .provenance import watermark
+from .provenance._base import missing
 from .quality import assess
 from .sanitise import clean_text
 from .settings import Settings
@@ -189,7 +194,10 @@ class Scorer:
         self.input_side = min(detector.data_config["input_size"][1:])
         self.storage = storage or Storage(settings)
         self.sessions = sessions or make_sessionmaker(make_engine(settings.database_url))
-        # First: it may start child processes, and when it cannot, nothing else has started yet.
+        # With SYNTHGUARD_DEVICE_DECODE, JPEGs reach the batcher as bytes and are decoded on the model's
+        # device; a device that cannot decode them fails here, before any child process starts.
+        forward = DeviceBatch(detector) if settings.device_decode else detector.predict
+        # First to start anything: it may start child processes, and when it cannot, nothing else has started yet.
         self.preparer = preparing.make_preparer(
             settings,
             preparing.PrepareSpec.from_settings(settings, detector),
@@ -203,8 +211,8 @@ class Scorer:
         # Threads to feed this scorer with (the worker's pool, scan's): enough to keep the children busy.
         self.concurrency = preparing.feeding_threads(settings, self.preparer.processes)
         # Each score comes back with its forward pass's start, to time the image's queue wait.
-        self.batcher: MicroBatcher[Any, tuple[float, float]] = MicroBatcher(
-            metrics.stamp_start(detector.predict),
+        self.batcher: MicroBatcher[Any, tuple[Any, float]] = MicroBatcher(
+            metrics.stamp_start(forward),
             max_batch=settings.batch_size,
             max_wait_s=settings.batch_wait_ms / 1000.0,
             name="synthguard-batcher",
@@ -274,16 +282,29 @@ class Scorer:
         checkpoint()
         # Decode, provenance, preprocess: in this thread, or in a preparing process (worker.preparing).
         prepared = self.preparer.prepare(fetched.data, urgent=realtime, checkpoint=checkpoint)
-        for name, seconds in zip(preparing.STAGES, prepared.seconds, strict=True):
-            if name != "hash" or prepared.pdq is not None:  # not hashed (SYNTHGUARD_PDQ_HASH off): no stage
-                stage(name).observe(seconds)
-        tensor = torch.from_numpy(prepared.pixels)
+        _observe_stages(prepared)
         frames: list[dict[str, Any]] | None = None
         try:
             submitted = time.monotonic()
-            if prepared.frame_pixels:
+            scored: tuple[float, float] | None = None
+            if prepared.on_device:
+                answer, forward_started = self.batcher(
+                    EncodedJpeg(fetched.data, prepared.orientation), urgent=realtime
+                )
+                if isinstance(answer, Refused):
+                    # Checked by libjpeg-turbo and refused by the device's decoder: decoded on the CPU instead.
+                    log.info("the device could not decode a JPEG (%s); it goes through the CPU path", answer.reason)
+                    metrics.DEVICE_DECODE_REFUSED.inc()
+                    prepared = self.preparer.prepare(
+                        fetched.data, urgent=realtime, checkpoint=checkpoint, on_device=False
+                    )
+                    _observe_stages(prepared)
+                else:
+                    prepared = _with_watermark(prepared, answer.watermark_bits)
+                    scored = answer.score, forward_started
+            if scored is None and prepared.frame_pixels:
                 # Every frame into the batcher at once: they share forward passes with other images.
-                pending = [self.batcher.submit(tensor, urgent=realtime)]
+                pending = [self.batcher.submit(torch.from_numpy(prepared.pixels), urgent=realtime)]
                 pending += [self.batcher.submit(torch.from_numpy(p), urgent=realtime) for p in prepared.frame_pixels]
                 answers = [future.result() for future in pending]
                 frames = [
@@ -291,9 +312,10 @@ class Scorer:
                     for index, (frame_score, _) in zip(prepared.frame_indices, answers, strict=True)
                 ]
                 # The animation is as synthetic as its most synthetic frame.
-                score, forward_started = max(a[0] for a in answers), min(a[1] for a in answers)
-            else:
-                score, forward_started = self.batcher(tensor, urgent=realtime)
+                scored = max(a[0] for a in answers), min(a[1] for a in answers)
+            elif scored is None:
+                scored = self.batcher(torch.from_numpy(prepared.pixels), urgent=realtime)
+            score, forward_started = scored
             stage("queue_wait").observe(max(0.0, forward_started - submitted))
         except SynthguardError:
             raise
@@ -980,6 +1002,22 @@ class Scorer:
             if image is None:
                 raise ImageNotFound(f"image {image_id} does not exist")
             return Outcome.unchanged(image_id, image)
+
+
+def _observe_stages(prepared: Prepared) -> None:
+    for name, seconds in zip(preparing.STAGES, prepared.seconds, strict=True):
+        if name != "hash" or prepared.pdq is not None:  # not hashed (SYNTHGUARD_PDQ_HASH off): no stage
+            metrics.STAGE_SECONDS.labels(name).observe(seconds)
+
+
+def _with_watermark(prepared: Prepared, bits: np.ndarray | None) -> Prepared:
+    """``prepared``'s provenance completed by the watermark's block bits the device read."""
+    assert prepared.device_findings is not None
+    signal = (
+        missing("sd_watermark", checked=False, reason=watermark.TOO_SMALL) if bits is None else watermark.signal(bits)
+    )
+    findings = prepared.device_findings.with_signal(signal)
+    return replace(prepared, provenance=findings.to_json(), provenance_ai=findings.ai_strong, device_findings=None)
 
 
 @contextmanager

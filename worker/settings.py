@@ -109,6 +109,17 @@ class Settings(BaseSettings):
         "the decoders: a crash fails only the image it was reading (corrupt_image), and one that overruns "
         "twice SYNTHGUARD_DECODE_TIMEOUT_S is killed (decode_timeout).",
     )
+    device_decode: bool = Field(
+        False,
+        description="Decode JPEGs on the model's device (nvJPEG through torchvision on CUDA), and there read "
+        "their Stable Diffusion watermark and resize, crop and normalise them by timm's data config. The "
+        "preparing processes still sniff the bytes, check the pixel cap from the header, check the "
+        "entropy-coded data strictly (a decode at reduced DCT scale, which also feeds the PDQ hash) and read "
+        "the metadata: a third to a fifth of their CPU per JPEG on the CPU path. Other formats, CMYK JPEGs and "
+        "JPEGs the device refuses take the CPU path. Opt-in: scores move by up to 2e-4 against the CPU path "
+        "(measured on the CPU device; not yet on a GPU, bench/RESULTS.md), past the 1e-5 the default keeps. "
+        "On a CPU device it only moves decoding into the worker's own process.",
+    )
     threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="Default flag threshold on p(synthetic)."
     )

@@ -371,6 +371,11 @@ class Detector:
         shape = (size, *batch[0].shape)
         numel = size * batch[0].numel()
         dtype = batch[0].dtype
+        if self._cuda and any(t.device.type == "cuda" for t in batch):
+            # JPEGs decoded on the device (worker.device_decode) are there already; the rest follow them.
+            staged = torch.zeros(shape, dtype=dtype, device=self.device)
+            torch.stack([t.to(self.device) for t in batch], out=staged[:count])
+            return staged
         if not self._cuda:
             staged = torch.empty(shape, dtype=dtype)
         else:

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..sanitise import clean_json, clean_text
@@ -86,6 +86,10 @@ class Findings:
 
     def get(self, name: str) -> Signal | None:
         return next((s for s in self.signals if s.name == name), None)
+
+    def with_signal(self, signal: Signal) -> Findings:
+        """These findings with ``signal`` in place of the one of its name (read later, elsewhere)."""
+        return replace(self, signals=tuple(signal if s.name == signal.name else s for s in self.signals))
 
     # What the sanitising boundary changed in the file's text (worker.sanitise), by kind.
     text_cleaned: dict[str, int] = field(default_factory=dict)

@@ -110,7 +110,7 @@ def convert(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
 _SUM_PERIOD = int(2 * SCALE)
 
 
-def _tie_bits(blocks: np.ndarray) -> np.ndarray:
+def tie_bits(blocks: np.ndarray) -> np.ndarray:
     """The bit of whole 8x8 U blocks through PyWavelets' float Haar LL, as the reference decoder gets it."""
     u = blocks.astype(np.float64)
     rows = u[:, 1::2, :] * _HAAR + u[:, 0::2, :] * _HAAR
@@ -144,7 +144,7 @@ def block_bits(yuv: np.ndarray) -> np.ndarray:
     ties = np.flatnonzero(phase == _SUM_PERIOD // 2)
     if ties.size:
         plane, by, bx = np.unravel_index(ties, phase.shape)
-        bits.ravel()[ties] = _tie_bits(yuv[..., 1].reshape(planes, nby, 8, nbx, 8)[plane, by, :, bx, :])
+        bits.ravel()[ties] = tie_bits(yuv[..., 1].reshape(planes, nby, 8, nbx, 8)[plane, by, :, bx, :])
     return bits.reshape(planes, nby * nbx)
 
 
@@ -193,19 +193,31 @@ def vote(
     return candidates, best
 
 
+def scan_blocks(width: int, height: int) -> tuple[int, int] | None:
+    """The rows of 8x8 pixel blocks read, and the blocks in each row, of a ``width`` x ``height`` image;
+    None when the image is smaller than any encoder would mark."""
+    if width * height < MIN_PIXELS:
+        return None
+    # Blocks are 8x8 pixels (4x4 in the half-size LL band) over the top-left
+    # multiple-of-4 crop that the encoder worked on.
+    nbx, nby = (width // 4 * 2) // 4, (height // 4 * 2) // 4
+    return min(nby, max(1, MAX_SCAN_PIXELS // (64 * nbx))), nbx
+
+
+TOO_SMALL = "image smaller than 256x256 pixels"
+
+
 def read(image: Image.Image | None, budget: Budget) -> Signal:
     """The ``sd_watermark`` signal from the decoded pixels (None: not checked)."""
     if image is None:
         return missing("sd_watermark", checked=False, reason="no decoded image given")
     width, height = image.size
-    if width * height < MIN_PIXELS:
-        return missing("sd_watermark", checked=False, reason="image smaller than 256x256 pixels")
+    size = scan_blocks(width, height)
+    if size is None:
+        return missing("sd_watermark", checked=False, reason=TOO_SMALL)
+    rows_total, nbx = size
     if image.mode != "RGB":
         image = image.convert("RGB")
-    # Blocks are 8x8 pixels (4x4 in the half-size LL band) over the top-left
-    # multiple-of-4 crop that the encoder worked on.
-    nbx, nby = (width // 4 * 2) // 4, (height // 4 * 2) // 4
-    rows_total = min(nby, max(1, MAX_SCAN_PIXELS // (64 * nbx)))
     strip = max(1, STRIP_PIXELS // (64 * nbx))
     # "bgr": the encoder was handed BGR, as the Stability reference scripts and sgm do;
     # "rgb": it was handed RGB as if it were BGR, as diffusers does. Both come from the
@@ -234,8 +246,13 @@ def read(image: Image.Image | None, budget: Budget) -> Signal:
         rows_done = bottom
     if rows_done == 0:
         return missing("sd_watermark", error, checked=False)
-    blocks = rows_done * nbx
-    candidates, best = vote(bits[:, :blocks])
+    return signal(bits[:, : rows_done * nbx], error)
+
+
+def signal(bits: np.ndarray, error: str | None = None) -> Signal:
+    """The ``sd_watermark`` signal of an image's block bits (:func:`block_bits` of both orders, row-major)."""
+    blocks = bits.shape[1]
+    candidates, best = vote(bits)
     evidence: dict[str, Any] = {
         "method": "dwtDct",
         "checked": True,
