@@ -244,3 +244,34 @@ def test_a_worker_without_a_decoder_for_its_device_does_not_start(
     settings = settings_factory(prepare_processes=0, device_decode=True)
     with pytest.raises(ConfigError, match="SYNTHGUARD_DEVICE_DECODE is on, but torchvision cannot decode JPEGs"):
         Scorer(settings, Detector.from_settings(settings), allow_local=True)
+
+
+def test_groups_hold_at_most_their_pixels_and_every_jpeg_once() -> None:
+    sizes = [(0, 10), (1, 50), (2, 5), (3, 70), (4, 1), (5, 63)]
+    cut = device_decode.groups(sizes, 64)
+    assert [i for group in cut for i in group] == [0, 1, 2, 3, 4, 5]
+    assert cut == [[0, 1], [2], [3], [4, 5]]
+    for group in cut:
+        assert len(group) == 1 or sum(dict(sizes)[i] for i in group) <= 64
+
+
+def test_a_batch_over_the_device_budget_is_decoded_in_groups_with_the_same_results(
+    settings_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_factory(prepare_processes=0, device_decode=True)
+    batch_fn = device_decode.DeviceBatch(Detector.from_settings(settings))
+    items = [device_decode.EncodedJpeg(_rotated_jpeg(orientation), orientation, 300 * 400) for orientation in (1, 6, 3)]
+    whole = batch_fn(items)
+    calls: list[int] = []
+    decode = device_decode.decode
+
+    def counted(blobs: list[bytes], device: torch.device) -> list:  # type: ignore[type-arg]
+        calls.append(len(blobs))
+        return decode(blobs, device)
+
+    monkeypatch.setattr(device_decode, "decode", counted)
+    batch_fn.group_pixels = 2 * 300 * 400
+    grouped = batch_fn(items)
+    assert calls == [2, 1]
+    for a, b in zip(whole, grouped, strict=True):
+        assert a.score == b.score and np.array_equal(a.watermark_bits, b.watermark_bits)

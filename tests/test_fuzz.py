@@ -1,4 +1,4 @@
-"""Hostile files through the real path: Hypothesis builds valid images in five containers, adds
+"""Hostile files through the real path: Hypothesis builds valid images in seven containers, adds
 metadata chunks of any text (lone surrogates, NUL, control characters, malformed JSON and XMP,
 long values) and mutates the bytes (flips, truncation, insertions, junk); a real ``synthguard
 worker`` with its preparing processes scores them from the moto S3 server into PostgreSQL.
@@ -53,7 +53,8 @@ metadata_text = st.one_of(
     st.integers(1, 60_000).map(lambda n: "A" * n),
 )
 PNG_KEYS = ["parameters", "prompt", "workflow", "Comment", "Software", "XML:com.adobe.xmp", "invokeai_metadata"]
-FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "TIFF"]
+# HEIF through pillow_heif (libheif), AVIF through Pillow (libavif): the C decoders most recently added.
+FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "TIFF", "HEIF", "AVIF"]
 
 
 def _latin1(text: str) -> str:

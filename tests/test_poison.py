@@ -31,12 +31,14 @@ from worker.db import get_sessionmaker
 from worker.detector import Detector
 from worker.intake import create_scan
 from worker.models import DONE, FAILED, PROCESSING, Image, Scan, WebhookDelivery
-from worker.sanitise import CLIPPED, CONTROL, ELLIPSIS, INVALID_UTF8, SURROGATE, clean_json, clean_text
+from worker.sanitise import BIDI, CLIPPED, CONTROL, ELLIPSIS, INVALID_UTF8, SURROGATE, clean_json, clean_text
 from worker.scoring import Scorer, ScoreResult
 from worker.storage import ObjectRef
 
 # Characters the boundary must never let through.
 FORBIDDEN = {chr(c) for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)]}
+# Bidirectional embeddings, overrides and isolates: they make a reviewer's screen show other text.
+BIDI_CONTROLS = {chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
 
 # Any Python string, lone surrogates included (Hypothesis's default text() leaves them out).
 any_text = st.text(st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF))
@@ -49,7 +51,7 @@ json_like = st.recursive(
 
 def _safe(value: str) -> bool:
     value.encode("utf-8")  # raises on a lone surrogate
-    return not (set(value) & FORBIDDEN)
+    return not (set(value) & (FORBIDDEN | BIDI_CONTROLS))
 
 
 def _strings(value: Any) -> list[str]:
@@ -80,7 +82,10 @@ def test_clean_text_is_always_storable_and_within_its_limit(value: str | bytes, 
         assert cleaned.endswith(ELLIPSIS)
 
 
-@given(value=st.text(st.characters(blacklist_categories=("Cs", "Cc"))), limit=st.integers(1, 400))
+@given(
+    value=st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters=sorted(BIDI_CONTROLS))),
+    limit=st.integers(1, 400),
+)
 def test_clean_text_keeps_clean_text_as_it_is(value: str, limit: int) -> None:
     changes: Counter[str] = Counter()
     cleaned = clean_text(value, limit, changes)
@@ -97,6 +102,10 @@ def test_clean_text_names_what_it_changed() -> None:
     changes.clear()
     assert clean_text(b"ok \xff\xfe", 100, changes) == "ok \ufffd\ufffd"
     assert changes == Counter({INVALID_UTF8: 1})
+    changes.clear()
+    # An override that would show "Adobe Firefly" reversed; the right-to-left mark Arabic text needs stays.
+    assert clean_text("Adobe \u202eFirefly\u202c \u200f\u0645", 100, changes) == "Adobe \ufffdFirefly\ufffd \u200f\u0645"
+    assert changes == Counter({BIDI: 2})
 
 
 @given(value=json_like, limit=st.integers(1, 200))

@@ -13,7 +13,6 @@ import math
 import socket
 import struct
 import threading
-import time
 import tracemalloc
 import zlib
 from collections.abc import Iterator
@@ -191,6 +190,9 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
 class LoopbackServer:
     """Counts HTTP requests on 127.0.0.1: a native (Rust) fetch bypasses Python's socket module."""
 
+    # What :meth:`barrier` sends: no HTTP client's request starts so.
+    MARKER = b"synthguard-test-barrier"
+
     def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -198,6 +200,7 @@ class LoopbackServer:
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
         self.requests: list[bytes] = []
+        self._recorded = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -211,9 +214,25 @@ class LoopbackServer:
             with conn:
                 conn.settimeout(1)
                 try:
-                    self.requests.append(conn.recv(4096))
+                    request = conn.recv(4096)
                 except OSError:
-                    self.requests.append(b"")
+                    request = b""
+            with self._recorded:
+                self.requests.append(request)
+                self._recorded.notify_all()
+
+    def barrier(self) -> None:
+        """Return once every connection made to this server before the call is recorded.
+
+        The kernel hands this server its connections in the order they were made, and it
+        serves them one by one: when the marker sent from here is recorded, whatever
+        connected before it has been recorded too.
+        """
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as client:
+            client.sendall(self.MARKER)
+            with self._recorded:
+                recorded = self._recorded.wait_for(lambda: self.MARKER in self.requests, 5.0)
+        assert recorded, "the loopback server did not record the marker"
 
     def close(self) -> None:
         self._stop.set()
@@ -434,8 +453,8 @@ def test_reading_every_fixture_opens_no_connection(fixtures_dir: Path, no_networ
 def test_remote_manifest_is_not_fetched(fixtures_dir: Path, loopback: LoopbackServer) -> None:
     data, url = cloud_jpg_pointing_at(fixtures_dir, loopback.port)
     sig = signal(read_bytes(data), "c2pa")
-    time.sleep(0.3)  # a fetch, were there one, would have landed by now
-    assert loopback.requests == []
+    loopback.barrier()  # the SDK's fetch, were there one, connected during the read: it is recorded by now
+    assert loopback.requests == [LoopbackServer.MARKER]
     assert sig.found and sig.evidence["remote_manifest_url"] == url
     assert sig.evidence["remote_manifest_fetched"] is False
 
@@ -449,10 +468,9 @@ def test_loopback_guard_sees_the_sdk_fetch_when_it_is_on(
     data, _ = cloud_jpg_pointing_at(fixtures_dir, loopback.port)
     with pytest.raises(c2pa.C2paError):
         c2pa.Reader("image/jpeg", io.BytesIO(data))
-    deadline = time.monotonic() + 5
-    while not loopback.requests and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert loopback.requests and loopback.requests[0].startswith(b"GET /manifest/")
+    loopback.barrier()
+    assert loopback.requests[0].startswith(b"GET /manifest/")
+    assert loopback.requests[-1] == LoopbackServer.MARKER
 
 
 # ----------------------------------------------------------------------------- IPTC XMP
@@ -508,6 +526,14 @@ def test_a1111_parameters_in_png() -> None:
     assert sig.evidence["settings"]["Seed"] == "1234"
     assert sig.evidence["settings"]["Model hash"] == "6ce0161689"
     assert findings.ai_strong and findings.tools == ["AUTOMATIC1111"]
+
+
+def test_a_model_name_cannot_reverse_itself_on_a_reviewers_screen() -> None:
+    # "Model: \u202eFLDS" shows as "SDLF" wherever the evidence is displayed.
+    findings = read_bytes(png_with_text(("parameters", A1111_TEXT.replace("Model: foo", "Model: \u202eFLDS"))))
+    stored = findings.to_json()
+    assert stored["signals"]["generation_params"]["evidence"]["model"] == "\ufffdFLDS"
+    assert stored["text_cleaned"] == {"bidi_control": 1}
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ class EncodedJpeg:
 
     data: bytes
     orientation: int  # EXIF orientation (1: as stored), applied after decoding
+    pixels: int = 0  # width x height from its header: what decoding it holds on the device
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,29 @@ def decode(blobs: Sequence[bytes], device: torch.device) -> list[torch.Tensor | 
     return out
 
 
-# What torchvision's decoder raises for a JPEG it cannot decode (nvJPEG's status, an unsupported stream).
+# What torchvision's decoder raises for a JPEG it cannot decode (nvJPEG's status, an unsupported stream,
+# the device's memory running out: torch.OutOfMemoryError is a RuntimeError).
 _REFUSALS = (RuntimeError, ValueError)
+
+# Decoded pixels a batch holds on the device at once: its JPEGs are decoded in groups of at most this
+# many (any JPEG alone, whatever its size). 64 megapixels are 192 MB of RGB, and resizing the largest
+# image takes four times its own size in float; a batch of 32 images at the 100-megapixel cap would
+# otherwise hold 9.6 GB.
+GROUP_PIXELS = 64_000_000
+
+
+def groups(items: Sequence[tuple[int, int]], budget: int = GROUP_PIXELS) -> list[list[int]]:
+    """``(index, pixels)`` pairs in order, cut into runs of indices whose pixels sum to at most ``budget``
+    (a run of one where a single item is over it)."""
+    out: list[list[int]] = []
+    total = budget + 1
+    for index, pixels in items:
+        if total + pixels > budget:
+            out.append([])
+            total = 0
+        out[-1].append(index)
+        total += pixels
+    return out
 
 
 class DeviceBatch:
@@ -172,6 +194,7 @@ class DeviceBatch:
     def __init__(self, detector: Detector) -> None:
         self.detector = detector
         self.transform = _tensor_steps(detector)
+        self.group_pixels = GROUP_PIXELS
         try:
             import torchvision.io  # noqa: F401
         except ImportError as exc:
@@ -184,6 +207,11 @@ class DeviceBatch:
                 f"SYNTHGUARD_DEVICE_DECODE is on, but torchvision cannot decode JPEGs on {detector.device}: "
                 f"{probe.reason}. Leave SYNTHGUARD_DEVICE_DECODE off, or install a torchvision built for it."
             )
+        if detector.device.type == "cpu":
+            log.warning(
+                "SYNTHGUARD_DEVICE_DECODE on a CPU device only moves JPEG decoding from the preparing "
+                "processes into this process's batching thread: slower (bench/RESULTS.md); leave it off here"
+            )
         log.info("JPEGs are decoded, watermark-read and resized on %s", detector.device)
 
     def __call__(self, items: Sequence[Any]) -> list[Any]:
@@ -193,15 +221,24 @@ class DeviceBatch:
         results: list[Any] = [None] * len(items)
         batch = list(items)
         with torch.inference_mode():
-            for i, pixels in zip(at, decode([items[i].data for i in at], self.detector.device), strict=True):
-                if isinstance(pixels, Refused):
-                    results[i] = pixels
-                    continue
-                pixels = orient(pixels, items[i].orientation)
-                results[i] = watermark_bits(pixels)
-                batch[i] = self.transform(pixels)
+            for group in groups([(i, items[i].pixels) for i in at], self.group_pixels):
+                decoded = decode([items[i].data for i in group], self.detector.device)
+                for i in group:
+                    # Taken out of the list, so that each image's pixels are freed once it is prepared.
+                    results[i], batch[i] = self._prepare(decoded.pop(0), items[i].orientation)
         scored = [i for i, result in enumerate(results) if not isinstance(result, Refused)]
         scores = self.detector.predict([batch[i] for i in scored])
         for i, score in zip(scored, scores, strict=True):
             results[i] = score if i not in at else DeviceScored(score, results[i])
         return results
+
+    def _prepare(self, pixels: torch.Tensor | Refused, orientation: int) -> tuple[Any, Any]:
+        """(watermark bits, the model's uint8 input) of one decoded JPEG, or (Refused, None)."""
+        if isinstance(pixels, Refused):
+            return pixels, None
+        try:
+            pixels = orient(pixels, orientation)
+            return watermark_bits(pixels), self.transform(pixels)
+        except torch.OutOfMemoryError as exc:
+            # This image alone goes back to the CPU path; the rest of the batch is scored here.
+            return Refused(f"out of device memory for a {pixels.shape[2]}x{pixels.shape[1]} image: {exc}"), None

@@ -6,8 +6,8 @@ one passes through :func:`clean_text` or :func:`clean_json` before it is
 stored or sent in a webhook. What comes out is text PostgreSQL stores in
 ``text`` and ``jsonb`` columns and any JSON reader accepts: valid UTF-8, no
 lone surrogates, no NUL or other control characters (tab, newline and
-carriage return are kept), no non-finite numbers, and no longer than its
-limit. What was changed is counted, so a reader can tell a clipped value from
+carriage return are kept), no bidirectional embeddings, overrides or
+isolates, no non-finite numbers, and no longer than its limit. What was changed is counted, so a reader can tell a clipped value from
 the file's own.
 """
 
@@ -26,6 +26,10 @@ ELLIPSIS = "\u2026"
 # jsonb refuse it).
 _UNSAFE = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): in a file's text
+# they make a reviewer's screen show other text than the one stored, e.g. a generator or signer name
+# reversed ("Trojan Source"). The marks (U+200E, U+200F, U+061C) that right-to-left text needs stay.
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 # How deep clean_json follows nested containers; deeper ones become a marker string.
 MAX_DEPTH = 32
 
@@ -33,6 +37,7 @@ MAX_DEPTH = 32
 INVALID_UTF8 = "invalid_utf8"
 SURROGATE = "surrogate"
 CONTROL = "control"
+BIDI = "bidi_control"
 CLIPPED = "clipped"
 NON_FINITE = "non_finite"
 TOO_DEEP = "too_deep"
@@ -51,8 +56,9 @@ def first_unsafe(text: str) -> str | None:
 def clean_text(value: str | bytes, limit: int, changes: Counter[str] | None = None) -> str:
     """``value`` as safe text of at most ``limit`` characters; what was changed is added to ``changes``.
 
-    Bytes are read as UTF-8 with invalid sequences replaced. Lone surrogates
-    and control characters become U+FFFD. A value over ``limit`` keeps its
+    Bytes are read as UTF-8 with invalid sequences replaced. Lone surrogates,
+    control characters and bidirectional embeddings, overrides and isolates
+    become U+FFFD. A value over ``limit`` keeps its
     first ``limit - 1`` characters and ends with an ellipsis.
     """
     if limit < 1:
@@ -74,6 +80,9 @@ def clean_text(value: str | bytes, limit: int, changes: Counter[str] | None = No
         if unsafe > surrogates:
             _count(changes, CONTROL, unsafe - surrogates)
         text = replaced
+    if _BIDI.search(text):
+        text, bidi = _BIDI.subn(REPLACEMENT, text)
+        _count(changes, BIDI, bidi)
     if len(text) > limit:
         text = text[: limit - 1] + ELLIPSIS
         _count(changes, CLIPPED)

@@ -289,7 +289,7 @@ class Scorer:
             scored: tuple[float, float] | None = None
             if prepared.on_device:
                 answer, forward_started = self.batcher(
-                    EncodedJpeg(fetched.data, prepared.orientation), urgent=realtime
+                    EncodedJpeg(fetched.data, prepared.orientation, prepared.width * prepared.height), urgent=realtime
                 )
                 if isinstance(answer, Refused):
                     # Checked by libjpeg-turbo and refused by the device's decoder: decoded on the CPU instead.
