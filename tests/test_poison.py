@@ -396,15 +396,26 @@ def _big_blank_png(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
+def _big_blank(fmt: str, width: int = 6000, height: int = 6000) -> bytes:
+    """A small file of a large blank image (36 megapixels by default)."""
+    if fmt == "PNG":
+        return _big_blank_png(width, height)
+    out = io.BytesIO()
+    PILImage.new("RGB", (width, height), (0, 0, 0)).save(out, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return out.getvalue()
+
+
+# libwebp, libheif and libavif say a failed allocation is a failed decode; PNG's is a MemoryError.
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "HEIF", "AVIF"])
 def test_an_image_past_the_memory_cap_fails_too_large_in_one_attempt(
-    settings_factory, pg_url, sessions, s3_client, bucket, s3_endpoint
+    settings_factory, pg_url, sessions, s3_client, bucket, s3_endpoint, fmt
 ) -> None:
     # 36 megapixels, within the pixel cap, but a 64 MiB address-space cap cannot hold its RGB copy.
-    bomb = _big_blank_png(6000, 6000)
+    bomb = _big_blank(fmt)
     assert len(bomb) < 200_000
-    s3_client.put_object(Bucket=bucket, Key="expands.png", Body=bomb)
+    s3_client.put_object(Bucket=bucket, Key="expands", Body=bomb)
     s3_client.put_object(Bucket=bucket, Key="small.png", Body=_png())
-    big, small = _queue(sessions, bucket, ["expands.png", "small.png"])
+    big, small = _queue(sessions, bucket, ["expands", "small.png"])
     settings = settings_factory(
         database_url=pg_url, s3_endpoint_url=s3_endpoint, prepare_processes=1, prepare_memory_mb=64
     )
@@ -415,6 +426,47 @@ def test_an_image_past_the_memory_cap_fails_too_large_in_one_attempt(
     assert "SYNTHGUARD_PREPARE_MEMORY_MB" in (outcome.error_message or "")
     assert _row(sessions, big).attempts == 1
     assert after.state == DONE
+
+
+def test_bytes_over_the_memory_cap_fail_too_large_and_the_next_image_is_prepared(spec) -> None:
+    from worker.errors import PermanentError
+    from worker.preparing import ProcessPreparer
+
+    # The child cannot even take 48 MB of bytes under a 16 MiB cap: it exits, and is replaced.
+    preparer = ProcessPreparer(1, replace(spec, memory_bytes=16 << 20), hard_timeout_s=60)
+    try:
+        with pytest.raises(PermanentError) as failed:
+            preparer.prepare(b"BM" + bytes(48 << 20))
+        assert preparer.prepare(_png()).width == 64
+    finally:
+        preparer.close()
+    assert failed.value.code == errors.TOO_LARGE
+    assert "SYNTHGUARD_PREPARE_MEMORY_MB" in failed.value.message
+
+
+def test_a_webp_canvas_over_the_pixel_cap_is_refused_before_it_is_allocated(spec) -> None:
+    from worker.errors import PermanentError
+    from worker.imaging import decode_image
+    from worker.preparing import ProcessPreparer
+
+    # A 16 x 16 WebP whose VP8X header declares a 16383 x 16383 canvas: opening it, Pillow's reader
+    # would allocate 2 GB, which the child's 64 MiB cap refuses. The header check comes first.
+    out = io.BytesIO()
+    PILImage.new("RGB", (16, 16)).save(out, "WEBP", exif=PILImage.Exif())
+    data = bytearray(out.getvalue())
+    assert data[12:16] == b"VP8X"
+    data[24:30] = (16382).to_bytes(3, "little") * 2
+    preparer = ProcessPreparer(1, replace(spec, memory_bytes=64 << 20), hard_timeout_s=60)
+    try:
+        with pytest.raises(PermanentError) as in_child:
+            preparer.prepare(bytes(data))
+    finally:
+        preparer.close()
+    with pytest.raises(PermanentError) as in_thread:
+        decode_image(bytes(data), max_pixels=spec.max_pixels)
+    for failed in (in_child.value, in_thread.value):
+        assert failed.code == errors.TOO_LARGE
+        assert "16383x16383" in failed.message and "over the cap" in failed.message
 
 
 def _whole_image_grey(values: Any, mode: str) -> Any:

@@ -341,7 +341,10 @@ def _finite(strip: np.ndarray) -> np.ndarray:
 
 
 def _check_pixels(im: Image.Image, fmt: str, max_pixels: int) -> None:
-    width, height = im.size
+    _check_size(*im.size, fmt, max_pixels)
+
+
+def _check_size(width: int, height: int, fmt: str, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise PermanentError(
             f"{fmt} header declares an empty image ({width}x{height})", code=errors.CORRUPT_IMAGE
@@ -353,11 +356,14 @@ def _check_pixels(im: Image.Image, fmt: str, max_pixels: int) -> None:
         )
 
 
-def _open_header(reader: _DeadlineReader, fmt: str, max_pixels: int) -> Image.Image:
+def _open_header(reader: _DeadlineReader, fmt: str, max_pixels: int, data: bytes) -> Image.Image:
     """The format's decoder opened on the header alone (no pixels yet), the pixel cap checked."""
     pil_format = _PIL_FORMATS[fmt]
     if pil_format not in Image.OPEN:
         raise _unsupported(f"{fmt.upper()} (no decoder in this build)")
+    if fmt == "webp" and (canvas := _webp_size(data)) is not None:
+        # Pillow's WebP reader allocates the whole canvas (twice, RGBA) when it opens the file.
+        _check_size(*canvas, fmt, max_pixels)
     try:
         im = Image.open(reader, formats=[pil_format])
     except Image.UnidentifiedImageError as exc:
@@ -390,7 +396,7 @@ _Animation = tuple[tuple[Image.Image, ...], tuple[int, ...], int]
 def _decode(
     reader: _DeadlineReader, data: bytes, fmt: str, max_pixels: int, max_frames: int = 1
 ) -> tuple[Image.Image, _Animation | None]:
-    im = _open_header(reader, fmt, max_pixels)
+    im = _open_header(reader, fmt, max_pixels, data)
     if fmt == "jpeg" and im.mode != "CMYK":
         orientation = _orientation(im)  # JPEG EXIF is in the header Pillow has already read
         reader.check()
@@ -544,7 +550,7 @@ def check_jpeg(data: bytes, *, max_pixels: int, timeout_s: float = 15.0, min_sid
         raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode")
     reader = _DeadlineReader(data, time.monotonic() + timeout_s)
     with _decode_errors(reader, fmt, timeout_s, max_pixels):
-        im = _open_header(reader, fmt, max_pixels)
+        im = _open_header(reader, fmt, max_pixels, data)
         if im.mode == "CMYK":
             return None
         orientation = _orientation(im)
@@ -555,3 +561,30 @@ def check_jpeg(data: bytes, *, max_pixels: int, timeout_s: float = 15.0, min_sid
     if _ORIENTATION_TRANSPOSE.get(orientation) in _SWAPS_SIDES:
         width, height = height, width
     return CheckedJpeg(width=width, height=height, orientation=orientation, preview=preview)
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the header of ``data`` declares it, read by its sniffed format's decoder alone;
+    None when there is no readable header."""
+    try:
+        fmt = sniff_format(data)
+        if fmt == "webp":
+            # Pillow's WebP reader allocates the whole canvas on opening: read the header here.
+            return _webp_size(data)
+        with Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]]) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - a header that cannot be read declares nothing
+        return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """The canvas of a WebP file from its first chunk: VP8X (extended), VP8L (lossless) or VP8 (lossy)."""
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    return None

@@ -81,8 +81,9 @@ DEVICE_DECODE_REFUSED = Counter(
 PREPARE_PROCESSES_LOST = Counter(
     "synthguard_prepare_processes_lost_total",
     "Preparing processes (SYNTHGUARD_PREPARE_PROCESSES) that died or were killed while working on an "
-    "image, by reason: crashed (the image fails as corrupt_image), timeout (killed; decode_timeout) or "
-    "died (killed from outside; the image retries). Each is replaced.",
+    "image, by reason: crashed (the image fails as corrupt_image), timeout (killed; decode_timeout), "
+    "memory (the image's bytes did not fit under its memory cap; too_large) or died (killed from outside; "
+    "the image retries). Each is replaced.",
     ["reason"],
 )
 PREPARE_PROCESSES = Gauge(

@@ -23,6 +23,7 @@ import ctypes
 import itertools
 import logging
 import math
+import mmap
 import multiprocessing
 import os
 import signal
@@ -39,7 +40,7 @@ from PIL import Image
 
 from . import errors
 from .errors import ConfigError, PermanentError, SynthguardError, TransientError
-from .imaging import check_jpeg, decode_image
+from .imaging import check_jpeg, declared_size, decode_image
 from .pdq import PdqHash, hash_image
 from .provenance import Findings, read_provenance
 from .quality import jpeg_quality
@@ -153,11 +154,39 @@ def prepare_image(
         return _prepare(data, spec, checkpoint)
     except MemoryError:
         # In a preparing process, its address-space cap; in a thread, the machine's memory.
-        raise PermanentError(
-            "preparing this image needed more memory than a preparing process may take "
-            "(SYNTHGUARD_PREPARE_MEMORY_MB)",
-            code=errors.TOO_LARGE,
-        ) from None
+        raise PermanentError(_OVER_THE_CAP, code=errors.TOO_LARGE) from None
+    except PermanentError as exc:
+        # libwebp, libheif and libavif report a failed allocation as a failed decode.
+        if exc.code == errors.CORRUPT_IMAGE and _capped and not _room_to_decode(data):
+            raise PermanentError(
+                f"{_OVER_THE_CAP}; its decoder reported: {exc.message}", code=errors.TOO_LARGE
+            ) from None
+        raise
+
+
+_OVER_THE_CAP = (
+    "preparing this image needed more memory than a preparing process may take (SYNTHGUARD_PREPARE_MEMORY_MB)"
+)
+# Set in a preparing process once its address space is capped (_cap_address_space).
+_capped = False
+
+
+def _room_to_decode(data: bytes) -> bool:
+    """Whether this process could still map 8 bytes per pixel its header declares (twice RGBA).
+
+    Asked after a decoder failed in a process under the address-space cap: one
+    that could not have held its own output failed for want of memory, not on
+    corrupt data. The mapping is never touched, so it costs address space only.
+    """
+    size = declared_size(data)
+    if size is None:
+        return True
+    try:
+        probe = mmap.mmap(-1, max(1, 8 * size[0] * size[1]))
+    except (OSError, MemoryError, OverflowError, ValueError):
+        return False
+    probe.close()
+    return True
 
 
 def _hash(image: Image.Image, fmt: str, spec: PrepareSpec) -> PdqHash | None:
@@ -337,6 +366,12 @@ def _cap_address_space(extra_bytes: int) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = now + extra_bytes if hard == resource.RLIM_INFINITY else min(hard, now + extra_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    global _capped
+    _capped = True
+
+
+# A child's exit status when an image's bytes alone do not fit under its address-space cap.
+_EXIT_NO_ROOM = 86
 
 
 def _child_main(conn: Connection, spec: PrepareSpec, job: Job) -> None:
@@ -361,6 +396,10 @@ def _child_main(conn: Connection, spec: PrepareSpec, job: Job) -> None:
         try:
             mode = conn.recv_bytes()
             data = conn.recv_bytes()
+        except MemoryError:
+            # The rest of the image is still in the pipe: this child cannot go on. Its exit status
+            # tells the parent to fail the image as too_large rather than retry it.
+            os._exit(_EXIT_NO_ROOM)
         except (EOFError, OSError):
             return
         try:
@@ -504,6 +543,16 @@ class _Child:
 
     def _gone(self) -> _ChildGone:
         code = self.exitcode()
+        if code == _EXIT_NO_ROOM:
+            return _ChildGone(
+                "memory",
+                "could not take the image's bytes under its memory cap",
+                PermanentError(
+                    "the image's bytes alone do not fit under a preparing process's memory cap "
+                    "(SYNTHGUARD_PREPARE_MEMORY_MB)",
+                    code=errors.TOO_LARGE,
+                ),
+            )
         if code is not None and code < 0 and -code in _CRASH_SIGNALS:
             name = signal.Signals(-code).name
             return _ChildGone(
