@@ -1140,7 +1140,7 @@ def render(res: dict) -> str:
                                                          "torch threads (OMP_NUM_THREADS)", "worker processes",
                                                          "CPU model (SYNTHGUARD_MODEL_FREEZE_CPU)",
                                                          "SYNTHGUARD_PREPARE_PROCESSES",
-                                                         "other (S3 client, SYNTHGUARD_BULK_CHUNK)", "img/s",
+                                                         "other (S3 client, SYNTHGUARD_BULK_CHUNK, SYNTHGUARD_DEVICE_DECODE)", "img/s",
                                                          "worker CPU (process tree)", "worker CPU ms per image",
                                                          "worker peak RSS MiB (sum of processes)"], rows), ""]
     la = res.get("latency")

@@ -39,6 +39,17 @@ def _cpu_bits(rgb: np.ndarray) -> np.ndarray:
     return watermark.block_bits(watermark.convert(crop, np.empty((2, *crop.shape), np.uint8)))
 
 
+def _ties(rgb: np.ndarray) -> int:
+    """Blocks of either order whose largest non-DC 2x2 sum of U is 36 mod 72."""
+    rows, nbx = watermark.scan_blocks(rgb.shape[1], rgb.shape[0]) or (0, 0)
+    crop = np.ascontiguousarray(rgb[: 8 * rows, : 8 * nbx])
+    u = watermark.convert(crop, np.empty((2, *crop.shape), np.uint8))[..., 1].astype(np.int32)
+    sums = u[:, 0::2, 0::2] + u[:, 1::2, 0::2] + u[:, 0::2, 1::2] + u[:, 1::2, 1::2]
+    band = sums.reshape(2, rows, 4, nbx, 4).copy()
+    band[:, :, 0, :, 0] = 0
+    return int(np.count_nonzero(band.max(axis=(2, 4)) % 72 == 36))
+
+
 @pytest.mark.parametrize(("height", "width"), [(512, 512), (600, 1000), (257, 300), (3000, 1400)])
 def test_watermark_bits_on_the_device_are_the_cpu_readers(height: int, width: int) -> None:
     rng = np.random.default_rng(height * width)
@@ -46,8 +57,8 @@ def test_watermark_bits_on_the_device_are_the_cpu_readers(height: int, width: in
     got = watermark_bits(torch.from_numpy(rgb).permute(2, 0, 1))
     assert got is not None
     assert np.array_equal(got, _cpu_bits(rgb))
-    # Random pixels give ties (a sum of exactly 36 mod 72), which only the float replay decides.
-    assert got.shape[1] > 1000
+    # Random pixels give ties (a largest sum of exactly 36 mod 72), which only the float replay decides.
+    assert _ties(rgb) > 0
     image = Image.fromarray(rgb)
     assert watermark.signal(got) == watermark.read(image, Budget(30.0))
 

@@ -1,13 +1,15 @@
 """JPEGs decoded on the model's device (``SYNTHGUARD_DEVICE_DECODE``): nvJPEG through torchvision on CUDA.
 
 On the CPU path a preparing process decodes every image at full size, reads
-the watermark from those pixels and resizes them for the model: on a 1024x1024
-JPEG about four fifths of its CPU (bench/RESULTS.md). With device decoding it
+the watermark from those pixels and resizes them for the model: about two thirds
+of its CPU for a 1024x1024 JPEG, four fifths for a 12-megapixel one
+(bench/RESULTS.md, "Decoding on the device"). With device decoding it
 checks the JPEG instead (:func:`worker.imaging.check_jpeg`: the header, the
 pixel cap, the entropy-coded data decoded strictly at a reduced scale, which
 also gives the PDQ hash its pixels) and reads the metadata; the bytes then go
 into the micro-batcher as an :class:`EncodedJpeg`. :class:`DeviceBatch`, the
-batcher's function, decodes a batch's JPEGs on the device in one call, applies
+batcher's function, decodes a batch's JPEGs on the device (one call per group of
+at most :data:`GROUP_PIXELS`), applies
 their EXIF orientation, reads each watermark's block bits with the same integer
 arithmetic as :mod:`worker.provenance.watermark` (bit for bit, from the same
 pixels), resizes and crops them by the detector's timm transform, and scores
@@ -228,8 +230,9 @@ class DeviceBatch:
                     results[i], batch[i] = self._prepare(decoded.pop(0), items[i].orientation)
         scored = [i for i, result in enumerate(results) if not isinstance(result, Refused)]
         scores = self.detector.predict([batch[i] for i in scored])
+        jpegs = set(at)
         for i, score in zip(scored, scores, strict=True):
-            results[i] = score if i not in at else DeviceScored(score, results[i])
+            results[i] = DeviceScored(score, results[i]) if i in jpegs else score
         return results
 
     def _prepare(self, pixels: torch.Tensor | Refused, orientation: int) -> tuple[Any, Any]:

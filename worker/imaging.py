@@ -5,6 +5,8 @@ Every upload is hostile until proven otherwise. The bytes decide the format
 may look at them, the pixel count is checked from the header before any pixel
 is decoded, and a slow decode is cut off at a deadline. Whatever the input
 mode, the result is an 8-bit RGB image with its EXIF orientation applied.
+:func:`check_jpeg` makes the same checks of a JPEG that the model's device
+will decode (``SYNTHGUARD_DEVICE_DECODE``).
 """
 
 from __future__ import annotations
