@@ -177,7 +177,8 @@ def test_a_cuda_scorer_prepares_images_in_one_process_per_core(
 
 def test_jpegs_decoded_by_nvjpeg_score_and_read_like_the_cpu_path(checkpoint: Path) -> None:
     """SYNTHGUARD_DEVICE_DECODE on a GPU: nvJPEG's pixels give the CPU path's provenance (the watermark
-    read from them bit for bit as the CPU reader would) and scores within the 1e-3 a default must keep."""
+    read from them bit for bit as the CPU reader would) and scores within the issue's 1e-3 for a lever
+    (2.0e-4 on the CPU device; the default path keeps 1e-5, which is why this one is opt-in)."""
     import numpy as np
 
     import worker.device_decode as device_decode
