@@ -123,7 +123,8 @@ class Prepared:
     frame_indices: tuple[int, ...] = ()
     frame_count: int = 1
     # A JPEG left to the model's device (PrepareSpec.device_decode): ``pixels`` is empty, the image goes
-    # to the batcher as its bytes, and these findings still lack the watermark the device reads.
+    # to the batcher as its bytes, and these findings still lack the watermark the device reads;
+    # ``provenance`` stays empty until the worker completes them (scoring).
     device_findings: Findings | None = None
     orientation: int = 1  # its EXIF orientation, for the device to apply
 
@@ -223,8 +224,9 @@ def _prepare_for_device(data: bytes, spec: PrepareSpec, checkpoint: Callable[[],
         width=checked.width,
         height=checked.height,
         pixels=_NO_PIXELS,
-        provenance=findings.to_json(),
-        provenance_ai=findings.ai_strong,
+        # Made once the device has read the watermark (device_findings, completed in scoring).
+        provenance={},
+        provenance_ai=False,
         pdq=pdq,
         seconds=(checked_at - started, read_at - checked_at, time.perf_counter() - read_at, 0.0),
         jpeg_quality=jpeg_quality(data),
@@ -310,6 +312,7 @@ class InlinePreparer:
 
     def __init__(self, spec: PrepareSpec) -> None:
         self.spec = spec
+        self._on_cpu = _on_cpu(spec)
 
     def prepare(
         self,
@@ -319,7 +322,7 @@ class InlinePreparer:
         checkpoint: Callable[[], None] | None = None,
         on_device: bool = True,
     ) -> Prepared:
-        return prepare_image(data, self.spec if on_device else _on_cpu(self.spec), checkpoint=checkpoint)
+        return prepare_image(data, self.spec if on_device else self._on_cpu, checkpoint=checkpoint)
 
     def close(self) -> None:
         pass

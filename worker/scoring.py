@@ -49,7 +49,6 @@ from .pdq import PdqHash
 from .preparing import Prepared
 from .priority import RealtimeFirst
 from .provenance import watermark
-from .provenance._base import missing
 from .quality import assess
 from .sanitise import clean_text
 from .settings import Settings
@@ -1013,10 +1012,7 @@ def _observe_stages(prepared: Prepared) -> None:
 def _with_watermark(prepared: Prepared, bits: np.ndarray | None) -> Prepared:
     """``prepared``'s provenance completed by the watermark's block bits the device read."""
     assert prepared.device_findings is not None
-    signal = (
-        missing("sd_watermark", checked=False, reason=watermark.TOO_SMALL) if bits is None else watermark.signal(bits)
-    )
-    findings = prepared.device_findings.with_signal(signal)
+    findings = prepared.device_findings.with_signal(watermark.signal(bits))
     return replace(prepared, provenance=findings.to_json(), provenance_ai=findings.ai_strong, device_findings=None)
 
 

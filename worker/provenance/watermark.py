@@ -204,9 +204,6 @@ def scan_blocks(width: int, height: int) -> tuple[int, int] | None:
     return min(nby, max(1, MAX_SCAN_PIXELS // (64 * nbx))), nbx
 
 
-TOO_SMALL = "image smaller than 256x256 pixels"
-
-
 def read(image: Image.Image | None, budget: Budget) -> Signal:
     """The ``sd_watermark`` signal from the decoded pixels (None: not checked)."""
     if image is None:
@@ -214,7 +211,7 @@ def read(image: Image.Image | None, budget: Budget) -> Signal:
     width, height = image.size
     size = scan_blocks(width, height)
     if size is None:
-        return missing("sd_watermark", checked=False, reason=TOO_SMALL)
+        return signal(None)
     rows_total, nbx = size
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -249,8 +246,11 @@ def read(image: Image.Image | None, budget: Budget) -> Signal:
     return signal(bits[:, : rows_done * nbx], error)
 
 
-def signal(bits: np.ndarray, error: str | None = None) -> Signal:
-    """The ``sd_watermark`` signal of an image's block bits (:func:`block_bits` of both orders, row-major)."""
+def signal(bits: np.ndarray | None, error: str | None = None) -> Signal:
+    """The ``sd_watermark`` signal of an image's block bits (:func:`block_bits` of both orders, row-major);
+    None: the image is too small to carry a mark (:func:`scan_blocks`)."""
+    if bits is None:
+        return missing("sd_watermark", checked=False, reason="image smaller than 256x256 pixels")
     blocks = bits.shape[1]
     candidates, best = vote(bits)
     evidence: dict[str, Any] = {
