@@ -14,6 +14,7 @@ import pytest
 import torch
 from corpus import corrupt_scan, encode
 from PIL import Image
+from prometheus_client import REGISTRY
 from test_provenance import SDXL_BITS, embed
 
 import worker.device_decode as device_decode
@@ -24,13 +25,17 @@ from worker.device_decode import orient, watermark_bits
 from worker.errors import ConfigError, PermanentError
 from worker.imaging import _ORIENTATION_TRANSPOSE, check_jpeg, decode_image
 from worker.pdq import MIN_QUALITY, distance, hash_image
-from worker.preparing import PREVIEW_SIDE, PrepareSpec, make_preparer, prepare_image
+from worker.preparing import PREVIEW_SIDE, STAGES, PrepareSpec, make_preparer, prepare_image
 from worker.provenance import watermark
 from worker.provenance._base import Budget
 from worker.scoring import Scorer
 from worker.storage import ObjectRef
 
 MAX_PIXELS = 100_000_000
+
+
+def _stage_count(stage: str) -> float:
+    return REGISTRY.get_sample_value("synthguard_stage_seconds_count", {"stage": stage}) or 0.0
 
 
 def _cpu_bits(rgb: np.ndarray) -> np.ndarray:
@@ -219,8 +224,11 @@ def test_a_jpeg_the_device_refuses_goes_through_the_cpu_path(
 
     monkeypatch.setattr(device_decode, "decode", refusing)
     settings = settings_factory(prepare_processes=0, device_decode=True)
+    observed = {stage: _stage_count(stage) for stage in STAGES}
     with Scorer(settings, Detector.from_settings(settings), allow_local=True) as scorer:
         got = scorer.score(ObjectRef(None, str(path)))
+    # Checked, refused, then prepared on the CPU: still one image in each stage's histogram.
+    assert {stage: _stage_count(stage) - observed[stage] for stage in STAGES} == dict.fromkeys(STAGES, 1)
     cpu = settings_factory(prepare_processes=0)
     with Scorer(cpu, Detector.from_settings(cpu), allow_local=True) as scorer:
         want = scorer.score(ObjectRef(None, str(path)))

@@ -281,12 +281,14 @@ class Scorer:
         checkpoint()
         # Decode, provenance, preprocess: in this thread, or in a preparing process (worker.preparing).
         prepared = self.preparer.prepare(fetched.data, urgent=realtime, checkpoint=checkpoint)
-        _observe_stages(prepared)
+        if not prepared.on_device:
+            _observe_stages(prepared, prepared.seconds)
         frames: list[dict[str, Any]] | None = None
         try:
             submitted = time.monotonic()
             scored: tuple[float, float] | None = None
             if prepared.on_device:
+                checked = prepared
                 answer, forward_started = self.batcher(
                     EncodedJpeg(fetched.data, prepared.orientation, prepared.width * prepared.height), urgent=realtime
                 )
@@ -297,8 +299,10 @@ class Scorer:
                     prepared = self.preparer.prepare(
                         fetched.data, urgent=realtime, checkpoint=checkpoint, on_device=False
                     )
-                    _observe_stages(prepared)
+                    # One observation per image: the check and the CPU path's stages together.
+                    _observe_stages(prepared, tuple(map(sum, zip(checked.seconds, prepared.seconds, strict=True))))
                 else:
+                    _observe_stages(checked, checked.seconds)
                     prepared = _with_watermark(prepared, answer.watermark_bits)
                     scored = answer.score, forward_started
             if scored is None and prepared.frame_pixels:
@@ -1003,8 +1007,8 @@ class Scorer:
             return Outcome.unchanged(image_id, image)
 
 
-def _observe_stages(prepared: Prepared) -> None:
-    for name, seconds in zip(preparing.STAGES, prepared.seconds, strict=True):
+def _observe_stages(prepared: Prepared, spent: Sequence[float]) -> None:
+    for name, seconds in zip(preparing.STAGES, spent, strict=True):
         if name != "hash" or prepared.pdq is not None:  # not hashed (SYNTHGUARD_PDQ_HASH off): no stage
             metrics.STAGE_SECONDS.labels(name).observe(seconds)
 
