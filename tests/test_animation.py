@@ -6,6 +6,8 @@ import io
 import json
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,10 +16,12 @@ from corpus import encode, photo
 from PIL import Image
 
 from conftest import cli_env
+from worker import errors, imaging
 from worker.cli import main
 from worker.clients import create_client
 from worker.db import get_sessionmaker
 from worker.detector import Detector
+from worker.errors import PermanentError
 from worker.imaging import decode_image, spread_frames
 from worker.intake import create_scan
 from worker.models import DONE
@@ -83,6 +87,29 @@ def test_an_animation_broken_after_its_first_frame_is_scored_from_that_frame() -
     decoded = decode_image(truncated, max_pixels=10**8, max_frames=8)
     assert decoded.frames == () and decoded.frame_count == 1
     assert decoded.image.tobytes() == decode_image(truncated, max_pixels=10**8).image.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_the_time_cap_covers_the_later_frames(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _animation(fmt, _frames(10))
+    # A clock that passes the deadline once the first frame is in: the later frames are what is slow.
+    now = [1_000.0]
+    monkeypatch.setattr(imaging, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    first_only = imaging._frames
+
+    def slow_frames(*args: Any, **kwargs: Any) -> Any:
+        now[0] += 60.0
+        return first_only(*args, **kwargs)
+
+    monkeypatch.setattr(imaging, "_frames", slow_frames)
+    with pytest.raises(PermanentError) as caught:
+        decode_image(data, max_pixels=10**8, timeout_s=15.0, max_frames=4)
+    # A timeout, not "a later frame is broken", which would be scored from the first frame alone.
+    assert caught.value.code == errors.DECODE_TIMEOUT
+    assert "took longer than 15s" in caught.value.message
+    now[0] = 1_000.0
+    monkeypatch.setattr(imaging, "_frames", first_only)
+    assert len(decode_image(data, max_pixels=10**8, timeout_s=15.0, max_frames=4).frames) == 4
 
 
 def test_the_pixel_cap_counts_every_frame_decoded_on_the_way() -> None:
