@@ -44,7 +44,7 @@ rm -rf .whl && download .whl "${models[@]}"
 # The service path: the above, and the API, Celery, the database layer, moto's S3 server and obstore.
 mapfile -t service < <(pinned opentelemetry-api celery kombu billiard vine amqp click-didyoumean click-plugins \
   click-repl prompt-toolkit wcwidth tzlocal fastapi starlette uvicorn httptools alembic Mako psycopg psycopg-binary \
-  moto responses xmltodict py-partiql-parser flask flask-cors blinker itsdangerous obstore)
+  moto responses xmltodict py-partiql-parser flask flask-cors blinker itsdangerous obstore annotated-doc)
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 cp .whl/*.whl "$stage/"
