@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None, *, celery: Celery | None = None
         sessions=get_sessionmaker(settings.database_url),
         celery=celery,
         rate_limiter=RateLimiter(
-            settings.broker_url,
+            settings.rate_limit_url,
             settings.api_rate_limit_per_minute,
             images_per_minute=settings.api_image_rate_limit_per_minute,
             address_per_minute=settings.api_address_rate_limit_per_minute,

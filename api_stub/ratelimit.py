@@ -10,6 +10,8 @@ Four counters, each off at 0:
 * failed authentications per address (``SYNTHGUARD_API_AUTH_FAILURES_PER_MINUTE``):
   past it, the address is refused before any database query until the window ends.
 
+The counters live in ``SYNTHGUARD_RATE_LIMIT_REDIS_URL``'s Redis, else in the
+broker's; with a broker that is not Redis and no Redis of their own, they are off.
 When Redis cannot be reached the limiter fails closed (503) unless
 ``SYNTHGUARD_API_RATE_LIMIT_FAIL_OPEN`` is set: a limit that silently
 disappears in an outage is no limit against a client that causes one.
@@ -27,6 +29,8 @@ from typing import Any
 import redis
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from worker.settings import REDIS_SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +74,14 @@ class RateLimiter:
         self._skip_until = 0.0
         wanted = max(limit, images_per_minute, address_per_minute, auth_failures_per_minute) > 0
         if wanted and redis_url:
-            if redis_url.startswith(("redis://", "rediss://", "unix://")):
+            if redis_url.startswith(REDIS_SCHEMES):
                 self._client = redis.Redis.from_url(
                     redis_url, socket_connect_timeout=_TIMEOUT_S, socket_timeout=_TIMEOUT_S
                 )
             else:
-                log.warning("rate limiting is off: the broker is not Redis")
+                log.warning(
+                    "rate limiting is off: the broker is not Redis and SYNTHGUARD_RATE_LIMIT_REDIS_URL is unset"
+                )
 
     @property
     def enabled(self) -> bool:

@@ -484,6 +484,41 @@ def test_invalid_keys_are_limited_per_address_before_the_database_is_asked(
         event.remove(engine, "before_cursor_execute", count)
 
 
+@pytest.mark.parametrize("own_redis", [True, False], ids=["rate-limit-redis", "none"])
+def test_with_a_broker_that_is_not_redis_the_limits_need_a_redis_of_their_own(
+    service_settings, own_redis: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # RabbitMQ's URL: nothing here publishes, so no RabbitMQ need listen.
+    settings = service_settings.model_copy(
+        update={
+            "broker_url": "amqp://guest:guest@127.0.0.1:5672//",
+            "rate_limit_redis_url": service_settings.broker_url if own_redis else None,
+            "api_auth_failures_per_minute": 3,
+        }
+    )
+    guess = {"Authorization": "Bearer sg_guess"}
+    with caplog.at_level("WARNING", logger="api_stub.ratelimit"), TestClient(create_app(settings)) as api:
+        statuses = [api.get(f"/v1/scans/{uuid.uuid4()}", headers=guess).status_code for _ in range(5)]
+    if own_redis:
+        # Key guessing from one address is slowed with RabbitMQ as the broker too.
+        assert statuses == [401, 401, 401, 429, 429]
+        assert "rate limiting is off" not in caplog.text
+    else:
+        assert statuses == [401] * 5
+        assert "SYNTHGUARD_RATE_LIMIT_REDIS_URL is unset" in caplog.text
+
+
+def test_the_rate_limit_redis_must_be_redis() -> None:
+    from pydantic import ValidationError
+
+    from worker.settings import Settings
+
+    with pytest.raises(ValidationError, match="rate limiter's counters live in Redis"):
+        Settings(rate_limit_redis_url="amqp://guest:guest@127.0.0.1:5672//")
+    assert Settings(broker_url="redis://10.0.0.1:6379/0").rate_limit_url == "redis://10.0.0.1:6379/0"
+    assert Settings(rate_limit_redis_url="unix:///run/redis.sock").rate_limit_url == "unix:///run/redis.sock"
+
+
 def test_limits_fail_closed_when_their_redis_is_down(service_settings, make_client, sessions) -> None:
     import socket
 

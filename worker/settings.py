@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # The published "For Fake's Sake" weights (Sumsub, CC-BY-SA-3.0).
 PUBLISHED_CHECKPOINT = "hf://Sumsub/Sumsub-ffs-synthetic-1.0_mj_5"
 DEFAULT_ARCH = "tf_mobilenetv3_large_100"
+# URL schemes redis-py connects to.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -264,6 +266,18 @@ class Settings(BaseSettings):
             return [float(part) for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("rate_limit_redis_url")
+    @classmethod
+    def _check_rate_limit_redis(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(REDIS_SCHEMES):
+            raise ValueError("the rate limiter's counters live in Redis: a redis://, rediss:// or unix:// URL")
+        return value
+
+    @property
+    def rate_limit_url(self) -> str:
+        """Where the API's per-minute counters are kept: their own Redis, else the broker."""
+        return self.rate_limit_redis_url or self.broker_url
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -285,7 +299,7 @@ class Settings(BaseSettings):
         600,
         ge=0,
         description="HTTP API: requests one client may make per minute (fixed window, counted in "
-        "the broker's Redis); 0 turns rate limiting off.",
+        "Redis: SYNTHGUARD_RATE_LIMIT_REDIS_URL, else the broker's); 0 turns rate limiting off.",
     )
     api_max_body_bytes: int = Field(
         1024 * 1024,
@@ -310,6 +324,12 @@ class Settings(BaseSettings):
         ge=0,
         description="HTTP API: failed authentications one address may make per minute; past it the address "
         "gets 429 without a database query until the minute ends; 0 turns it off.",
+    )
+    rate_limit_redis_url: str | None = Field(
+        None,
+        description="Redis that holds the HTTP API's per-minute counters (redis://, rediss:// or unix://). "
+        "Unset: the broker's Redis. With a broker that is not Redis (RabbitMQ, SQS), set it, or every "
+        "per-minute limit, the per-address ones in front of authentication included, is off.",
     )
     api_rate_limit_fail_open: bool = Field(
         False,
