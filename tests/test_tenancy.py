@@ -498,13 +498,15 @@ def test_with_a_broker_that_is_not_redis_the_limits_need_a_redis_of_their_own(
     )
     guess = {"Authorization": "Bearer sg_guess"}
     with caplog.at_level("WARNING", logger="api_stub.ratelimit"), TestClient(create_app(settings)) as api:
-        statuses = [api.get(f"/v1/scans/{uuid.uuid4()}", headers=guess).status_code for _ in range(5)]
+        # Three failures, then at most four more: a minute boundary may reset the count once, never twice.
+        statuses = [api.get(f"/v1/scans/{uuid.uuid4()}", headers=guess).status_code for _ in range(7)]
+    assert statuses[:3] == [401] * 3
     if own_redis:
         # Key guessing from one address is slowed with RabbitMQ as the broker too.
-        assert statuses == [401, 401, 401, 429, 429]
+        assert 429 in statuses[3:] and set(statuses) == {401, 429}
         assert "rate limiting is off" not in caplog.text
     else:
-        assert statuses == [401] * 5
+        assert statuses == [401] * 7
         assert "SYNTHGUARD_RATE_LIMIT_REDIS_URL is unset" in caplog.text
 
 
