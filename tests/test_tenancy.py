@@ -7,9 +7,11 @@ worker fetched) and the FastAPI app; the CLI through click's runner.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from api_stub import ratelimit
 from api_stub.app import create_app
 from conftest import wait_until
 from worker.celery_app import BULK_QUEUE, OVERFLOW_QUEUE, REALTIME_QUEUE
@@ -450,8 +453,11 @@ def test_images_per_minute_count_objects_not_requests(api, make_client, sessions
 
 
 def test_invalid_keys_are_limited_per_address_before_the_database_is_asked(
-    service_settings, celery_app, make_client
+    service_settings, celery_app, make_client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # One fixed minute: a window boundary between the requests would reset the count.
+    frozen = (time.time() // 60) * 60 + 30
+    monkeypatch.setattr(ratelimit, "time", SimpleNamespace(time=lambda: frozen, monotonic=time.monotonic))
     _, good = make_client(all_buckets=True)
     settings = service_settings.model_copy(update={"api_auth_failures_per_minute": 3})
     app = create_app(settings, celery=celery_app)
