@@ -103,13 +103,15 @@ def watermark_bits(pixels: torch.Tensor) -> np.ndarray | None:
     band = sums.reshape(2, rows, 4, nbx, 4).clone()
     band[:, :, 0, :, 0] = 0  # the DC; U is at least 3, so a zeroed DC never wins
     period = int(2 * watermark.SCALE)
-    phase = band.amax(dim=(2, 4)) % period
-    bits = (phase > period // 2).to(torch.uint8).reshape(2, rows * nbx).cpu().numpy()
-    ties = (phase == period // 2).reshape(-1).nonzero().squeeze(1)
-    if ties.numel():
-        plane, block = ties // (rows * nbx), ties % (rows * nbx)
+    # One copy to the host, where bits and ties are read: each copy waits for the device.
+    phase = (band.amax(dim=(2, 4)) % period).to(torch.uint8).reshape(2, rows * nbx).cpu().numpy()
+    bits = (phase > period // 2).astype(np.uint8)
+    ties = np.flatnonzero(phase == period // 2)
+    if ties.size:
+        at = torch.from_numpy(ties).to(u.device)
+        plane, block = at // (rows * nbx), at % (rows * nbx)
         blocks = u.reshape(2, rows, 8, nbx, 8)[plane, block // nbx, :, block % nbx, :]
-        bits.reshape(-1)[ties.cpu().numpy()] = watermark.tie_bits(blocks.to(torch.uint8).cpu().numpy())
+        bits.reshape(-1)[ties] = watermark.tie_bits(blocks.to(torch.uint8).cpu().numpy())
     return bits
 
 
