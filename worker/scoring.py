@@ -281,14 +281,12 @@ class Scorer:
         checkpoint()
         # Decode, provenance, preprocess: in this thread, or in a preparing process (worker.preparing).
         prepared = self.preparer.prepare(fetched.data, urgent=realtime, checkpoint=checkpoint)
-        if not prepared.on_device:
-            _observe_stages(prepared, prepared.seconds)
+        spent = prepared.seconds
         frames: list[dict[str, Any]] | None = None
         try:
             submitted = time.monotonic()
             scored: tuple[float, float] | None = None
             if prepared.on_device:
-                checked = prepared
                 answer, forward_started = self.batcher(
                     EncodedJpeg(fetched.data, prepared.orientation, prepared.width * prepared.height), urgent=realtime
                 )
@@ -300,11 +298,11 @@ class Scorer:
                         fetched.data, urgent=realtime, checkpoint=checkpoint, on_device=False
                     )
                     # One observation per image: the check and the CPU path's stages together.
-                    _observe_stages(prepared, tuple(map(sum, zip(checked.seconds, prepared.seconds, strict=True))))
+                    spent = tuple(map(sum, zip(spent, prepared.seconds, strict=True)))
                 else:
-                    _observe_stages(checked, checked.seconds)
                     prepared = _with_watermark(prepared, answer.watermark_bits)
                     scored = answer.score, forward_started
+            _observe_stages(prepared, spent)
             if scored is None and prepared.frame_pixels:
                 # Every frame into the batcher at once: they share forward passes with other images.
                 pending = [self.batcher.submit(torch.from_numpy(prepared.pixels), urgent=realtime)]
