@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from corpus import encode
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from conftest import BAD_FIXTURES, fixture_id, good_fixture_files
 from worker import errors
-from worker.errors import PermanentError
-from worker.imaging import FORMATS, DecodedImage, _to_rgb, decode_image, sniff_format
+from worker.errors import ConfigError, PermanentError
+from worker.imaging import FORMATS, DecodedImage, _to_rgb, check_jpeg, decode_image, sniff_format
 
 MAX_PIXELS = 100_000_000  # the service default
 # Pillow's name for each format, as the sniffer should name it. MPO is a JPEG with extra pictures.
@@ -408,3 +408,12 @@ def test_header_only_remnant_is_corrupt(fmt: str) -> None:
 
 def test_jpeg_signature_alone_is_corrupt() -> None:
     assert decode_error(b"\xff\xd8\xff\xe0").code == errors.CORRUPT_IMAGE
+
+
+def test_nothing_decodes_while_pillow_would_accept_truncated_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    jpeg = encode(Image.new("RGB", (64, 48), (10, 200, 30)), "JPEG")
+    assert decode_image(jpeg, max_pixels=10_000).image.size == (64, 48)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    for decode in (decode_image, check_jpeg):
+        with pytest.raises(ConfigError, match="LOAD_TRUNCATED_IMAGES"):
+            decode(jpeg, max_pixels=10_000)

@@ -481,6 +481,14 @@ def _decode_errors(reader: _DeadlineReader, fmt: str, timeout_s: float, max_pixe
         ) from exc
 
 
+def _reader(data: bytes, timeout_s: float) -> _DeadlineReader:
+    """The input for a decode that must end within ``timeout_s``; refused while Pillow would accept truncated data."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone in this process switched it on; truncated uploads would decode silently.
+        raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode")
+    return _DeadlineReader(data, time.monotonic() + timeout_s)
+
+
 def decode_image(data: bytes, *, max_pixels: int, timeout_s: float = 15.0, max_frames: int = 1) -> DecodedImage:
     """Decode untrusted bytes into an RGB image, safely.
 
@@ -507,10 +515,7 @@ def decode_image(data: bytes, *, max_pixels: int, timeout_s: float = 15.0, max_f
     ``decode_timeout``.
     """
     fmt = sniff_format(data)
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        # Someone in this process switched it on; truncated uploads would decode silently.
-        raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode")
-    reader = _DeadlineReader(data, time.monotonic() + timeout_s)
+    reader = _reader(data, timeout_s)
     with _decode_errors(reader, fmt, timeout_s, max_pixels):
         image, animation = _decode(reader, data, fmt, max_pixels, max_frames)
     width, height = image.size
@@ -548,9 +553,7 @@ def check_jpeg(data: bytes, *, max_pixels: int, timeout_s: float = 15.0, min_sid
     fmt = sniff_format(data)
     if fmt != "jpeg":
         return None
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise ConfigError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode")
-    reader = _DeadlineReader(data, time.monotonic() + timeout_s)
+    reader = _reader(data, timeout_s)
     with _decode_errors(reader, fmt, timeout_s, max_pixels):
         im = _open_header(reader, fmt, max_pixels, data)
         if im.mode == "CMYK":
